@@ -1,0 +1,1 @@
+"""proxyadmin: the control plane (Django admin, dashboard, agent link) of the proxy."""

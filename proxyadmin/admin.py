@@ -1,0 +1,268 @@
+"""The admin: where operators manage hosts, certificates, upstreams and HSTS policies.
+
+Private keys are write-only here: no form, list, history entry or export shows one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
+
+from proxyadmin import forms, localca, pki
+from proxyadmin import models as m
+
+admin.site.site_header = "proxyadmin"
+admin.site.site_title = "proxyadmin"
+admin.site.index_title = "Proxy configuration"
+
+
+@admin.register(m.Certificate)
+class CertificateAdmin(admin.ModelAdmin):
+    form = forms.CertificateForm
+    list_display = ["name", "sans_display", "expiry", "key_display", "source", "chain_complete"]
+    list_filter = ["source", "key_type"]
+    search_fields = ["name", "subject", "sans", "fingerprint_sha256"]
+    readonly_fields = [
+        "subject", "sans_display", "issuer", "serial", "not_before", "not_after", "expiry",
+        "key_display", "fingerprint_display", "chain_complete", "source", "used_by",
+    ]
+    change_list_template = "admin/proxyadmin/certificate/change_list.html"
+
+    def get_fieldsets(self, request: HttpRequest, obj: m.Certificate | None = None) -> Any:
+        upload = (
+            "Upload",
+            {
+                "fields": [
+                    "name", "chain_pem", "chain_file", "key_pem", "key_file", "pkcs12_file",
+                    "passphrase", "allow_incomplete",
+                ],
+                "description": "Paste PEM, or upload PEM files or a PKCS#12 file. The chain is "
+                "checked (order, completeness, validity) and the key is encrypted at rest.",
+            },
+        )
+        if obj is None:
+            return [upload]
+        details = ("Parsed from the certificate", {"fields": self.readonly_fields})
+        return [details, upload]
+
+    @admin.display(description="names (SANs)")
+    def sans_display(self, obj: m.Certificate) -> str:
+        return ", ".join(obj.sans) or "—"
+
+    @admin.display(description="expires", ordering="not_after")
+    def expiry(self, obj: m.Certificate) -> str:
+        days = obj.days_to_expiry()
+        if days < 0:
+            return format_html('<strong style="color:#ba2121">expired {} days ago</strong>', -days)
+        if obj.expires_soon():
+            return format_html('<strong style="color:#c86400">⚠ in {} days</strong>', days)
+        return format_html("in {} days", days)
+
+    @admin.display(description="key")
+    def key_display(self, obj: m.Certificate) -> str:
+        return f"{obj.key_type} {obj.key_size}"
+
+    @admin.display(description="SHA-256 fingerprint")
+    def fingerprint_display(self, obj: m.Certificate) -> str:
+        return obj.fingerprint_display()
+
+    @admin.display(description="used by hosts")
+    def used_by(self, obj: m.Certificate) -> str:
+        return ", ".join(h.name for h in obj.hosts.all()) or "—"
+
+    def save_model(self, request: HttpRequest, obj: m.Certificate, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        inspected = form.inspected
+        if inspected is not None and inspected.reordered:
+            messages.info(request, "The chain was out of order; it was stored leaf first, each "
+                                   "certificate followed by its issuer.")
+        if inspected is not None and not inspected.complete:
+            messages.warning(request, "The chain is incomplete; clients that do not trust its "
+                                      "last issuer directly will refuse it.")
+
+    def get_urls(self) -> list[URLPattern]:
+        extra = [
+            path(
+                "local-ca.pem",
+                self.admin_site.admin_view(self.download_local_ca),
+                name="proxyadmin_local_ca",
+            )
+        ]
+        return extra + super().get_urls()
+
+    def download_local_ca(self, request: HttpRequest) -> HttpResponse:
+        ca = localca.get_or_create_ca()
+        response = HttpResponse(ca.certificate_pem, content_type="application/x-pem-file")
+        response["Content-Disposition"] = 'attachment; filename="proxyadmin-local-ca.pem"'
+        return response
+
+
+@admin.register(m.ClientCA)
+class ClientCAAdmin(admin.ModelAdmin):
+    form = forms.ClientCAForm
+    list_display = ["name", "subjects_display", "not_after"]
+    readonly_fields = ["subjects_display", "not_after"]
+
+    @admin.display(description="CAs")
+    def subjects_display(self, obj: m.ClientCA) -> str:
+        return format_html_join(format_html("<br>"), "{}", ((s,) for s in obj.subjects)) or "—"
+
+
+@admin.register(m.HSTSPolicy)
+class HSTSPolicyAdmin(admin.ModelAdmin):
+    form = forms.HSTSPolicyForm
+    list_display = ["name", "header", "override_upstream"]
+    readonly_fields = ["header"]
+    fields = ["name", "max_age", "include_subdomains", "preload", "override_upstream", "header"]
+
+    @admin.display(description="header sent")
+    def header(self, obj: m.HSTSPolicy) -> str:
+        if obj.pk is None:
+            return "Shown after saving."
+        return format_html("<code>Strict-Transport-Security: {}</code>", obj.header_value())
+
+
+class UpstreamTargetInline(admin.TabularInline):
+    model = m.UpstreamTarget
+    form = forms.UpstreamTargetForm
+    extra = 0
+    min_num = 1
+    validate_min = True
+
+
+@admin.register(m.Upstream)
+class UpstreamAdmin(admin.ModelAdmin):
+    form = forms.UpstreamForm
+    inlines = [UpstreamTargetInline]
+    list_display = ["name", "targets_display", "balancing", "tls_display", "health_check_enabled"]
+    readonly_fields = ["tls_warning"]
+    fieldsets = [
+        (None, {"fields": ["name", "balancing", "connect_timeout", "read_timeout"]}),
+        ("TLS to the upstream", {"fields": [
+            "tls_warning", "tls", "tls_verify", "tls_ca_bundle", "tls_server_name",
+            "tls_client_certificate",
+        ]}),
+        ("Health checks", {"fields": [
+            "health_check_enabled", "health_check_path", "health_check_interval",
+            "health_check_timeout", "healthy_threshold", "unhealthy_threshold",
+            "passive_failures", "passive_cooldown",
+        ]}),
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[m.Upstream]:
+        return super().get_queryset(request).prefetch_related("targets")
+
+    @admin.display(description="targets")
+    def targets_display(self, obj: m.Upstream) -> str:
+        return ", ".join(str(t) for t in obj.targets.all()) or "—"
+
+    @admin.display(description="TLS")
+    def tls_display(self, obj: m.Upstream) -> str:
+        if not obj.tls:
+            return "plain"
+        if not obj.tls_verify:
+            return format_html('<strong style="color:#ba2121">⚠ TLS, not verified</strong>')
+        return "TLS, verified"
+
+    @admin.display(description="")
+    def tls_warning(self, obj: m.Upstream) -> str:
+        if obj.pk and obj.tls and not obj.tls_verify:
+            return format_html(
+                '<strong style="color:#ba2121">⚠ Certificate verification is off: the proxy '
+                "accepts any certificate from these targets.</strong>"
+            )
+        return ""
+
+
+class HostNameInline(admin.TabularInline):
+    model = m.HostName
+    form = forms.HostNameForm
+    formset = forms.HostNameFormSet
+    extra = 1
+    verbose_name_plural = "names (exact, or *.example.com)"
+
+
+@admin.register(m.Host)
+class HostAdmin(admin.ModelAdmin):
+    form = forms.HostForm
+    inlines = [HostNameInline]
+    list_display = [
+        "name", "names_display", "mode", "upstream", "certificate", "hsts_policy", "client_auth",
+        "enabled",
+    ]
+    list_filter = ["mode", "enabled", "client_auth"]
+    list_select_related = ["upstream", "certificate", "hsts_policy"]
+    search_fields = ["name", "names__name"]
+    actions = ["generate_local_certificate"]
+    fieldsets = [
+        (None, {"fields": ["name", "enabled", "mode", "upstream", "certificate", "max_body_size"]}),
+        ("HTTP", {"fields": ["hsts_policy", "redirect_http", "redirect_status"]}),
+        ("Client certificates (mTLS)", {"fields": [
+            "client_auth", "client_ca", "forward_client_cert", "forward_client_cert_chain",
+        ]}),
+        ("To the upstream", {"fields": ["proxy_protocol"]}),
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[m.Host]:
+        return super().get_queryset(request).prefetch_related("names")
+
+    @admin.display(description="names")
+    def names_display(self, obj: m.Host) -> str:
+        return ", ".join(n.name for n in obj.names.all()) or "—"
+
+    @admin.action(description="Generate a certificate from the local CA for the selected hosts")
+    def generate_local_certificate(self, request: HttpRequest, queryset: QuerySet[m.Host]) -> None:
+        for host in queryset.prefetch_related("names"):
+            if not host.hostnames():
+                self.message_user(request, f"Host '{host.name}' has no names: skipped.", messages.WARNING)
+                continue
+            try:
+                cert = localca.certificate_for_host(host)
+            except pki.CertificateProblem as exc:
+                self.message_user(request, f"Host '{host.name}': {exc.message}", messages.ERROR)
+                continue
+            self.message_user(
+                request,
+                format_html(
+                    "Host '{}' now uses the new certificate '{}' for {}. "
+                    '<a href="{}">Download the local CA</a> to trust it.',
+                    host.name, cert.name, ", ".join(cert.sans),
+                    reverse("admin:proxyadmin_local_ca"),
+                ),
+                messages.SUCCESS,
+            )
+
+
+@admin.register(m.ProxySettings)
+class ProxySettingsAdmin(admin.ModelAdmin):
+    form = forms.ProxySettingsForm
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        obj = m.ProxySettings.load()
+        return HttpResponseRedirect(reverse("admin:proxyadmin_proxysettings_change", args=[obj.pk]))
+
+
+@admin.register(m.ConfigRevision)
+class ConfigRevisionAdmin(admin.ModelAdmin):
+    list_display = ["id", "created_at", "actor", "summary"]
+    readonly_fields = ["created_at", "actor", "summary"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,0 +1,307 @@
+"""Validation of everything an operator enters, shared by the admin and ``importconfig``.
+
+Each form names the field and the problem in plain words; nothing is saved
+unless every check passes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from django import forms
+from django.core.exceptions import ValidationError
+from django.forms.models import BaseInlineFormSet
+from django.utils import timezone
+
+from proxyadmin import crypto, localca, pki
+from proxyadmin import models as m
+from proxycore.names import InvalidHostname, normalize_hostname, uncovered_names
+
+MAX_UPLOAD_BYTES = 1024 * 1024
+
+
+def _read_upload(field: forms.Field, upload: Any, label: str) -> bytes:
+    if upload is None:
+        return b""
+    if upload.size > MAX_UPLOAD_BYTES:
+        raise ValidationError(f"The {label} file is larger than 1 MiB; that is not a certificate file.")
+    return bytes(upload.read())
+
+
+class CertificateForm(forms.ModelForm):
+    """Upload as pasted PEM, PEM files, or PKCS#12; the key is write-only."""
+
+    chain_file = forms.FileField(
+        required=False, label="…or chain file (PEM)",
+        help_text="Instead of pasting: a .pem/.crt file with the certificate and its intermediates.",
+    )
+    key_pem = forms.CharField(
+        required=False, label="Private key (PEM)", strip=False,
+        widget=forms.Textarea(attrs={"rows": 6, "autocomplete": "off", "spellcheck": "false"}),
+        help_text="Write-only: it is encrypted at rest and never shown again. "
+        "Leave empty on edit to keep the stored key.",
+    )
+    key_file = forms.FileField(required=False, label="…or private key file (PEM)")
+    pkcs12_file = forms.FileField(
+        required=False, label="…or PKCS#12 file (.p12/.pfx)",
+        help_text="Holds the certificate, its chain and the key; enter its passphrase below.",
+    )
+    passphrase = forms.CharField(
+        required=False, strip=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="For an encrypted PEM key or a PKCS#12 file. Not stored.",
+    )
+    allow_incomplete = forms.BooleanField(
+        required=False, label="Accept an incomplete chain",
+        help_text="Only if your clients trust the issuer of the last certificate directly.",
+    )
+
+    class Meta:
+        model = m.Certificate
+        fields = ["name", "chain_pem"]
+        widgets = {"chain_pem": forms.Textarea(attrs={"rows": 10, "spellcheck": "false"})}
+        labels = {"chain_pem": "Certificate chain (PEM)"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["chain_pem"].required = False
+        self.inspected: pki.InspectedCertificate | None = None
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            chain = (data.get("chain_pem") or "").encode()
+            chain += _read_upload(self.fields["chain_file"], data.get("chain_file"), "chain")
+            key = (data.get("key_pem") or "").encode()
+            key += _read_upload(self.fields["key_file"], data.get("key_file"), "key")
+            p12 = _read_upload(self.fields["pkcs12_file"], data.get("pkcs12_file"), "PKCS#12")
+        except ValidationError as exc:
+            raise exc
+        passphrase = (data.get("passphrase") or "").encode() or None
+        if not key.strip() and not p12 and self.instance.pk and b"PRIVATE KEY" not in chain:
+            try:
+                key = self.instance.private_key_pem()
+            except crypto.KeyConfigError as exc:
+                raise ValidationError(str(exc)) from None
+            passphrase = None
+        try:
+            self.inspected = pki.inspect_upload(
+                chain_pem=chain, key_pem=key, passphrase=passphrase, pkcs12_data=p12 or None,
+                now=timezone.now(), known_issuers=localca.known_issuers(),
+                allow_incomplete=bool(data.get("allow_incomplete")),
+            )
+        except pki.CertificateProblem as exc:
+            field = exc.field if exc.field in self.fields else None
+            self.add_error(field, exc.message)
+            return data
+        self._check_hosts_still_covered()
+        return data
+
+    def _check_hosts_still_covered(self) -> None:
+        if not self.instance.pk or self.inspected is None:
+            return
+        sans = pki.dns_names(self.inspected.leaf)
+        for host in self.instance.hosts.prefetch_related("names"):
+            missing = uncovered_names(sans, host.hostnames())
+            if missing:
+                self.add_error(
+                    "chain_pem",
+                    f"Host '{host.name}' uses this certificate, but the new one does not cover "
+                    f"{', '.join(missing)}.",
+                )
+
+    def save(self, commit: bool = True) -> m.Certificate:
+        assert self.inspected is not None, "save() called on an invalid form"
+        self.instance.set_inspected(self.inspected)
+        return super().save(commit)  # type: ignore[no-any-return]
+
+
+class ClientCAForm(forms.ModelForm):
+    bundle_file = forms.FileField(required=False, label="…or bundle file (PEM)")
+
+    class Meta:
+        model = m.ClientCA
+        fields = ["name", "bundle_pem"]
+        widgets = {"bundle_pem": forms.Textarea(attrs={"rows": 10, "spellcheck": "false"})}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["bundle_pem"].required = False
+        self.certs: list[Any] = []
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.errors:
+            return data
+        bundle = (data.get("bundle_pem") or "").encode()
+        bundle += _read_upload(self.fields["bundle_file"], data.get("bundle_file"), "bundle")
+        if not bundle.strip():
+            self.add_error("bundle_pem", "Paste or upload at least one CA certificate (PEM).")
+            return data
+        try:
+            self.certs = pki.inspect_ca_bundle(bundle, timezone.now())
+        except pki.CertificateProblem as exc:
+            self.add_error("bundle_pem", exc.message)
+        return data
+
+    def save(self, commit: bool = True) -> m.ClientCA:
+        self.instance.set_bundle(self.certs)
+        return super().save(commit)  # type: ignore[no-any-return]
+
+
+class HSTSPolicyForm(forms.ModelForm):
+    class Meta:
+        model = m.HSTSPolicy
+        fields = ["name", "max_age", "include_subdomains", "preload", "override_upstream"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if data.get("preload"):
+            problems = []
+            if (data.get("max_age") or 0) < m.PREFERRED_HSTS_PRELOAD_MAX_AGE:
+                problems.append(f"max-age of at least {m.PREFERRED_HSTS_PRELOAD_MAX_AGE} (one year)")
+            if not data.get("include_subdomains"):
+                problems.append("includeSubDomains")
+            if problems:
+                self.add_error(
+                    "preload", "Preload lists accept a site only with " + " and ".join(problems) + "."
+                )
+        return data
+
+
+def validate_target_host(value: str) -> str:
+    value = value.strip()
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        pass
+    try:
+        name = normalize_hostname(value)
+    except InvalidHostname as exc:
+        raise ValidationError(str(exc)) from None
+    if name.startswith("*."):
+        raise ValidationError("An upstream server needs a real name, not a wildcard.")
+    return name
+
+
+class UpstreamForm(forms.ModelForm):
+    class Meta:
+        model = m.Upstream
+        fields = "__all__"
+        widgets = {"tls_ca_bundle": forms.Textarea(attrs={"rows": 5, "spellcheck": "false"})}
+
+    def clean_tls_ca_bundle(self) -> str:
+        bundle = self.cleaned_data.get("tls_ca_bundle") or ""
+        if not bundle.strip():
+            return ""
+        try:
+            return pki.to_pem(pki.inspect_ca_bundle(bundle.encode(), timezone.now()))
+        except pki.CertificateProblem as exc:
+            raise ValidationError(exc.message) from None
+
+    def clean_tls_server_name(self) -> str:
+        name = (self.cleaned_data.get("tls_server_name") or "").strip()
+        return validate_target_host(name) if name else ""
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if not data.get("tls"):
+            for field in ("tls_ca_bundle", "tls_server_name", "tls_client_certificate"):
+                if data.get(field):
+                    self.add_error(field, "Only used with TLS to the upstream: tick TLS or clear this.")
+        return data
+
+
+class UpstreamTargetForm(forms.ModelForm):
+    class Meta:
+        model = m.UpstreamTarget
+        fields = ["host", "port", "weight", "enabled", "draining"]
+
+    def clean_host(self) -> str:
+        return validate_target_host(self.cleaned_data.get("host") or "")
+
+
+class HostForm(forms.ModelForm):
+    class Meta:
+        model = m.Host
+        fields = "__all__"
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if data.get("client_auth", m.Host.ClientAuth.OFF) != m.Host.ClientAuth.OFF and not data.get(
+            "client_ca"
+        ):
+            self.add_error("client_ca", "Client authentication needs a client CA bundle to verify against.")
+        if data.get("mode") == m.Host.Mode.TCP and data.get("hsts_policy"):
+            self.add_error("hsts_policy", "HSTS is an HTTP header; a TCP host sends none. Clear it.")
+        return data
+
+
+def clean_host_names(
+    raw_names: list[str], certificate: m.Certificate | None, host: m.Host | None
+) -> tuple[list[str], list[str]]:
+    """Normalise a host's names and check them; returns (names, error messages)."""
+    errors: list[str] = []
+    names: list[str] = []
+    for raw in raw_names:
+        try:
+            name = normalize_hostname(raw)
+        except InvalidHostname as exc:
+            errors.append(str(exc))
+            continue
+        if name in names:
+            errors.append(f"'{name}' is listed twice.")
+            continue
+        names.append(name)
+    if not names and not errors:
+        errors.append("A host needs at least one name.")
+    taken = m.HostName.objects.filter(name__in=names).select_related("host")
+    if host is not None and host.pk:
+        taken = taken.exclude(host=host)
+    errors += [f"'{t.name}' is already used by host '{t.host.name}'." for t in taken]
+    if certificate is not None:
+        missing = uncovered_names(certificate.sans, names)
+        if missing:
+            errors.append(
+                f"The certificate '{certificate.name}' does not cover {', '.join(missing)} "
+                f"(it covers: {', '.join(certificate.sans) or 'no DNS names'})."
+            )
+    return names, errors
+
+
+class HostNameForm(forms.ModelForm):
+    class Meta:
+        model = m.HostName
+        fields = ["name"]
+
+    def validate_unique(self) -> None:
+        # Uniqueness across hosts is checked by the formset, with a clearer message.
+        pass
+
+
+class HostNameFormSet(BaseInlineFormSet):
+    def clean(self) -> None:
+        super().clean()
+        if any(self.errors):
+            return
+        kept = [
+            f for f in self.forms
+            if f.cleaned_data and not f.cleaned_data.get("DELETE") and f.cleaned_data.get("name")
+        ]
+        host = self.instance
+        certificate = host.certificate if host.certificate_id else None
+        names, errors = clean_host_names([f.cleaned_data["name"] for f in kept], certificate, host)
+        if errors:
+            raise ValidationError(errors)
+        for form, name in zip(kept, names, strict=True):
+            form.instance.name = name
+            form.cleaned_data["name"] = name
+
+
+class ProxySettingsForm(forms.ModelForm):
+    class Meta:
+        model = m.ProxySettings
+        fields = ["default_certificate", "strict_sni"]

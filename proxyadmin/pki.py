@@ -1,0 +1,370 @@
+"""Certificate and key inspection: every validation rule of an upload, as pure functions.
+
+The admin forms, ``importconfig`` and the local CA all go through ``inspect_upload``;
+each problem is a ``CertificateProblem`` whose message a person can act on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import re
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtensionOID
+
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
+
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL
+)
+
+
+class CertificateProblem(ValueError):
+    """A plain-words reason why a certificate, chain or key cannot be used.
+
+    ``field`` names the form field the problem belongs to.
+    """
+
+    def __init__(self, message: str, field: str = "chain_pem") -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class InspectedCertificate:
+    """A validated certificate chain (leaf first) with its private key."""
+
+    chain: tuple[x509.Certificate, ...]
+    chain_pem: str
+    key_pem: bytes  # PKCS#8, unencrypted: encrypt before storing
+    reordered: bool
+    complete: bool
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def describe(cert: x509.Certificate) -> str:
+    """A short name for a certificate in messages: its subject, as RFC 4514."""
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+
+
+def split_pem_blocks(data: bytes) -> tuple[list[bytes], list[bytes]]:
+    """Return (certificate blocks, private key blocks) found in ``data``."""
+    certs, keys = [], []
+    for match in _PEM_BLOCK.finditer(data):
+        label = match.group(1)
+        if label == b"CERTIFICATE":
+            certs.append(match.group(0))
+        elif label.endswith(b"PRIVATE KEY"):
+            keys.append(match.group(0))
+    return certs, keys
+
+
+def load_certificates(data: bytes, what: str = "The certificate chain") -> list[x509.Certificate]:
+    blocks, _ = split_pem_blocks(data)
+    if not blocks:
+        raise CertificateProblem(
+            f"{what} is not PEM: paste blocks that start with "
+            "'-----BEGIN CERTIFICATE-----'."
+        )
+    certs = []
+    for number, block in enumerate(blocks, start=1):
+        try:
+            certs.append(x509.load_pem_x509_certificate(block))
+        except ValueError:
+            raise CertificateProblem(
+                f"{what}: certificate number {number} is damaged and cannot be read."
+            ) from None
+    return certs
+
+
+def load_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
+    _, blocks = split_pem_blocks(data)
+    if not blocks:
+        raise CertificateProblem(
+            "The private key is not PEM: paste a block that starts with "
+            "'-----BEGIN PRIVATE KEY-----' (or RSA / EC PRIVATE KEY).",
+            "key_pem",
+        )
+    if len(blocks) > 1:
+        raise CertificateProblem("Paste exactly one private key, not several.", "key_pem")
+    block = blocks[0]
+    encrypted = b"ENCRYPTED" in block
+    if encrypted and not passphrase:
+        raise CertificateProblem(
+            "The private key is encrypted: enter its passphrase.", "passphrase"
+        )
+    try:
+        key = serialization.load_pem_private_key(block, passphrase if encrypted else None)
+    except ValueError:
+        if encrypted:
+            raise CertificateProblem(
+                "The passphrase does not open the private key.", "passphrase"
+            ) from None
+        raise CertificateProblem("The private key is damaged and cannot be read.", "key_pem") from None
+    except TypeError:
+        raise CertificateProblem("The private key cannot be read with this passphrase.", "passphrase") from None
+    except Exception:
+        raise CertificateProblem(
+            "The private key uses a format or algorithm that is not supported.", "key_pem"
+        ) from None
+    return key  # type: ignore[return-value]
+
+
+def load_pkcs12(data: bytes, passphrase: bytes | None) -> tuple[PrivateKey, list[x509.Certificate]]:
+    try:
+        key, cert, extra = pkcs12.load_key_and_certificates(data, passphrase or None)
+    except ValueError:
+        raise CertificateProblem(
+            "The PKCS#12 file cannot be opened: the passphrase is wrong or the file is damaged.",
+            "pkcs12_file",
+        ) from None
+    if key is None or cert is None:
+        raise CertificateProblem(
+            "The PKCS#12 file must hold a certificate and its private key.", "pkcs12_file"
+        )
+    return key, [cert, *extra]  # type: ignore[return-value]
+
+
+def key_type_and_size(key: object) -> tuple[str, int]:
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return "RSA", key.key_size
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}", key.curve.key_size
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "Ed25519", 256
+    if isinstance(key, ed448.Ed448PrivateKey | ed448.Ed448PublicKey):
+        return "Ed448", 456
+    if isinstance(key, dsa.DSAPrivateKey | dsa.DSAPublicKey):
+        return "DSA", key.key_size
+    return type(key).__name__, 0
+
+
+def check_key_strength(key: object) -> None:
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+        raise CertificateProblem(
+            f"The RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} are required.",
+            "key_pem",
+        )
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in ALLOWED_CURVES:
+        raise CertificateProblem(
+            f"The EC key uses the curve {key.curve.name}; use P-256, P-384 or P-521.", "key_pem"
+        )
+    if isinstance(key, dsa.DSAPrivateKey):
+        raise CertificateProblem("DSA keys are not accepted by TLS clients; use RSA or EC.", "key_pem")
+
+
+def _public_der(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    return issued_by(cert, cert)
+
+
+def order_chain(
+    certs: Sequence[x509.Certificate], key: PrivateKey
+) -> tuple[tuple[x509.Certificate, ...], bool]:
+    """Put the certificate of ``key`` first and each issuer after its subject.
+
+    Returns the ordered chain and whether the input was out of order.
+    """
+    unique: list[x509.Certificate] = []
+    for cert in certs:
+        if cert not in unique:
+            unique.append(cert)
+    key_der = _public_der(key.public_key())
+    leaves = [c for c in unique if _public_der(c.public_key()) == key_der]
+    if not leaves:
+        raise CertificateProblem(
+            "The private key does not match the certificate: they are not a pair.", "key_pem"
+        )
+    ordered = [leaves[0]]
+    remaining = [c for c in unique if c is not leaves[0]]
+    while remaining:
+        current = ordered[-1]
+        if is_self_signed(current):
+            break
+        issuer = next((c for c in remaining if issued_by(current, c)), None)
+        if issuer is None:
+            break
+        ordered.append(issuer)
+        remaining.remove(issuer)
+    if remaining:
+        raise CertificateProblem(
+            f"'{describe(remaining[0])}' is not part of the chain of '{describe(ordered[0])}': "
+            "remove it, or add the certificates that link it."
+        )
+    return tuple(ordered), list(unique) != ordered
+
+
+def check_validity(chain: Iterable[x509.Certificate], now: dt.datetime) -> None:
+    for index, cert in enumerate(chain):
+        role = "The certificate" if index == 0 else f"The chain certificate '{describe(cert)}'"
+        if now < cert.not_valid_before_utc:
+            raise CertificateProblem(
+                f"{role} is not valid yet: it starts on {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC."
+            )
+        if now > cert.not_valid_after_utc:
+            raise CertificateProblem(
+                f"{role} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC."
+            )
+
+
+def check_signature_hash(cert: x509.Certificate) -> None:
+    algorithm = cert.signature_hash_algorithm
+    if isinstance(algorithm, hashes.SHA1 | hashes.MD5):
+        raise CertificateProblem(
+            f"'{describe(cert)}' is signed with {algorithm.name.upper()}, which clients refuse."
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def system_roots() -> tuple[x509.Certificate, ...]:
+    """The machine's trusted roots (the OpenSSL default CA file), read once."""
+    paths = ssl.get_default_verify_paths()
+    candidates = [paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            try:
+                return tuple(x509.load_pem_x509_certificates(Path(candidate).read_bytes()))
+            except ValueError:
+                continue
+    return ()
+
+
+def chain_is_complete(
+    chain: Sequence[x509.Certificate], known_issuers: Sequence[x509.Certificate] = ()
+) -> bool:
+    """True when the chain ends at a root, or at a certificate whose issuer is trusted."""
+    last = chain[-1]
+    if is_self_signed(last):
+        return True
+    return any(issued_by(last, root) for root in (*known_issuers, *system_roots()))
+
+
+def to_pem(chain: Iterable[x509.Certificate]) -> str:
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in chain)
+
+
+def key_to_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def dns_names(cert: x509.Certificate) -> list[str]:
+    try:
+        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        return []
+    return [name.lower() for name in ext.value.get_values_for_type(x509.DNSName)]
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def inspect_upload(
+    *,
+    chain_pem: bytes = b"",
+    key_pem: bytes = b"",
+    passphrase: bytes | None = None,
+    pkcs12_data: bytes | None = None,
+    now: dt.datetime,
+    known_issuers: Sequence[x509.Certificate] = (),
+    allow_incomplete: bool = False,
+) -> InspectedCertificate:
+    """Validate an upload (PEM chain + key, or PKCS#12) and return it normalised."""
+    if pkcs12_data:
+        key, certs = load_pkcs12(pkcs12_data, passphrase)
+        if chain_pem.strip():
+            certs += load_certificates(chain_pem)
+    else:
+        if not chain_pem.strip():
+            raise CertificateProblem("Paste or upload the certificate chain (PEM).")
+        certs = load_certificates(chain_pem)
+        if not key_pem.strip():
+            # A single paste holding both the chain and the key is common.
+            _, keys_in_chain = split_pem_blocks(chain_pem)
+            if not keys_in_chain:
+                raise CertificateProblem("Paste or upload the private key (PEM).", "key_pem")
+            key_pem = keys_in_chain[0]
+        key = load_private_key(key_pem, passphrase)
+    check_key_strength(key)
+    chain, reordered = order_chain(certs, key)
+    check_validity(chain, now)
+    for cert in chain:
+        check_signature_hash(cert)
+    complete = chain_is_complete(chain, known_issuers)
+    if not complete and not allow_incomplete:
+        raise CertificateProblem(
+            f"The chain is incomplete: '{describe(chain[-1])}' was issued by "
+            f"'{chain[-1].issuer.rfc4514_string()}', which is neither included nor a trusted "
+            "root. Append the issuer's (intermediate) certificate after it, or tick "
+            "'Accept an incomplete chain' if your clients trust that issuer directly."
+        )
+    return InspectedCertificate(
+        chain=chain,
+        chain_pem=to_pem(chain),
+        key_pem=key_to_pem(key),
+        reordered=reordered,
+        complete=complete,
+    )
+
+
+def inspect_ca_bundle(data: bytes, now: dt.datetime) -> list[x509.Certificate]:
+    """Validate a bundle of CA certificates (for client auth or upstream verification)."""
+    certs = load_certificates(data, "The CA bundle")
+    for cert in certs:
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is not None and not constraints.ca:
+            raise CertificateProblem(
+                f"'{describe(cert)}' is not a CA certificate (basicConstraints CA:FALSE); "
+                "a bundle holds the CAs that issue certificates, not the certificates themselves.",
+                "bundle_pem",
+            )
+        if now > cert.not_valid_after_utc:
+            raise CertificateProblem(
+                f"The CA '{describe(cert)}' expired on {cert.not_valid_after_utc:%Y-%m-%d} UTC.",
+                "bundle_pem",
+            )
+    return certs

@@ -1,0 +1,153 @@
+"""Build the data plane's ``Snapshot`` from the database.
+
+This is the only place where ORM objects turn into ``proxycore.config`` types.
+Keys are decrypted here, once per build; the snapshot lives only in a proxy
+node's memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+
+from django.db import transaction
+from django.utils import timezone
+
+from proxyadmin import crypto
+from proxyadmin import models as m
+from proxycore import config as core
+from proxycore.names import uncovered_names
+
+
+class SnapshotError(Exception):
+    """The configuration cannot be turned into a snapshot; the message says why."""
+
+
+def _bundle(cert: m.Certificate) -> core.CertificateBundle:
+    try:
+        key_pem = crypto.decrypt(cert.key_token)
+    except crypto.KeyConfigError as exc:
+        raise SnapshotError(f"certificate '{cert.name}': {exc}") from None
+    return core.CertificateBundle(
+        name=cert.name,
+        chain_pem=cert.chain_pem.encode("ascii"),
+        key_pem=key_pem,
+        fingerprint_sha256=cert.fingerprint_sha256,
+        serial=cert.serial,
+        sans=tuple(cert.sans),
+        not_after=cert.not_after,
+    )
+
+
+def best_certificate(
+    certificates: Iterable[m.Certificate], names: list[str], now: dt.datetime
+) -> m.Certificate | None:
+    """The valid certificate that covers all ``names`` and expires last, if any."""
+    covering = [
+        c for c in certificates
+        if c.not_before <= now <= c.not_after and not uncovered_names(c.sans, names)
+    ]
+    return max(covering, key=lambda c: c.not_after, default=None)
+
+
+def _upstream(up: m.Upstream, bundles: dict[int, core.CertificateBundle]) -> core.Upstream:
+    tls = None
+    if up.tls:
+        client = up.tls_client_certificate
+        tls = core.UpstreamTLS(
+            verify=up.tls_verify,
+            ca_pem=up.tls_ca_bundle.encode("ascii"),
+            server_name=up.tls_server_name,
+            client_certificate=bundles[client.pk] if client is not None else None,
+        )
+    return core.Upstream(
+        name=up.name,
+        targets=tuple(
+            core.Target(t.host, t.port, t.weight, t.enabled, t.draining) for t in up.targets.all()
+        ),
+        connect_timeout=up.connect_timeout,
+        read_timeout=up.read_timeout,
+        tls=tls,
+        balancing=core.Balancing(up.balancing),
+        health=core.HealthCheck(
+            enabled=up.health_check_enabled,
+            path=up.health_check_path,
+            interval=up.health_check_interval,
+            timeout=up.health_check_timeout,
+            healthy_threshold=up.healthy_threshold,
+            unhealthy_threshold=up.unhealthy_threshold,
+            passive_failures=up.passive_failures,
+            passive_cooldown=up.passive_cooldown,
+        ),
+    )
+
+
+def _hsts(policy: m.HSTSPolicy | None) -> core.HSTS | None:
+    if policy is None:
+        return None
+    return core.HSTS(
+        max_age=policy.max_age,
+        include_subdomains=policy.include_subdomains,
+        preload=policy.preload,
+        override_upstream=policy.override_upstream,
+    )
+
+
+def _client_auth(host: m.Host) -> core.ClientAuth:
+    mode = core.ClientAuthMode(host.client_auth)
+    if mode is core.ClientAuthMode.OFF:
+        return core.ClientAuth()
+    if host.client_ca is None:
+        raise SnapshotError(f"host '{host.name}': client auth is {mode.value} but no CA bundle is set.")
+    return core.ClientAuth(
+        mode=mode,
+        ca_pem=host.client_ca.bundle_pem.encode("ascii"),
+        forward_cert=host.forward_client_cert,
+        forward_chain=host.forward_client_cert_chain,
+    )
+
+
+def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
+    """Read the whole config in one transaction and return it as a ``Snapshot``."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        revision = m.ConfigRevision.current()
+        certificates = list(m.Certificate.objects.all())
+        bundles = {c.pk: _bundle(c) for c in certificates}
+        settings_row = m.ProxySettings.objects.filter(pk=1).select_related("default_certificate").first()
+        hosts = (
+            m.Host.objects.filter(enabled=True)
+            .select_related("certificate", "upstream", "hsts_policy", "client_ca",
+                            "upstream__tls_client_certificate")
+            .prefetch_related("names", "upstream__targets")
+        )
+        upstreams: dict[int, core.Upstream] = {}
+        routes = []
+        for host in hosts:
+            names = [n.name for n in host.names.all()]
+            if not names:
+                continue  # a host without names can match nothing
+            cert = host.certificate or best_certificate(certificates, names, now)
+            if host.upstream_id not in upstreams:
+                upstreams[host.upstream_id] = _upstream(host.upstream, bundles)
+            routes.append(
+                core.HostRoute(
+                    name=host.name,
+                    names=tuple(names),
+                    mode=core.Mode(host.mode),
+                    upstream=upstreams[host.upstream_id],
+                    certificate=bundles[cert.pk] if cert is not None else None,
+                    hsts=_hsts(host.hsts_policy),
+                    redirect=core.Redirect(host.redirect_http, host.redirect_status),
+                    client_auth=_client_auth(host),
+                    proxy_protocol=core.ProxyProtocol(host.proxy_protocol),
+                    max_body_size=host.max_body_size,
+                )
+            )
+    default = settings_row.default_certificate if settings_row else None
+    return core.Snapshot(
+        revision=revision,
+        hosts=tuple(routes),
+        default_certificate=bundles[default.pk] if default is not None else None,
+        strict_sni=settings_row.strict_sni if settings_row else False,
+    )

@@ -1,0 +1,1 @@
+"""proxycore: the data plane. Pure asyncio, no Django: it consumes a Snapshot."""

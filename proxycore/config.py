@@ -1,0 +1,152 @@
+"""The contract between the planes: the immutable configuration a proxy node serves.
+
+The control plane builds a ``Snapshot`` (``proxyadmin.snapshot``) and hands it to
+the data plane, which never sees the ORM. Everything is a frozen dataclass with
+slots and tuples, so a snapshot can be shared by every connection and swapped by
+reference on reload. Keys are decrypted bytes here: snapshots live only in the
+memory of a proxy node and are never written out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Mode(str, Enum):
+    HTTP = "http"
+    TCP = "tcp"
+
+
+class ClientAuthMode(str, Enum):
+    OFF = "off"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+class ProxyProtocol(str, Enum):
+    OFF = "off"
+    V1 = "v1"
+    V2 = "v2"
+
+
+class Balancing(str, Enum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONNECTIONS = "least_connections"
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateBundle:
+    """A certificate chain (leaf first) and its private key, both PEM."""
+
+    name: str
+    chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+    fingerprint_sha256: str
+    serial: str
+    sans: tuple[str, ...]
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HSTS:
+    max_age: int
+    include_subdomains: bool
+    preload: bool
+    override_upstream: bool
+
+    @property
+    def header_value(self) -> str:
+        parts = [f"max-age={self.max_age}"]
+        if self.include_subdomains:
+            parts.append("includeSubDomains")
+        if self.preload:
+            parts.append("preload")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    enabled: bool
+    status: int = 308
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuth:
+    mode: ClientAuthMode = ClientAuthMode.OFF
+    ca_pem: bytes = b""
+    forward_cert: bool = True
+    forward_chain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    verify: bool
+    ca_pem: bytes  # empty: the system store
+    server_name: str  # empty: the target's host
+    client_certificate: CertificateBundle | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    port: int
+    weight: int = 1
+    enabled: bool = True
+    draining: bool = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    enabled: bool = False
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    passive_failures: int = 3
+    passive_cooldown: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    targets: tuple[Target, ...]
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    tls: UpstreamTLS | None = None
+    balancing: Balancing = Balancing.ROUND_ROBIN
+    health: HealthCheck = HealthCheck()
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoute:
+    """One host: the names it answers to and how its traffic is handled."""
+
+    name: str
+    names: tuple[str, ...]
+    mode: Mode
+    upstream: Upstream
+    certificate: CertificateBundle | None = None
+    hsts: HSTS | None = None
+    redirect: Redirect = Redirect(enabled=True)
+    client_auth: ClientAuth = ClientAuth()
+    proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
+    max_body_size: int = 10 * 1024 * 1024  # 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a proxy node serves, at one config revision."""
+
+    revision: int
+    hosts: tuple[HostRoute, ...] = ()
+    default_certificate: CertificateBundle | None = None
+    strict_sni: bool = False
+    # ACME http-01 challenges: (token, key authorization) pairs.
+    acme_challenges: tuple[tuple[str, str], ...] = ()
