@@ -29,6 +29,13 @@ def _read_upload(field: forms.Field, upload: Any, label: str) -> bytes:
     return bytes(upload.read())
 
 
+class WriteOnlyTextarea(forms.Textarea):
+    """A textarea that never renders its value back, not even after a form error."""
+
+    def format_value(self, value: Any) -> None:
+        return None
+
+
 class CertificateForm(forms.ModelForm):
     """Upload as pasted PEM, PEM files, or PKCS#12; the key is write-only."""
 
@@ -38,7 +45,7 @@ class CertificateForm(forms.ModelForm):
     )
     key_pem = forms.CharField(
         required=False, label="Private key (PEM)", strip=False,
-        widget=forms.Textarea(attrs={"rows": 6, "autocomplete": "off", "spellcheck": "false"}),
+        widget=WriteOnlyTextarea(attrs={"rows": 6, "autocomplete": "off", "spellcheck": "false"}),
         help_text="Write-only: it is encrypted at rest and never shown again. "
         "Leave empty on edit to keep the stored key.",
     )

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import re
 import ssl
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +261,10 @@ def system_roots() -> tuple[x509.Certificate, ...]:
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             try:
-                return tuple(x509.load_pem_x509_certificates(Path(candidate).read_bytes()))
+                with warnings.catch_warnings():
+                    # Some long-lived roots carry non-positive serials; they still verify.
+                    warnings.simplefilter("ignore")
+                    return tuple(x509.load_pem_x509_certificates(Path(candidate).read_bytes()))
             except ValueError:
                 continue
     return ()
