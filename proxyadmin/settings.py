@@ -19,6 +19,8 @@ from proxyadmin.env import envbool, envint, envlist, random_secret_key, secret_f
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("PROXYADMIN_VAR_DIR", BASE_DIR / "var")).resolve()
+# Holds the secrets and the SQLite database: readable by this user only.
+VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 DEBUG = envbool("PROXYADMIN_DEBUG", False)
 SECRET_KEY = secret_from_env_or_file(
@@ -39,7 +41,8 @@ CSRF_COOKIE_SECURE = HTTPS
 SECURE_SSL_REDIRECT = HTTPS
 SECURE_HSTS_SECONDS = envint("PROXYADMIN_HSTS_SECONDS", 31536000 if HTTPS else 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
-SECURE_HSTS_PRELOAD = False
+# The preload directive only allows submission to the browsers' lists; it submits nothing.
+SECURE_HSTS_PRELOAD = envbool("PROXYADMIN_HSTS_PRELOAD", HTTPS)
 if HTTPS:
     # Our proxy overwrites X-Forwarded-Proto, so it can be trusted when the
     # admin is reachable only through it.
@@ -97,7 +100,6 @@ TEMPLATES = [
 def _database_from_env() -> dict[str, object]:
     url = os.environ.get("DATABASE_URL", "").strip()
     if not url:
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "proxyadmin.sqlite3",
@@ -150,7 +152,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
 # Serve static files straight from the apps, so `manage.py up` needs no collectstatic.
 WHITENOISE_USE_FINDERS = True
 

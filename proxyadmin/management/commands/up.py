@@ -1,0 +1,68 @@
+"""``manage.py up``: the whole product in one command.
+
+Runs the migrations, creates the admin account on first run, and supervises the
+control plane (daphne: admin on 127.0.0.1:8000) until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from proxyadmin.supervisor import Child, Supervisor
+
+ADMIN_USER_ENV = "PROXYADMIN_ADMIN_USER"
+ADMIN_PASSWORD_ENV = "PROXYADMIN_ADMIN_PASSWORD"  # noqa: S105 (a variable's name)
+
+
+def parse_address(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommandError(f"{what} must look like 127.0.0.1:8000, not {value!r}.")
+    return host.strip("[]"), int(port)
+
+
+class Command(BaseCommand):
+    help = "Migrate, create the admin account on first run, and run the control plane."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--admin", default="127.0.0.1:8000",
+                            help="address of the admin and dashboard (default 127.0.0.1:8000)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        admin_host, admin_port = parse_address(options["admin"], "--admin")
+        call_command("migrate", interactive=False, verbosity=0)
+        self.ensure_admin_account()
+        children = [self.daphne_child(admin_host, admin_port)]
+        self.stdout.write(f"Admin:  http://{options['admin']}/admin/\nPress Ctrl-C to stop.")
+        self.stdout.flush()
+        sys.exit(Supervisor(children).run())
+
+    def ensure_admin_account(self) -> None:
+        user_model = get_user_model()
+        if user_model.objects.filter(is_superuser=True).exists():
+            return
+        username = os.environ.get(ADMIN_USER_ENV, "admin")
+        password = os.environ.get(ADMIN_PASSWORD_ENV)
+        generated = not password
+        password = password or secrets.token_urlsafe(12)
+        user_model.objects.create_superuser(username=username, email="", password=password)
+        if generated:
+            # Shown once, on the terminal that ran `up`; it is stored only hashed.
+            self.stdout.write(self.style.WARNING(
+                f"Created the admin account '{username}' with password: {password}\n"
+                "It is shown only this once; change it in the admin."
+            ))
+        else:
+            self.stdout.write(f"Created the admin account '{username}' ({ADMIN_PASSWORD_ENV}).")
+
+    def daphne_child(self, host: str, port: int) -> Child:
+        argv = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
+                "proxyadmin.asgi:application"]
+        return Child("control plane (daphne)", argv)
