@@ -169,7 +169,9 @@ class Upstream(models.Model):
     )
     balancing = models.CharField(max_length=30, choices=Balancing.choices, default=Balancing.ROUND_ROBIN)
     health_check_enabled = models.BooleanField(default=False)
-    health_check_path = models.CharField(max_length=500, default="/", help_text="HTTP hosts: GET of this path.")
+    health_check_path = models.CharField(
+        max_length=500, default="/", help_text="HTTP hosts: GET of this path."
+    )
     health_check_interval = models.FloatField(default=5.0, validators=[MinValueValidator(0.5)])
     health_check_timeout = models.FloatField(default=2.0, validators=[MinValueValidator(0.1)])
     healthy_threshold = models.PositiveSmallIntegerField(default=2, validators=[MinValueValidator(1)])

@@ -29,7 +29,7 @@ class Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv)  # noqa: S603 (our own argv)
+        self.process = subprocess.Popen(self.argv)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 

@@ -11,27 +11,27 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     HTTP = "http"
     TCP = "tcp"
 
 
-class ClientAuthMode(str, Enum):
+class ClientAuthMode(StrEnum):
     OFF = "off"
     OPTIONAL = "optional"
     REQUIRED = "required"
 
 
-class ProxyProtocol(str, Enum):
+class ProxyProtocol(StrEnum):
     OFF = "off"
     V1 = "v1"
     V2 = "v2"
 
 
-class Balancing(str, Enum):
+class Balancing(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_CONNECTIONS = "least_connections"
 

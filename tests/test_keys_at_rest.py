@@ -78,7 +78,7 @@ def test_rotatekeys_without_the_old_key_changes_nothing_and_says_why() -> None:
         cert, _ = store_certificate()
     token = cert.key_token
     with override_settings(PROXYADMIN_KEYS=Fernet.generate_key().decode()), pytest.raises(
-        CommandError, match="PROXYADMIN_KEYS.*Nothing was changed"
+        CommandError, match=r"PROXYADMIN_KEYS.*Nothing was changed"
     ):
         call_command("rotatekeys", stdout=StringIO())
     cert.refresh_from_db()

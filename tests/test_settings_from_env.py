@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_manage(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXYADMIN_", "DATABASE_URL", "REDIS_URL"))}
+    ours = ("PROXYADMIN_", "DATABASE_URL", "REDIS_URL")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     full_env.update({"PROXYADMIN_VAR_DIR": str(tmp_path / "var"), **env})
     return subprocess.run(
         [sys.executable, "manage.py", *args], cwd=ROOT, env=full_env,

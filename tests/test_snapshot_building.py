@@ -129,6 +129,6 @@ def test_undecryptable_key_rejects_the_whole_snapshot(settings: object) -> None:
 
     stored_cert("site", ["a.example"])
     with override_settings(PROXYADMIN_KEYS=Fernet.generate_key().decode()), pytest.raises(
-        SnapshotError, match="certificate 'site'.*PROXYADMIN_KEYS"
+        SnapshotError, match=r"certificate 'site'.*PROXYADMIN_KEYS"
     ):
         build_snapshot()
