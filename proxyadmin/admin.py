@@ -130,9 +130,9 @@ class HSTSPolicyAdmin(admin.ModelAdmin):
 class UpstreamTargetInline(admin.TabularInline):
     model = m.UpstreamTarget
     form = forms.UpstreamTargetForm
+    formset = forms.UpstreamTargetFormSet
     extra = 0
     min_num = 1
-    validate_min = True
 
 
 @admin.register(m.Upstream)
@@ -166,15 +166,16 @@ class UpstreamAdmin(admin.ModelAdmin):
         if not obj.tls:
             return "plain"
         if not obj.tls_verify:
-            return format_html('<strong style="color:#ba2121">⚠ TLS, not verified</strong>')
+            return format_html('<strong style="color:#ba2121">{}</strong>', "⚠ TLS, not verified")
         return "TLS, verified"
 
     @admin.display(description="")
     def tls_warning(self, obj: m.Upstream) -> str:
         if obj.pk and obj.tls and not obj.tls_verify:
             return format_html(
-                '<strong style="color:#ba2121">⚠ Certificate verification is off: the proxy '
-                "accepts any certificate from these targets.</strong>"
+                '<strong style="color:#ba2121">{}</strong>',
+                "⚠ Certificate verification is off: the proxy accepts any certificate from "
+                "these targets.",
             )
         return ""
 

@@ -36,6 +36,21 @@ class WriteOnlyTextarea(forms.Textarea):
         return None
 
 
+class ChainTextarea(forms.Textarea):
+    """A textarea that renders back only the certificates of a paste.
+
+    A key pasted together with the chain must not come back in the page after a
+    form error: only the CERTIFICATE blocks are shown again.
+    """
+
+    def format_value(self, value: Any) -> str | None:
+        text = super().format_value(value)
+        if not text or "PRIVATE KEY" not in text:
+            return text
+        certs, _ = pki.split_pem_blocks(text.encode())
+        return "\n".join(block.decode(errors="replace") for block in certs)
+
+
 class CertificateForm(forms.ModelForm):
     """Upload as pasted PEM, PEM files, or PKCS#12; the key is write-only."""
 
@@ -67,7 +82,7 @@ class CertificateForm(forms.ModelForm):
     class Meta:
         model = m.Certificate
         fields = ["name", "chain_pem"]
-        widgets = {"chain_pem": forms.Textarea(attrs={"rows": 10, "spellcheck": "false"})}
+        widgets = {"chain_pem": ChainTextarea(attrs={"rows": 10, "spellcheck": "false"})}
         labels = {"chain_pem": "Certificate chain (PEM)"}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -220,6 +235,18 @@ class UpstreamForm(forms.ModelForm):
                 if data.get(field):
                     self.add_error(field, "Only used with TLS to the upstream: tick TLS or clear this.")
         return data
+
+
+class UpstreamTargetFormSet(BaseInlineFormSet):
+    """An upstream without a target could only ever answer 502."""
+
+    def clean(self) -> None:
+        super().clean()
+        if any(self.errors):
+            return
+        kept = [f for f in self.forms if f.cleaned_data and not f.cleaned_data.get("DELETE")]
+        if not kept:
+            raise ValidationError("An upstream needs at least one target: enter its host and port.")
 
 
 class UpstreamTargetForm(forms.ModelForm):

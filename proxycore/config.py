@@ -55,6 +55,11 @@ class HSTS:
     include_subdomains: bool
     preload: bool
     override_upstream: bool
+    # The header value, made once per snapshot rather than once per response.
+    header: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "header", self.header_value.encode("ascii"))
 
     @property
     def header_value(self) -> str:

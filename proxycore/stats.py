@@ -1,0 +1,120 @@
+"""Traffic counters, kept cheaply on the hot path: plain integers, no locks.
+
+One event loop owns a ``Stats``; every connection of a host increments that
+host's ``HostStats`` directly. ``Stats.as_dict()`` is the plain snapshot the
+dashboard, the agent link and ``/metrics`` read (totals since start).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+# Upper bounds (seconds) of the upstream latency histogram buckets; the last is +Inf.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+@dataclass(slots=True)
+class HostStats:
+    active_connections: int = 0
+    total_connections: int = 0
+    handshakes_ok: int = 0
+    handshakes_failed: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    responses: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0, 0])  # index = status // 100
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_errors: Counter[str] = field(default_factory=Counter)
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def response(self, status: int) -> None:
+        self.responses[min(status // 100, 5)] += 1
+
+    def latency(self, seconds: float) -> None:
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "active_connections": self.active_connections,
+            "total_connections": self.total_connections,
+            "handshakes_ok": self.handshakes_ok,
+            "handshakes_failed": dict(self.handshakes_failed),
+            "requests": self.requests,
+            "responses": {f"{i}xx": n for i, n in enumerate(self.responses) if i},
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "upstream_errors": dict(self.upstream_errors),
+            "latency": {
+                "buckets": list(LATENCY_BUCKETS),
+                "counts": list(self.latency_buckets),
+                "sum": self.latency_sum,
+            },
+        }
+
+
+@dataclass(slots=True)
+class ListenerStats:
+    tls_versions: Counter[str] = field(default_factory=Counter)
+    ciphers: Counter[str] = field(default_factory=Counter)
+    connections: int = 0
+    rejected_connections: int = 0  # over the connection limit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections,
+            "rejected_connections": self.rejected_connections,
+            "tls_versions": dict(self.tls_versions),
+            "ciphers": dict(self.ciphers),
+        }
+
+
+# Traffic that matched no host (unknown SNI, unknown Host header) is counted here.
+UNMATCHED = "-"
+
+
+class Stats:
+    """All counters of one proxy node."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self.hosts: dict[str, HostStats] = {}
+        self.listeners: dict[str, ListenerStats] = {}
+        self.config_revision = 0
+        self.config_rejected: tuple[int, str] | None = None  # (revision, error)
+
+    def host(self, name: str) -> HostStats:
+        stats = self.hosts.get(name)
+        if stats is None:
+            stats = self.hosts[name] = HostStats()
+        return stats
+
+    def listener(self, name: str) -> ListenerStats:
+        stats = self.listeners.get(name)
+        if stats is None:
+            stats = self.listeners[name] = ListenerStats()
+        return stats
+
+    def config_applied(self, revision: int) -> None:
+        self.config_revision = revision
+
+    def config_failed(self, revision: int, error: str) -> None:
+        self.config_rejected = (revision, error)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "started_at": self.started_at,
+            "config_revision": self.config_revision,
+            "config_rejected": (
+                {"revision": self.config_rejected[0], "error": self.config_rejected[1]}
+                if self.config_rejected else None
+            ),
+            "hosts": {name: s.as_dict() for name, s in self.hosts.items()},
+            "listeners": {name: s.as_dict() for name, s in self.listeners.items()},
+        }
