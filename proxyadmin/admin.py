@@ -11,6 +11,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from proxyadmin import forms, localca, pki
@@ -58,7 +59,9 @@ class CertificateAdmin(admin.ModelAdmin):
     def expiry(self, obj: m.Certificate) -> str:
         days = obj.days_to_expiry()
         if days < 0:
-            return format_html('<strong style="color:#ba2121">expired {} days ago</strong>', -days)
+            # Whole days since expiry, rounded down like the days to come.
+            ago = (timezone.now() - obj.not_after).days
+            return format_html('<strong style="color:#ba2121">expired {} days ago</strong>', ago)
         if obj.expires_soon():
             return format_html('<strong style="color:#c86400">⚠ in {} days</strong>', days)
         return format_html("in {} days", days)
@@ -110,7 +113,7 @@ class ClientCAAdmin(admin.ModelAdmin):
 
     @admin.display(description="CAs")
     def subjects_display(self, obj: m.ClientCA) -> str:
-        return format_html_join(format_html("<br>"), "{}", ((s,) for s in obj.subjects)) or "—"
+        return format_html_join("", "<div>{}</div>", ((s,) for s in obj.subjects)) or "—"
 
 
 @admin.register(m.HSTSPolicy)

@@ -94,14 +94,15 @@ class CertificateForm(forms.ModelForm):
         data = super().clean()
         if self.errors:
             return data
-        try:
-            chain = (data.get("chain_pem") or "").encode()
-            chain += _read_upload(self.fields["chain_file"], data.get("chain_file"), "chain")
-            key = (data.get("key_pem") or "").encode()
-            key += _read_upload(self.fields["key_file"], data.get("key_file"), "key")
-            p12 = _read_upload(self.fields["pkcs12_file"], data.get("pkcs12_file"), "PKCS#12")
-        except ValidationError as exc:
-            raise exc
+        pasted = (data.get("chain_pem") or "").encode()
+        chain_upload = _read_upload(self.fields["chain_file"], data.get("chain_file"), "chain")
+        key = (data.get("key_pem") or "").encode()
+        key += _read_upload(self.fields["key_file"], data.get("key_file"), "key")
+        p12 = _read_upload(self.fields["pkcs12_file"], data.get("pkcs12_file"), "PKCS#12")
+        if (chain_upload or p12) and self._is_stored_chain(pasted):
+            # On edit the textarea still shows the stored chain; an uploaded file replaces it.
+            pasted = b""
+        chain = pasted + chain_upload
         passphrase = (data.get("passphrase") or "").encode() or None
         if not key.strip() and not p12 and self.instance.pk and b"PRIVATE KEY" not in chain:
             try:
@@ -121,6 +122,9 @@ class CertificateForm(forms.ModelForm):
             return data
         self._check_hosts_still_covered()
         return data
+
+    def _is_stored_chain(self, pasted: bytes) -> bool:
+        return bool(self.instance.pk) and pasted.split() == self.instance.chain_pem.encode().split()
 
     def _check_hosts_still_covered(self) -> None:
         if not self.instance.pk or self.inspected is None:
@@ -223,6 +227,15 @@ class UpstreamForm(forms.ModelForm):
             return pki.to_pem(pki.inspect_ca_bundle(bundle.encode(), timezone.now()))
         except pki.CertificateProblem as exc:
             raise ValidationError(exc.message) from None
+
+    def clean_health_check_path(self) -> str:
+        # It becomes the request line of the health check: no room for a space or CR/LF.
+        path = self.cleaned_data.get("health_check_path") or ""
+        if not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+            raise ValidationError(
+                "The health check path must start with '/' and hold no spaces or control characters."
+            )
+        return path
 
     def clean_tls_server_name(self) -> str:
         name = (self.cleaned_data.get("tls_server_name") or "").strip()

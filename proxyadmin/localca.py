@@ -108,6 +108,12 @@ def issue(names: list[str], now: dt.datetime | None = None) -> tuple[x509.Certif
     return cert, pki.key_to_pem(key)
 
 
+def _certificate_name(host_name: str, suffix: str) -> str:
+    # A host name may use the whole column; the suffix must still fit.
+    limit = m.Certificate._meta.get_field("name").max_length or 200
+    return host_name[: limit - len(suffix)] + suffix
+
+
 def certificate_for_host(host: m.Host) -> m.Certificate:
     """Issue a certificate for ``host``'s names, store it, and make the host use it."""
     names = host.hostnames()
@@ -116,11 +122,10 @@ def certificate_for_host(host: m.Host) -> m.Certificate:
         chain_pem=pki.to_pem([cert]).encode(), key_pem=key_pem,
         now=timezone.now(), known_issuers=known_issuers(),
     )
-    base = f"{host.name} (local CA)"
-    name, n = base, 1
+    name, n = _certificate_name(host.name, " (local CA)"), 1
     while m.Certificate.objects.filter(name=name).exists():
         n += 1
-        name = f"{base} {n}"
+        name = _certificate_name(host.name, f" (local CA) {n}")
     stored = m.Certificate(name=name, source=m.Certificate.Source.GENERATED)
     stored.set_inspected(inspected)
     stored.save()

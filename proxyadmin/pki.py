@@ -125,7 +125,9 @@ def load_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
             ) from None
         raise CertificateProblem("The private key is damaged and cannot be read.", "key_pem") from None
     except TypeError:
-        raise CertificateProblem("The private key cannot be read with this passphrase.", "passphrase") from None
+        raise CertificateProblem(
+            "The private key cannot be read with this passphrase.", "passphrase"
+        ) from None
     except Exception:
         raise CertificateProblem(
             "The private key uses a format or algorithm that is not supported.", "key_pem"

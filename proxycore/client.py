@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxycore import http1, responses, routing
 from proxycore.config import HostRoute, Mode
@@ -78,7 +78,7 @@ class ClientConnection(asyncio.Protocol):
     # ---- connection lifecycle (event loop) --------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
@@ -394,6 +394,7 @@ class ClientConnection(asyncio.Protocol):
         self.status = head.status
         self.response_close = (
             not head.keep_alive or not request.keep_alive or self.closing or self.node.stopping
+            or request.upgrade is not None  # a declined upgrade: the parser gave the rest away
         )
         self.response_chunked = False
         if head.framing is Framing.CHUNKED or head.framing is Framing.UNTIL_CLOSE:
@@ -430,10 +431,10 @@ class ClientConnection(asyncio.Protocol):
         self.node.access(self, 101)
         if rest:
             self.write(rest)
-        self.events.clear()
-        leftover = self.parser.take_rest() if hasattr(self.parser, "take_rest") else b""
-        if leftover and self.upstream is not None:
-            self.upstream.write(leftover)
+        while self.events:  # client bytes that came after its upgrade request
+            event = self.events.popleft()
+            if isinstance(event, Upgraded) and event.rest and self.upstream is not None:
+                self.upstream.write(event.rest)
         self.resume_reading("upgrade")
 
     def upstream_eof(self) -> None:

@@ -8,7 +8,7 @@ a side that cannot keep up pauses reading on the other.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxycore import proxyproto
 from proxycore.config import HostRoute, ProxyProtocol
@@ -36,7 +36,7 @@ class L4Pipe(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
         self.stats.active_connections += 1
         self.stats.total_connections += 1

@@ -14,6 +14,8 @@ import idna
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 MAX_NAME_LENGTH = 253
+# UTS #46 label separators that browsers read as '.', as in "bücher。example".
+_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
 class InvalidHostname(ValueError):
@@ -31,7 +33,7 @@ def _to_ascii(label: str) -> str:
 
 def normalize_hostname(raw: str) -> str:
     """Return the stored form of ``raw`` or raise ``InvalidHostname``."""
-    name = raw.strip().rstrip(".")
+    name = raw.strip().translate(_DOTS).rstrip(".")
     if not name:
         raise InvalidHostname("A host name cannot be empty.")
     try:

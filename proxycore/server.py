@@ -16,9 +16,10 @@ import asyncio
 import datetime as dt
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from proxycore import routing, tls
 from proxycore.client import ClientConnection
@@ -254,7 +255,7 @@ class ProxyNode:
         else:
             pool = conn.pool
             upstream = f"{pool.target.host}:{pool.target.port}" if pool is not None else "-"
-            elapsed = (self.loop.time() - conn.started_at) * 1000 if conn.started_at else 0.0
+            elapsed = (time.monotonic() - conn.started_at) * 1000 if conn.started_at else 0.0
             line = (
                 f"{now} {conn.client_ip} {conn.listener.name} "
                 f"{conn.route.name if conn.route is not None else '-'} "
@@ -273,6 +274,6 @@ class _TLSAcceptor(asyncio.Protocol):
         self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         transport.pause_reading()  # start_tls takes over the ClientHello
         self.node.track(self.node.loop.create_task(self.node.handshake(self.listener, transport)))

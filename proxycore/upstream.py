@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 from proxycore.config import Target, Upstream
 
@@ -40,7 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=256 * 1024)
 

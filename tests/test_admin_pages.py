@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 
-from proxyadmin import crypto, pki
+from proxyadmin import crypto, localca, pki
 from proxyadmin.models import Certificate, ClientCA, Host, Upstream
 from tests.conftest import make_cert, pem_chain_with_root
 from tests.test_host_names import host_post
@@ -24,6 +25,12 @@ from tests.test_host_names import host_post
 CERT_ADD_URL = "/admin/proxyadmin/certificate/add/"
 UPSTREAM_ADD_URL = "/admin/proxyadmin/upstream/add/"
 PRIVATE_KEY_PEM = re.compile(r"BEGIN[A-Z ]*PRIVATE KEY")
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings: Any) -> None:
+    """The superuser's login need not cost a second of PBKDF2 per test."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def page_text(response: Any) -> str:
@@ -78,14 +85,14 @@ def test_uploaded_key_is_never_shown_on_the_change_list_or_history_pages(
     response = upload(admin_client_logged_in, pem_chain_with_root(ca, leaf), key_pem)
     assert response.status_code == 302, page_text(response)
     cert = Certificate.objects.get(name="site")
-    for url in (
-        f"/admin/proxyadmin/certificate/{cert.pk}/change/",
-        "/admin/proxyadmin/certificate/",
-        f"/admin/proxyadmin/certificate/{cert.pk}/history/",
+    for url, shown in (
+        (f"/admin/proxyadmin/certificate/{cert.pk}/change/", "site.example"),
+        ("/admin/proxyadmin/certificate/", "site.example"),
+        (f"/admin/proxyadmin/certificate/{cert.pk}/history/", "Added."),
     ):
         page = admin_client_logged_in.get(url)
         assert page.status_code == 200
-        assert "site" in page_text(page)
+        assert shown in page_text(page)
         assert_shows_no_key(page_text(page), key_pem)
 
 
@@ -164,10 +171,12 @@ def test_stored_key_is_only_an_encrypted_token_that_decrypts_to_the_key(
 def test_dumpdata_exports_no_private_key(admin_client_logged_in: Client) -> None:
     chain, key_pem = make_cert(["site.example"])
     assert upload(admin_client_logged_in, chain, key_pem).status_code == 302
+    localca.get_or_create_ca()
     out = StringIO()
     call_command("dumpdata", stdout=out)
     dump = out.getvalue()
     assert '"model": "proxyadmin.certificate"' in dump
+    assert '"model": "proxyadmin.localca"' in dump
     assert not PRIVATE_KEY_PEM.search(dump)
     assert all(line not in dump for line in key_body_lines(key_pem))
 
@@ -189,7 +198,7 @@ def test_certificate_list_shows_days_to_expiry_and_warns_under_thirty_days(
     assert "⚠ in 10 days" in changelist_row(text, "soon")
     assert "in 200 days" in changelist_row(text, "later")
     assert "⚠" not in changelist_row(text, "later")
-    assert "expired 6 days ago" in changelist_row(text, "gone")
+    assert "expired 5 days ago" in changelist_row(text, "gone")
     assert "Download the local CA certificate" in text
 
 
@@ -424,3 +433,78 @@ def test_upstream_tls_with_verification_shows_no_warning(admin_client_logged_in:
     change = page_text(admin_client_logged_in.get(f"/admin/proxyadmin/upstream/{upstream.pk}/change/"))
     assert "Certificate verification is off" not in change
     assert "TLS, verified" in page_text(admin_client_logged_in.get("/admin/proxyadmin/upstream/"))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["health", "/health check", "/health\r\nX-Injected: 1", "/\x7f"])
+def test_upstream_health_check_path_must_be_a_plain_absolute_path(
+    admin_client_logged_in: Client, path: str
+) -> None:
+    response = admin_client_logged_in.post(
+        UPSTREAM_ADD_URL,
+        upstream_post([("app.internal", "80")], health_check_enabled="on", health_check_path=path),
+    )
+    assert response.status_code == 200
+    assert (
+        "The health check path must start with '/' and hold no spaces or control characters."
+        in page_text(response)
+    )
+    assert not Upstream.objects.exists()
+
+
+@pytest.mark.django_db
+def test_upstream_health_check_path_with_a_query_is_accepted(admin_client_logged_in: Client) -> None:
+    response = admin_client_logged_in.post(
+        UPSTREAM_ADD_URL,
+        upstream_post([("app.internal", "80")], health_check_enabled="on",
+                      health_check_path="/healthz?full=1"),
+    )
+    assert response.status_code == 302, page_text(response)
+    assert Upstream.objects.get(name="app").health_check_path == "/healthz?full=1"
+
+
+# --- client CA bundles, and every page renders -------------------------------------------
+
+
+@pytest.mark.django_db
+def test_client_ca_that_is_not_a_ca_is_refused(admin_client_logged_in: Client, ca: trustme.CA) -> None:
+    leaf = ca.issue_cert("site.example", common_name="site.example")
+    response = admin_client_logged_in.post(
+        "/admin/proxyadmin/clientca/add/",
+        {"name": "staff", "bundle_pem": leaf.cert_chain_pems[0].bytes().decode(), "_save": "Save"},
+    )
+    assert response.status_code == 200
+    subject = pki.describe(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))
+    assert (
+        f"'{subject}' is not a CA certificate (basicConstraints CA:FALSE); a bundle holds the CAs "
+        "that issue certificates, not the certificates themselves." in page_text(response)
+    )
+    assert not ClientCA.objects.exists()
+
+
+@pytest.mark.django_db
+def test_every_admin_page_renders_with_configuration_present(
+    admin_client_logged_in: Client, upstream: Upstream, ca: trustme.CA
+) -> None:
+    cert = store("site", ["www.example.com"], timezone.now() + dt.timedelta(days=90))
+    bundle = ClientCA(name="staff")
+    bundle.set_bundle(pki.inspect_ca_bundle(ca.cert_pem.bytes(), timezone.now()))
+    bundle.save()
+    response = admin_client_logged_in.post(
+        "/admin/proxyadmin/host/add/",
+        host_post(upstream, ["www.example.com"], certificate=str(cert.pk)),
+    )
+    assert response.status_code == 302, page_text(response)
+    host = Host.objects.get(name="web")
+    objects = {"certificate": cert, "clientca": bundle, "upstream": upstream, "host": host}
+    urls = ["/admin/", "/admin/proxyadmin/proxysettings/"]
+    for model, obj in objects.items():
+        base = f"/admin/proxyadmin/{model}/"
+        urls += [base, f"{base}add/", f"{base}{obj.pk}/change/", f"{base}{obj.pk}/history/",
+                 f"{base}{obj.pk}/delete/", f"{base}?q=www"]
+    urls += ["/admin/proxyadmin/hstspolicy/add/", "/admin/proxyadmin/configrevision/"]
+    for url in urls:
+        page = admin_client_logged_in.get(url, follow=True)
+        assert page.status_code == 200, url
+        assert "PRIVATE KEY" not in page_text(page), url
+

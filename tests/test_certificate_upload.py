@@ -24,6 +24,12 @@ ADD_URL = "/admin/proxyadmin/certificate/add/"
 UTC = dt.UTC
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings: Any) -> None:
+    """The superuser's login need not cost a second of PBKDF2 per test."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def certificate_form(
     chain: bytes = b"",
     key: bytes = b"",
@@ -368,6 +374,20 @@ def test_pkcs12_with_wrong_or_no_passphrase_is_refused(ca: trustme.CA, passphras
 
 
 @pytest.mark.django_db
+def test_pkcs12_without_a_key_is_refused(ca: trustme.CA) -> None:
+    root = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    only_certs = pkcs12.serialize_key_and_certificates(
+        b"cas", None, None, [root], serialization.BestAvailableEncryption(b"p12 pass")
+    )
+    form = certificate_form(
+        passphrase="p12 pass", files={"pkcs12_file": SimpleUploadedFile("cas.p12", only_certs)}
+    )
+    assert errors_of(form) == {
+        "pkcs12_file": ["The PKCS#12 file must hold a certificate and its private key."]
+    }
+
+
+@pytest.mark.django_db
 def test_chain_and_key_in_one_paste_are_accepted(ca: trustme.CA) -> None:
     leaf = ca.issue_cert("site.example")
     paste = leaf.private_key_pem.bytes() + pem_chain_with_root(ca, leaf)
@@ -562,7 +582,7 @@ def test_admin_edit_with_key_left_blank_keeps_the_stored_key(admin_client_logged
     chain, key_pem = make_cert(["site.example"], key=key)
     stored = saved(certificate_form(chain, key_pem))
     renewed, _ = make_cert(["site.example"], key=key)
-    response = admin_admin_edit(admin_client_logged_in, stored, renewed)
+    response = admin_edit(admin_client_logged_in, stored, renewed)
     assert response.status_code == 302, page_text(response)
     stored.refresh_from_db()
     assert stored.chain_pem.encode() == renewed
@@ -579,7 +599,7 @@ def test_admin_edit_refuses_a_chain_that_drops_a_host_name(admin_client_logged_i
     )
     HostName.objects.create(host=host, name="b.example.com")
     narrower, _ = make_cert(["a.example.com"], key=key)
-    response = admin_admin_edit(admin_client_logged_in, stored, narrower)
+    response = admin_edit(admin_client_logged_in, stored, narrower)
     assert response.status_code == 200
     assert (
         "Host 'web' uses this certificate, but the new one does not cover b.example.com."
@@ -589,9 +609,77 @@ def test_admin_edit_refuses_a_chain_that_drops_a_host_name(admin_client_logged_i
     assert stored.chain_pem.encode() == chain
 
 
-def admin_admin_edit(client: Client, cert: Certificate, chain: bytes) -> Any:
+def admin_edit(client: Client, cert: Certificate, chain: bytes) -> Any:
     return client.post(
         f"/admin/proxyadmin/certificate/{cert.pk}/change/",
         {"name": cert.name, "chain_pem": chain.decode(), "key_pem": "", "passphrase": "",
          "_save": "Save"},
     )
+
+
+@pytest.mark.django_db
+def test_admin_accepts_a_paste_with_browser_crlf_line_endings(
+    admin_client_logged_in: Client, ca: trustme.CA
+) -> None:
+    leaf = ca.issue_cert("site.example")
+    chain = pem_chain_with_root(ca, leaf).decode().replace("\n", "\r\n")
+    key = leaf.private_key_pem.bytes().decode().replace("\n", "\r\n")
+    response = admin_upload(admin_client_logged_in, chain_pem=chain, key_pem=key)
+    assert response.status_code == 302, page_text(response)
+    assert Certificate.objects.get(name="site").chain_pem.encode() == pem_chain_with_root(ca, leaf)
+
+
+def admin_edit_page_post(client: Client, cert: Certificate, **fields: Any) -> Any:
+    """The edit form as a browser sends it: the textarea still holds the stored chain."""
+    data: dict[str, Any] = {"name": cert.name, "chain_pem": cert.chain_pem.replace("\n", "\r\n"),
+                            "key_pem": "", "passphrase": "", "_save": "Save"}
+    data.update(fields)
+    return client.post(f"/admin/proxyadmin/certificate/{cert.pk}/change/", data)
+
+
+@pytest.mark.django_db
+def test_admin_edit_with_a_chain_file_replaces_the_stored_chain(admin_client_logged_in: Client) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain, key_pem = make_cert(["site.example"], key=key)
+    stored = saved(certificate_form(chain, key_pem))
+    renewed, _ = make_cert(["site.example", "www.site.example"], key=key)
+    response = admin_edit_page_post(
+        admin_client_logged_in, stored, chain_file=SimpleUploadedFile("renewed.pem", renewed)
+    )
+    assert response.status_code == 302, page_text(response)
+    stored.refresh_from_db()
+    assert stored.chain_pem.encode() == renewed
+    assert crypto.decrypt(stored.key_token) == key_pem
+
+
+@pytest.mark.django_db
+def test_admin_edit_with_a_pkcs12_file_replaces_the_stored_chain_and_key(
+    admin_client_logged_in: Client, ca: trustme.CA
+) -> None:
+    chain, key_pem = make_cert(["site.example"])
+    stored = saved(certificate_form(chain, key_pem))
+    leaf = ca.issue_cert("site.example")
+    response = admin_edit_page_post(
+        admin_client_logged_in,
+        stored,
+        passphrase="p12 pass",
+        pkcs12_file=SimpleUploadedFile("site.p12", pkcs12_of(ca, leaf, b"p12 pass")),
+    )
+    assert response.status_code == 302, page_text(response)
+    stored.refresh_from_db()
+    assert stored.chain_pem.encode() == pem_chain_with_root(ca, leaf)
+    assert crypto.decrypt(stored.key_token) != key_pem
+
+
+@pytest.mark.django_db
+def test_pkcs12_without_intermediates_is_completed_by_a_pasted_chain(ca: trustme.CA) -> None:
+    leaf = ca.issue_cert("site.example")
+    cert, key = leaf_objects(leaf)
+    bare = pkcs12.serialize_key_and_certificates(
+        b"site", key, cert, None, serialization.BestAvailableEncryption(b"p12 pass")
+    )
+    form = certificate_form(
+        ca.cert_pem.bytes(), passphrase="p12 pass",
+        files={"pkcs12_file": SimpleUploadedFile("site.p12", bare)},
+    )
+    assert saved(form).chain_pem.encode() == pem_chain_with_root(ca, leaf)

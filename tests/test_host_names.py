@@ -17,6 +17,12 @@ from tests.conftest import make_cert
 HOST_ADD_URL = "/admin/proxyadmin/host/add/"
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings: Any) -> None:
+    """The superuser's login need not cost a second of PBKDF2 per test."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def page_text(response: Any) -> str:
     return html.unescape(response.content.decode())
 
@@ -73,6 +79,8 @@ def upstream(db: None) -> Upstream:
     [
         ("WWW.Example.COM", "www.example.com"),
         ("bücher.example", "xn--bcher-kva.example"),
+        ("bücher\u3002example", "xn--bcher-kva.example"),  # ideographic full stop
+        ("www\uff0eexample\uff0ecom", "www.example.com"),  # fullwidth full stop
         ("BÜCHER.example", "xn--bcher-kva.example"),
         ("example.com.", "example.com"),
         ("  example.com  ", "example.com"),
@@ -261,3 +269,37 @@ def test_editing_a_host_keeps_its_own_names_without_a_conflict(
     response = admin_client_logged_in.post(f"/admin/proxyadmin/host/{host.pk}/change/", data)
     assert response.status_code == 302, page_text(response)
     assert sorted(host.hostnames()) == ["api.example.com", "www.example.com"]
+
+
+@pytest.mark.django_db
+def test_deleting_every_name_of_a_host_is_refused(
+    admin_client_logged_in: Client, upstream: Upstream
+) -> None:
+    host = Host.objects.create(name="web", upstream=upstream)
+    only = HostName.objects.create(host=host, name="www.example.com")
+    data = host_post(upstream, ["www.example.com"])
+    data.update({"names-INITIAL_FORMS": "1", "names-0-id": str(only.pk),
+                 "names-0-host": str(host.pk), "names-0-DELETE": "on"})
+    response = admin_client_logged_in.post(f"/admin/proxyadmin/host/{host.pk}/change/", data)
+    assert response.status_code == 200
+    assert "A host needs at least one name." in page_text(response)
+    assert host.hostnames() == ["www.example.com"]
+
+
+@pytest.mark.django_db
+def test_choosing_a_certificate_that_misses_a_kept_name_is_refused(
+    admin_client_logged_in: Client, upstream: Upstream
+) -> None:
+    host = Host.objects.create(name="web", upstream=upstream)
+    kept = HostName.objects.create(host=host, name="www.example.com")
+    cert = stored_certificate("other", ["www.example.org"])
+    data = host_post(upstream, ["www.example.com"], certificate=str(cert.pk))
+    data.update({"names-INITIAL_FORMS": "1", "names-0-id": str(kept.pk), "names-0-host": str(host.pk)})
+    response = admin_client_logged_in.post(f"/admin/proxyadmin/host/{host.pk}/change/", data)
+    assert response.status_code == 200
+    assert (
+        "The certificate 'other' does not cover www.example.com (it covers: www.example.org)."
+        in page_text(response)
+    )
+    host.refresh_from_db()
+    assert host.certificate is None

@@ -1,0 +1,155 @@
+"""``manage.py runproxy``: run a proxy node on the configuration in the database.
+
+Builds the snapshot, starts ``proxycore``, reloads when the config revision
+moves (polled every second) or on SIGHUP, and stops gracefully on SIGTERM or
+SIGINT. One access-log line per request goes to stdout or ``--access-log FILE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any, TextIO
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import close_old_connections
+
+from proxyadmin.models import ConfigRevision
+from proxyadmin.snapshot import SnapshotError, build_snapshot
+from proxycore.config import Snapshot
+from proxycore.limits import Limits
+from proxycore.server import ProxyNode
+from proxycore.tls import TLSConfigError
+
+log = logging.getLogger("proxyadmin.runproxy")
+POLL_INTERVAL = 1.0
+
+
+def parse_address(value: str, option: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise CommandError(f"{option} must look like 127.0.0.1:8443, not {value!r}.")
+    return host.strip("[]"), int(port)
+
+
+def _snapshot_in_thread() -> Snapshot:
+    close_old_connections()
+    try:
+        return build_snapshot()
+    finally:
+        close_old_connections()
+
+
+def _revision_in_thread() -> int:
+    close_old_connections()
+    return ConfigRevision.current()
+
+
+class Command(BaseCommand):
+    help = "Run a proxy node: terminate TLS for the configured hosts and forward to upstreams."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--https", default="127.0.0.1:8443", help="HTTPS listener (127.0.0.1:8443)")
+        parser.add_argument("--http", default="127.0.0.1:8080",
+                            help="HTTP listener for redirects and ACME (127.0.0.1:8080); 'off' for none")
+        parser.add_argument("--access-log", default="-", help="file for the access log; '-' is stdout")
+        parser.add_argument("--no-access-log", action="store_true", help="log no requests")
+        parser.add_argument("--max-connections", type=int, default=Limits.max_connections)
+        parser.add_argument("--stop-deadline", type=float, default=Limits.stop_deadline,
+                            help="seconds in-flight requests get on SIGTERM (30)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        https = parse_address(options["https"], "--https")
+        http = None if options["http"] == "off" else parse_address(options["http"], "--http")
+        if options["max_connections"] < 1:
+            raise CommandError("--max-connections must be at least 1.")
+        try:
+            snapshot = build_snapshot()
+        except SnapshotError as exc:
+            raise CommandError(f"The configuration cannot be served: {exc}") from None
+        close_old_connections()
+        limits = Limits(max_connections=options["max_connections"],
+                        stop_deadline=options["stop_deadline"])
+        access = self.open_access_log(options)
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            runner = asyncio.run
+        else:
+            runner = uvloop.run  # type: ignore[assignment]
+        try:
+            runner(self.serve(snapshot, https, http, limits, access))
+        finally:
+            if access is not None and access is not sys.stdout:
+                access.close()
+
+    def open_access_log(self, options: dict[str, Any]) -> TextIO | None:
+        if options["no_access_log"]:
+            return None
+        if options["access_log"] == "-":
+            return sys.stdout
+        try:
+            return open(options["access_log"], "a", buffering=1)  # noqa: SIM115 (closed in handle)
+        except OSError as exc:
+            raise CommandError(f"--access-log: cannot open {options['access_log']}: {exc}") from None
+
+    async def serve(
+        self, snapshot: Snapshot, https: tuple[str, int], http: tuple[str, int] | None,
+        limits: Limits, access: TextIO | None,
+    ) -> None:
+        def write_line(line: str) -> None:
+            assert access is not None
+            access.write(line + "\n")
+
+        try:
+            node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
+                             access_log=write_line if access is not None else None)
+            await node.start()
+        except TLSConfigError as exc:
+            raise CommandError(f"The configuration cannot be served: {exc}") from None
+        except OSError as exc:
+            raise CommandError(f"Cannot listen: {exc}") from None
+        ports = ", ".join(f"{lst.name}://{lst.host}:{lst.port}" for lst in node.listeners)
+        self.stdout.write(f"Proxy node serving revision {snapshot.revision} on {ports}")
+        self.stdout.flush()
+        stop = asyncio.Event()
+        reload_now = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+        poller = loop.create_task(self.follow_revisions(node, reload_now))
+        await stop.wait()
+        poller.cancel()
+        log.info("stopping: finishing in-flight requests (up to %.0f s)", limits.stop_deadline)
+        await node.stop()
+
+    async def follow_revisions(self, node: ProxyNode, reload_now: asyncio.Event) -> None:
+        applied = node.state.snapshot.revision
+        rejected = 0
+        while True:
+            try:
+                await asyncio.wait_for(reload_now.wait(), POLL_INTERVAL)
+            except TimeoutError:
+                pass
+            forced = reload_now.is_set()
+            reload_now.clear()
+            try:
+                current = await asyncio.to_thread(_revision_in_thread)
+                if not forced and current in (applied, rejected):
+                    continue
+                snapshot = await asyncio.to_thread(_snapshot_in_thread)
+            except SnapshotError as exc:
+                log.error("config revision rejected, still serving %d: %s", applied, exc)
+                node.stats.config_failed(current, str(exc))
+                rejected = current
+                continue
+            except Exception:
+                log.exception("cannot read the configuration; still serving revision %d", applied)
+                continue
+            if node.reload(snapshot):
+                applied = snapshot.revision
+            else:
+                rejected = snapshot.revision

@@ -1,0 +1,519 @@
+"""Sans-I/O HTTP/1.1 for the data plane: bytes in, events out, no sockets.
+
+A parser is fed the bytes of one connection and returns events; the asyncio
+protocol moves bytes and acts on events. Who does what:
+
+* Python frames messages. It finds the end of each head (CRLF CRLF) with one
+  ``bytes.find``, enforces the head limits (414, 431) before anything else sees
+  the bytes, and walks Content-Length and chunked bodies with slices -- one
+  slice per piece of body, never a loop over bytes. llhttp never sees a body.
+* llhttp (httptools) tokenises each head in C, one fresh parser per head
+  (0.7 us), and refuses most malformed heads on its own (bare CR/LF, obs-fold,
+  space before colon, control bytes, bad names, Content-Length conflicts).
+* :mod:`proxycore.http1_checks` holds every rule llhttp does not enforce.
+  A message whose head breaks a rule raises :class:`ParseError` before its
+  head event is returned; requests get the status to answer (400, 413, 414,
+  431), responses always 502.
+
+Event order, per message: a head, then ``BodyData``* and ``MessageEnd`` --
+except that an interim (1xx) response is a lone ``ResponseHead``, and an
+upgrade request or a 101 response is its head followed by ``Upgraded``, which
+takes ``MessageEnd``'s place: the bytes after it are the tunnel's. After
+``Upgraded`` every feed() returns ``[Upgraded(data)]``; if the upstream declines
+an upgrade, the bytes already handed over are lost to HTTP, so close the
+connection after the response. After a message that does not keep the
+connection alive, further bytes are ignored (RFC 9112 §9.6). After a
+ParseError the parser is dead and raises it again.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
+
+import httptools
+
+from proxycore.http1_checks import (
+    HOP_BY_HOP,
+    MAX_CHUNK_LINE,
+    Fields,
+    Framing,
+    HeadTokens,
+    ParseError,
+    body_framing,
+    check_request_line,
+    check_status_line,
+    chunk_size,
+    connection_options,
+    connection_tokens,
+    hop_by_hop_names,
+    http_version,
+    keep_alive,
+    request_host,
+    resolve_target,
+    strip_hop_by_hop,
+    trailer_fields,
+)
+
+if TYPE_CHECKING:
+    from httptools.parser.parser import HttpParser
+
+__all__ = [
+    "HOP_BY_HOP",
+    "LAST_CHUNK",
+    "BodyData",
+    "Framing",
+    "MessageEnd",
+    "ParseError",
+    "RequestHead",
+    "RequestParser",
+    "ResponseHead",
+    "ResponseParser",
+    "Upgraded",
+    "connection_tokens",
+    "encode_chunk",
+    "hop_by_hop_names",
+    "serialize_request_head",
+    "serialize_response_head",
+    "strip_hop_by_hop",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes  # origin-form (an absolute-form target is reduced to path and query), or b"*"
+    version: bytes  # b"1.1" or b"1.0"
+    headers: Fields  # (lower-cased name, value without surrounding OWS), as received
+    host: bytes  # lower-cased host[:port]; b"" for HTTP/1.0 without Host
+    framing: Framing  # NONE, LENGTH or CHUNKED
+    content_length: int  # meaningful when framing is LENGTH
+    keep_alive: bool
+    upgrade: bytes | None  # lower-cased Upgrade value, set only on a body-less HTTP/1.1 upgrade
+    expect_continue: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: bytes
+    headers: Fields
+    framing: Framing  # NONE for HEAD, 1xx, 204, 304 whatever the fields say
+    content_length: int
+    keep_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BodyData:
+    data: bytes  # de-chunked payload, never empty
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    trailers: Fields = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    rest: bytes  # bytes after the head: the tunnel starts here
+
+
+RequestEvent = RequestHead | BodyData | MessageEnd | Upgraded
+ResponseEvent = ResponseHead | BodyData | MessageEnd | Upgraded
+
+H = TypeVar("H", RequestHead, ResponseHead)
+
+# What follows a head.
+_BODY, _INTERIM, _SWITCH = range(3)
+
+# Parser states. _HEAD: between messages or inside a head; the chunk states
+# walk size line -> data -> CRLF -> ... -> size 0 -> trailer lines -> empty line.
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _CLOSED, _UPGRADED = range(9)
+
+_END = MessageEnd()
+
+
+class _MessageParser(Generic[H]):
+    """Framing shared by requests and responses; subclasses turn a head into an event."""
+
+    __slots__ = (
+        "_body_size",
+        "_buf",
+        "_error",
+        "_keep_alive",
+        "_left",
+        "_line",
+        "_ll",
+        "_max_body",
+        "_max_head",
+        "_state",
+        "_tokens",
+        "_trailer_size",
+        "_trailers",
+    )
+    _error_status: int | None = None  # forced on every ParseError (502 for responses)
+
+    def __init__(self, max_head_size: int, max_body_size: int | None) -> None:
+        # limits
+        self._max_head = max_head_size
+        self._max_body = max_body_size
+        # per-connection
+        self._state = _HEAD
+        self._error: ParseError | None = None
+        self._keep_alive = True
+        # per-head
+        self._buf = bytearray()  # bytes of a head that is not complete yet
+        self._tokens = HeadTokens()
+        self._ll: HttpParser | None = None
+        # per-body
+        self._left = 0  # bytes left in the Content-Length body or current chunk
+        self._body_size = 0
+        self._line = bytearray()  # incomplete chunk-size, chunk-end or trailer line
+        self._trailers: list[bytes] = []
+        self._trailer_size = 0
+
+    # --- public ---------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[H | BodyData | MessageEnd | Upgraded]:
+        """Parse ``data``; return the events it completes. Raises ParseError."""
+        if self._error is not None:
+            raise self._error
+        events: list[H | BodyData | MessageEnd | Upgraded] = []
+        try:
+            self._run(data, events)
+        except ParseError as exc:
+            raise self._fail(exc, events) from None
+        return events
+
+    def feed_eof(self) -> list[H | BodyData | MessageEnd | Upgraded]:
+        """The peer closed: end an UNTIL_CLOSE body, or raise if a message is cut short."""
+        if self._error is not None:
+            raise self._error
+        state = self._state
+        if state != _UPGRADED:
+            self._state = _CLOSED
+        if state == _UNTIL_CLOSE:
+            return [_END]
+        if state in (_CLOSED, _UPGRADED) or (state == _HEAD and not self._buf):
+            return []
+        raise self._fail(ParseError(400, "connection closed in the middle of a message"), [])
+
+    # --- driving ----------------------------------------------------------------
+
+    def _fail(self, exc: ParseError, events: list[H | BodyData | MessageEnd | Upgraded]) -> ParseError:
+        if self._error_status is not None and exc.status != self._error_status:
+            exc = ParseError(self._error_status, exc.reason)
+        exc.events = list(events)
+        self._error = exc
+        return exc
+
+    def _run(self, data: bytes, events: list[H | BodyData | MessageEnd | Upgraded]) -> None:
+        pos = 0
+        end = len(data)
+        while pos < end:
+            state = self._state
+            if state == _HEAD:
+                pos = self._feed_head(data, pos, events)
+            elif state in (_LENGTH, _CHUNK_DATA):
+                pos = self._feed_counted(data, pos, events)
+            elif state == _UNTIL_CLOSE:
+                events.append(BodyData(data[pos:]))
+                return
+            elif state == _UPGRADED:
+                events.append(Upgraded(data[pos:]))
+                return
+            elif state == _CLOSED:
+                return
+            else:
+                pos = self._feed_chunk_line(data, pos, events)
+
+    def _feed_head(self, data: bytes, pos: int, events: list[H | BodyData | MessageEnd | Upgraded]) -> int:
+        buf = self._buf
+        if not buf:
+            while data.startswith(b"\r\n", pos):  # RFC 9112 §2.2: empty lines before a message
+                pos += 2
+            if pos == len(data):
+                return pos
+            self._tokens = tokens = HeadTokens()
+            self._ll = self._new_llhttp(tokens)
+            end = data.find(b"\r\n\r\n", pos, pos + self._max_head)
+            if end != -1:  # the usual case: the whole head is in this piece of data
+                return self._finish_head(data[pos : end + 4], 0, data, end + 4, events)
+        old = len(buf)
+        piece = data[pos : pos + self._max_head + 4 - old]  # never buffer past the limit
+        buf += piece
+        end = buf.find(b"\r\n\r\n", max(0, old - 3))
+        if end == -1:
+            self._check_size(buf)
+            self._feed_llhttp(piece)  # so that garbage is refused now, not at the limit
+            return len(data)
+        head = bytes(buf[: end + 4])
+        buf.clear()
+        return self._finish_head(head, old, data, pos + end + 4 - old, events)
+
+    def _finish_head(
+        self,
+        head: bytes,
+        fed: int,
+        data: bytes,
+        after: int,
+        events: list[H | BodyData | MessageEnd | Upgraded],
+    ) -> int:
+        """``head`` is complete, llhttp has seen its first ``fed`` bytes; ``after`` indexes data."""
+        self._check_size(head)
+        self._feed_llhttp(head[fed:] if fed else head)
+        if not self._tokens.complete:
+            raise ParseError(400, "malformed head")
+        message, follows = self._make_head(head)
+        events.append(message)
+        if follows == _SWITCH:
+            events.append(Upgraded(data[after:]))
+            self._state = _UPGRADED
+            return len(data)
+        if follows == _BODY:
+            self._keep_alive = message.keep_alive
+            self._start_body(message.framing, message.content_length, events)
+        return after
+
+    def _feed_llhttp(self, piece: bytes) -> None:
+        try:
+            cast("HttpParser", self._ll).feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            pass  # upgrades are decided from the fields, not by llhttp
+        except httptools.HttpParserError as exc:
+            raise ParseError(400, str(exc) or "malformed head") from None
+
+    def _start_body(
+        self, framing: Framing, length: int, events: list[H | BodyData | MessageEnd | Upgraded]
+    ) -> None:
+        if framing is Framing.LENGTH and length:
+            self._state = _LENGTH
+            self._left = length
+        elif framing is Framing.CHUNKED:
+            self._state = _CHUNK_SIZE
+            self._body_size = 0
+        elif framing is Framing.UNTIL_CLOSE:
+            self._state = _UNTIL_CLOSE
+        else:
+            self._end_message(_END, events)
+
+    def _end_message(self, end: MessageEnd, events: list[H | BodyData | MessageEnd | Upgraded]) -> None:
+        events.append(end)
+        self._state = _HEAD if self._keep_alive else _CLOSED
+
+    # --- bodies -------------------------------------------------------------
+
+    def _feed_counted(self, data: bytes, pos: int, events: list[H | BodyData | MessageEnd | Upgraded]) -> int:
+        """Content-Length body or chunk data: one slice (none when data is all body)."""
+        take = min(self._left, len(data) - pos)
+        events.append(BodyData(data[pos : pos + take]))
+        self._left -= take
+        if not self._left:
+            if self._state == _LENGTH:
+                self._end_message(_END, events)
+            else:
+                self._state = _CHUNK_END
+        return pos + take
+
+    def _feed_chunk_line(
+        self, data: bytes, pos: int, events: list[H | BodyData | MessageEnd | Upgraded]
+    ) -> int:
+        state = self._state
+        line, pos = self._take_line(data, pos)
+        if line is None:
+            return pos
+        if state == _CHUNK_SIZE:
+            size = chunk_size(line)
+            if not size:
+                self._state = _TRAILERS
+                self._trailers = []
+                self._trailer_size = 0
+                return pos
+            self._body_size += size
+            if self._max_body is not None and self._body_size > self._max_body:
+                raise ParseError(413, "body too large")
+            self._left = size
+            self._state = _CHUNK_DATA
+        elif state == _CHUNK_END:
+            if line:
+                raise ParseError(400, "chunk data not followed by CRLF")
+            self._state = _CHUNK_SIZE
+        elif line:
+            self._trailers.append(line)
+            self._trailer_size += len(line) + 2
+        else:
+            self._end_message(MessageEnd(trailer_fields(self._trailers)) if self._trailers else _END, events)
+        return pos
+
+    def _line_limit(self) -> int:
+        if self._state == _CHUNK_SIZE:
+            return MAX_CHUNK_LINE
+        if self._state == _CHUNK_END:
+            return 0
+        return self._max_head - self._trailer_size
+
+    def _take_line(self, data: bytes, pos: int) -> tuple[bytes | None, int]:
+        """Next CRLF-terminated line (without CRLF), or None after buffering what there is."""
+        buf = self._line
+        if buf and buf[-1] == 13 and data.startswith(b"\n", pos):  # CRLF split between feeds
+            line = bytes(buf[:-1])
+            buf.clear()
+            return line, pos + 1
+        limit = self._line_limit()
+        end = data.find(b"\r\n", pos, pos + limit + 2 - len(buf))
+        if end != -1:
+            line = data[pos:end]
+            if buf:
+                line = bytes(buf) + line
+                buf.clear()
+            return line, end + 2
+        if len(buf) + len(data) - pos > limit + 1:  # +1: a CR whose LF is yet to come
+            if self._state == _TRAILERS:
+                raise ParseError(431, "trailer section too large")
+            if self._state == _CHUNK_END:
+                raise ParseError(400, "chunk data not followed by CRLF")
+            raise ParseError(400, "chunk size line too long")
+        buf += data[pos:]
+        return None, len(data)
+
+    # --- per role -----------------------------------------------------------
+
+    def _new_llhttp(self, tokens: HeadTokens) -> HttpParser:
+        raise NotImplementedError
+
+    def _check_size(self, head: bytes | bytearray) -> None:
+        if len(head) > self._max_head:
+            raise ParseError(431, "head too large")
+
+    def _make_head(self, head: bytes) -> tuple[H, int]:
+        raise NotImplementedError
+
+
+class RequestParser(_MessageParser[RequestHead]):
+    """Requests of one client connection: RequestHead, BodyData*, MessageEnd | Upgraded."""
+
+    __slots__ = ("_max_line",)
+
+    def __init__(
+        self, max_head_size: int = 16384, max_request_line: int = 8192, max_body_size: int | None = None
+    ) -> None:
+        super().__init__(max_head_size, max_body_size)
+        self._max_line = max_request_line
+
+    def _new_llhttp(self, tokens: HeadTokens) -> HttpParser:
+        return httptools.HttpRequestParser(tokens)
+
+    def _check_size(self, head: bytes | bytearray) -> None:
+        line_end = head.find(b"\r\n")
+        if (len(head) if line_end == -1 else line_end) > self._max_line:
+            raise ParseError(414, "request line too long")
+        super()._check_size(head)
+
+    def _make_head(self, head: bytes) -> tuple[RequestHead, int]:
+        tokens = self._tokens
+        ll = cast("httptools.HttpRequestParser", self._ll)
+        version = http_version(ll.get_http_version())
+        method = ll.get_method()
+        check_request_line(head, method, tokens.start, version)
+        special = tokens.special
+        framing, length = body_framing(special)
+        if self._max_body is not None and length > self._max_body:
+            raise ParseError(413, "body too large")
+        target, host = resolve_target(method, tokens.start, request_host(special.get(b"host"), version))
+        options = connection_options(special)
+        upgrade = None
+        if b"upgrade" in options and version == b"1.1" and framing is not Framing.CHUNKED and not length:
+            values = special.get(b"upgrade")
+            if values:
+                upgrade = b", ".join(values).lower()
+        expect = version == b"1.1" and any(v.lower() == b"100-continue" for v in special.get(b"expect", ()))
+        message = RequestHead(
+            method, target, version, tuple(tokens.fields), host, framing, length,
+            keep_alive(version, options), upgrade, expect,
+        )  # fmt: skip
+        return message, _BODY if upgrade is None else _SWITCH
+
+
+class ResponseParser(_MessageParser[ResponseHead]):
+    """Responses of one upstream connection; call expect() for every request sent."""
+
+    __slots__ = ("_methods",)
+    _error_status = 502
+
+    def __init__(self, max_head_size: int = 65536) -> None:
+        super().__init__(max_head_size, None)
+        self._methods: collections.deque[bytes] = collections.deque()
+
+    def expect(self, method: bytes) -> None:
+        """Record the method of a request sent upstream; its final response comes in order."""
+        self._methods.append(method)
+
+    @property
+    def awaiting_response(self) -> bool:
+        """A request was sent whose final response has not started yet."""
+        return bool(self._methods)
+
+    def _new_llhttp(self, tokens: HeadTokens) -> HttpParser:
+        return httptools.HttpResponseParser(tokens)
+
+    def _make_head(self, head: bytes) -> tuple[ResponseHead, int]:
+        tokens = self._tokens
+        ll = cast("httptools.HttpResponseParser", self._ll)
+        version = http_version(ll.get_http_version())
+        status = ll.get_status_code()
+        check_status_line(head, version, status, tokens.start)
+        special = tokens.special
+        framing, length = body_framing(special)
+        if not self._methods:
+            raise ParseError(502, "response without a request")
+        fields = tuple(tokens.fields)
+        if status < 200 and status != 101:
+            return ResponseHead(status, tokens.start, version, fields, Framing.NONE, 0, True), _INTERIM
+        method = self._methods.popleft()
+        if status == 101:
+            return ResponseHead(status, tokens.start, version, fields, Framing.NONE, 0, False), _SWITCH
+        if method == b"HEAD" or status == 204 or status == 304:
+            framing, length = Framing.NONE, 0
+        elif framing is Framing.NONE:
+            framing = Framing.UNTIL_CLOSE
+        alive = framing is not Framing.UNTIL_CLOSE and keep_alive(version, connection_options(special))
+        return ResponseHead(status, tokens.start, version, fields, framing, length, alive), _BODY
+
+
+# --- serialisation ------------------------------------------------------------
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body. Empty data encodes to b"" (a 0 chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _serialize(start: bytes, headers: Fields | list[tuple[bytes, bytes]]) -> bytes:
+    lines = [start]
+    lines += [name + b": " + value for name, value in headers]
+    lines += (b"", b"")
+    out = b"\r\n".join(lines)
+    # A CR or LF smuggled into a name or value would start a new field upstream.
+    if out.count(b"\n") != len(lines) - 1 or out.count(b"\r") != len(lines) - 1:
+        raise ValueError("CR or LF inside a header name or value")
+    return out
+
+
+def serialize_request_head(
+    method: bytes, target: bytes, headers: Fields | list[tuple[bytes, bytes]]
+) -> bytes:
+    """``METHOD target HTTP/1.1`` and ``headers`` as given, CRLF-terminated."""
+    return _serialize(b"%s %s HTTP/1.1" % (method, target), headers)
+
+
+def serialize_response_head(
+    status: int, reason: bytes, headers: Fields | list[tuple[bytes, bytes]], version: bytes = b"1.1"
+) -> bytes:
+    """``HTTP/version status reason`` and ``headers`` as given, CRLF-terminated."""
+    return _serialize(b"HTTP/%s %d %s" % (version, status, reason), headers)

@@ -1,0 +1,330 @@
+"""Strictness rules of the HTTP/1.1 layer: pure functions over what llhttp reported.
+
+llhttp (through httptools) tokenises a head in C and already refuses most
+malformed input: bare CR or LF, obs-fold, whitespace before a colon, control
+bytes in names or values, non-token names, Content-Length with Transfer-Encoding,
+duplicate or malformed Content-Length. What it lets through and a proxy must
+not is checked here, once per head: HTTP versions other than 1.0/1.1, loose
+request and status lines, Transfer-Encoding other than a single ``chunked``,
+Host, absolute-form targets, status codes and reason phrases, chunk-size lines
+and trailers. :mod:`proxycore.http1` drives the parsers; every rule lives here
+so that the list of what is refused can be read in one place.
+
+Every function raises :class:`ParseError` with status 400; the response parser
+turns it into 502.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable
+
+import httptools
+
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+class ParseError(Exception):
+    """A message the proxy refuses; ``status`` is what the peer should be told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        # Events of earlier, valid messages parsed in the same feed() call.
+        self.events: list[object] = []
+
+
+class Framing(enum.Enum):
+    """How the body that follows a head is delimited."""
+
+    NONE = "none"  # no body follows, whatever the fields say (HEAD, 1xx, 204, 304, no length)
+    LENGTH = "length"  # Content-Length bytes (possibly 0)
+    CHUNKED = "chunked"
+    UNTIL_CLOSE = "until-close"  # responses only: the body ends when the connection does
+
+
+# Fields that decide framing, routing or connection handling; collected while
+# llhttp reports the head so that nothing loops over all fields twice.
+_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect"})
+
+
+class HeadTokens:
+    """What llhttp reports about one head; handed to httptools as its callback object."""
+
+    __slots__ = ("complete", "fields", "special", "start")
+
+    def __init__(self) -> None:
+        self.start = b""  # request target or reason phrase
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.special: dict[bytes, list[bytes]] = {}
+        self.complete = False
+
+    def on_url(self, part: bytes) -> None:
+        """Called by llhttp with each span of the request target (split across feeds)."""
+        self.start += part
+
+    on_status = on_url  # the reason phrase of a status line, likewise
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Called by httptools once per complete field; llhttp has stripped leading OWS."""
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        self.fields.append((name, value))
+        if name in _SPECIAL:
+            self.special.setdefault(name, []).append(value)
+
+    def on_headers_complete(self) -> None:
+        """Called by llhttp at the empty line that ends the head."""
+        self.complete = True
+
+
+def _bad(reason: str) -> ParseError:
+    return ParseError(400, reason)
+
+
+# --- lines and fields -------------------------------------------------------
+
+_CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
+VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+
+
+def has_ctl(value: bytes) -> bool:
+    """True if ``value`` holds a control byte other than HTAB."""
+    return len(value.translate(None, _CTL)) != len(value)
+
+
+def http_version(reported: str) -> bytes:
+    """llhttp also accepts 0.9 (no version at all) and 2.0; a proxy speaks 1.0 and 1.1."""
+    version = VERSIONS.get(reported)
+    if version is None:
+        raise _bad("unsupported HTTP version")
+    return version
+
+
+def check_request_line(head: bytes, method: bytes, target: bytes, version: bytes) -> None:
+    """The request line must be exactly ``METHOD SP target SP HTTP/x.y CRLF``.
+
+    llhttp tolerates several spaces between method and target and RTSP/ICE
+    protocol names; rebuilding the line and comparing it refuses both at once.
+    """
+    if not head.startswith(b"%s %s HTTP/%s\r\n" % (method, target, version)):
+        raise _bad("malformed request line")
+
+
+def check_status_line(head: bytes, version: bytes, status: int, reason: bytes) -> None:
+    """``HTTP/x.y SP 3DIGIT SP reason CRLF``; the SP before an empty reason may be missing."""
+    if not 100 <= status <= 599:
+        raise _bad("status code out of range")
+    line = b"HTTP/%s %d" % (version, status)
+    if not (
+        head.startswith(b"%s %s\r\n" % (line, reason)) or (not reason and head.startswith(line + b"\r\n"))
+    ):
+        raise _bad("malformed status line")
+    if has_ctl(reason):  # llhttp accepts control bytes in the reason phrase
+        raise _bad("control byte in reason phrase")
+
+
+# --- framing ---------------------------------------------------------------
+
+
+def body_framing(special: dict[bytes, list[bytes]]) -> tuple[Framing, int]:
+    """Framing declared by the fields: (LENGTH, n), (CHUNKED, 0) or (NONE, 0).
+
+    Transfer-Encoding must be exactly one field whose value is ``chunked``
+    (case-insensitive, surrounding OWS ignored): any other coding, a list, or a
+    second field is refused rather than guessed at, so that the proxy and the
+    upstream can never disagree on where a body ends.
+    """
+    te = special.get(b"transfer-encoding")
+    cl = special.get(b"content-length")
+    if te is not None:
+        if cl is not None:
+            raise _bad("both Content-Length and Transfer-Encoding")
+        if len(te) != 1 or te[0].lower() != b"chunked":
+            raise _bad("Transfer-Encoding other than a single chunked")
+        return Framing.CHUNKED, 0
+    if cl is not None:
+        if len(cl) != 1:
+            raise _bad("more than one Content-Length")
+        value = cl[0]
+        if not value.isdigit() or len(value) > 18:  # isdigit: ASCII digits only, false on b""
+            raise _bad("malformed Content-Length")
+        return Framing.LENGTH, int(value)
+    return Framing.NONE, 0
+
+
+_HEX = b"0123456789abcdefABCDEF"
+MAX_CHUNK_LINE = 4096  # size plus extensions; extensions are ignored, not buffered forever
+
+
+def chunk_size(line: bytes) -> int:
+    """Size of a chunk from its size line (CRLF removed): 1-16 hex digits, then ``;ext``.
+
+    Extensions are allowed and ignored (RFC 9112 §7.1.1) but may hold no control
+    byte, which also refuses a bare CR or LF inside the line.
+    """
+    size, semi, ext = line.partition(b";")
+    if semi:
+        size = size.rstrip(b" \t")  # BWS before ';'
+    if not size or len(size) > 16 or size.translate(None, _HEX) or has_ctl(ext):
+        raise _bad("invalid chunk size line")
+    return int(size, 16)
+
+
+_TRAILER_PREFIX = b"GET / HTTP/1.1\r\n"
+_FORBIDDEN_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
+def trailer_fields(lines: list[bytes]) -> Fields:
+    """Parse and check a trailer section given as its lines without CRLF.
+
+    The lines go through llhttp behind a dummy request line, so trailers obey
+    exactly the field rules of heads (no bare CR/LF, obs-fold, bad names...).
+    """
+    tokens = HeadTokens()
+    parser = httptools.HttpRequestParser(tokens)
+    try:
+        parser.feed_data(b"%s%s\r\n\r\n" % (_TRAILER_PREFIX, b"\r\n".join(lines)))
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError as exc:
+        raise _bad(f"malformed trailer: {exc}") from None
+    if not tokens.complete:
+        raise _bad("malformed trailer")
+    if not _FORBIDDEN_TRAILERS.isdisjoint(tokens.special):
+        raise _bad("framing or Host field in trailer")
+    return tuple(tokens.fields)
+
+
+# --- requests: Host and target ------------------------------------------------
+
+# A proxy routes on Host, so reg-names are held to DNS-like characters.
+_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789-._"
+
+
+def _valid_port(port: bytes) -> bool:
+    return 0 < len(port) <= 5 and port.isdigit() and int(port) <= 65535
+
+
+def check_host(value: bytes) -> bytes:
+    """Return the lower-cased ``host[:port]``, refusing anything else.
+
+    host is a reg-name of letters, digits, ``-._`` (at most 253 bytes), an IPv4
+    address (same characters) or a bracketed IPv6 literal; a port, when its
+    colon is present, is 1-65535.
+    """
+    host = value.lower()
+    if host.startswith(b"["):
+        address, bracket, port = host[1:].partition(b"]")
+        try:
+            ipaddress.IPv6Address(address.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise _bad("invalid Host") from None
+        if not bracket or (port and not (port[:1] == b":" and _valid_port(port[1:]))):
+            raise _bad("invalid Host")
+        return host
+    name, colon, port = host.partition(b":")
+    if not name or len(name) > 253 or name.translate(None, _HOST_CHARS) or (colon and not _valid_port(port)):
+        raise _bad("invalid Host")
+    return host
+
+
+def request_host(values: list[bytes] | None, version: bytes) -> bytes:
+    """The single Host of a request; HTTP/1.0 may omit it (``b""``)."""
+    if values is None:
+        if version == b"1.1":
+            raise _bad("missing Host")
+        return b""
+    if len(values) != 1:
+        raise _bad("more than one Host")
+    return check_host(values[0])
+
+
+def resolve_target(method: bytes, target: bytes, host: bytes) -> tuple[bytes, bytes]:
+    """Return (origin-form target, host) for a request target.
+
+    origin-form passes through; ``*`` only with OPTIONS. An absolute-form
+    target (``http(s)://authority/path``) must name the same authority as Host,
+    byte for byte after lower-casing (``a`` and ``a:80`` differ), and is reduced
+    to its path and query, which is what the upstream is sent. CONNECT
+    (authority-form) is refused: a reverse proxy tunnels nothing on request.
+    """
+    if target.startswith(b"/"):
+        return target, host
+    if target == b"*" and method == b"OPTIONS":
+        return target, host
+    if method == b"CONNECT":
+        raise _bad("CONNECT is not supported")
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise _bad("malformed request target")
+    cut = len(rest)
+    for delimiter in b"/?#":
+        at = rest.find(delimiter)
+        if at != -1 and at < cut:
+            cut = at
+    authority = check_host(rest[:cut])
+    if host and authority != host:
+        raise _bad("absolute-form target disagrees with Host")
+    path = rest[cut:]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority
+
+
+# --- connection management ------------------------------------------------------
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
+_NEVER_HOP_BY_HOP = frozenset({b"host", b"content-length"})
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def tokens_of(values: Iterable[bytes]) -> frozenset[bytes]:
+    """Lower-cased, non-empty tokens of comma-separated field values."""
+    return frozenset(
+        token for value in values for token in (p.strip(b" \t").lower() for p in value.split(b",")) if token
+    )
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Options named in the Connection fields of ``headers`` (lower-cased names)."""
+    return tokens_of(value for name, value in headers if name == b"connection")
+
+
+def hop_by_hop_names(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Names a proxy must not forward: the fixed set plus those Connection lists."""
+    listed = connection_tokens(headers)
+    return HOP_BY_HOP | (listed - _NEVER_HOP_BY_HOP) if listed else HOP_BY_HOP
+
+
+def strip_hop_by_hop(headers: Fields) -> Fields:
+    """``headers`` without hop-by-hop fields (an upgrade must re-add its own)."""
+    drop = hop_by_hop_names(headers)
+    return tuple(field for field in headers if field[0] not in drop)
+
+
+def keep_alive(version: bytes, options: frozenset[bytes]) -> bool:
+    """HTTP/1.1 persists unless ``close``; HTTP/1.0 only with ``keep-alive``."""
+    if b"close" in options:
+        return False
+    return version == b"1.1" or b"keep-alive" in options
+
+
+def connection_options(special: dict[bytes, list[bytes]]) -> frozenset[bytes]:
+    values = special.get(b"connection")
+    return tokens_of(values) if values else _NO_TOKENS
