@@ -91,7 +91,7 @@ class CertificateForm(forms.ModelForm):
         self.inspected: pki.InspectedCertificate | None = None
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or self.cleaned_data
         if self.errors:
             return data
         pasted = (data.get("chain_pem") or "").encode()
@@ -142,7 +142,7 @@ class CertificateForm(forms.ModelForm):
     def save(self, commit: bool = True) -> m.Certificate:
         assert self.inspected is not None, "save() called on an invalid form"
         self.instance.set_inspected(self.inspected)
-        return super().save(commit)  # type: ignore[no-any-return]
+        return super().save(commit)
 
 
 class ClientCAForm(forms.ModelForm):
@@ -159,7 +159,7 @@ class ClientCAForm(forms.ModelForm):
         self.certs: list[Any] = []
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or self.cleaned_data
         if self.errors:
             return data
         bundle = (data.get("bundle_pem") or "").encode()
@@ -175,7 +175,7 @@ class ClientCAForm(forms.ModelForm):
 
     def save(self, commit: bool = True) -> m.ClientCA:
         self.instance.set_bundle(self.certs)
-        return super().save(commit)  # type: ignore[no-any-return]
+        return super().save(commit)
 
 
 class HSTSPolicyForm(forms.ModelForm):
@@ -184,7 +184,7 @@ class HSTSPolicyForm(forms.ModelForm):
         fields = ["name", "max_age", "include_subdomains", "preload", "override_upstream"]
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or self.cleaned_data
         if data.get("preload"):
             problems = []
             if (data.get("max_age") or 0) < m.PREFERRED_HSTS_PRELOAD_MAX_AGE:
@@ -216,7 +216,12 @@ def validate_target_host(value: str) -> str:
 class UpstreamForm(forms.ModelForm):
     class Meta:
         model = m.Upstream
-        fields = "__all__"
+        fields = [
+            "name", "balancing", "connect_timeout", "read_timeout", "tls", "tls_verify",
+            "tls_ca_bundle", "tls_server_name", "tls_client_certificate", "health_check_enabled",
+            "health_check_path", "health_check_interval", "health_check_timeout",
+            "healthy_threshold", "unhealthy_threshold", "passive_failures", "passive_cooldown",
+        ]
         widgets = {"tls_ca_bundle": forms.Textarea(attrs={"rows": 5, "spellcheck": "false"})}
 
     def clean_tls_ca_bundle(self) -> str:
@@ -242,7 +247,7 @@ class UpstreamForm(forms.ModelForm):
         return validate_target_host(name) if name else ""
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or self.cleaned_data
         if not data.get("tls"):
             for field in ("tls_ca_bundle", "tls_server_name", "tls_client_certificate"):
                 if data.get(field):
@@ -274,10 +279,14 @@ class UpstreamTargetForm(forms.ModelForm):
 class HostForm(forms.ModelForm):
     class Meta:
         model = m.Host
-        fields = "__all__"
+        fields = [
+            "name", "enabled", "mode", "upstream", "certificate", "max_body_size", "hsts_policy",
+            "redirect_http", "redirect_status", "client_auth", "client_ca", "forward_client_cert",
+            "forward_client_cert_chain", "proxy_protocol",
+        ]
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or self.cleaned_data
         if data.get("client_auth", m.Host.ClientAuth.OFF) != m.Host.ClientAuth.OFF and not data.get(
             "client_ca"
         ):

@@ -21,7 +21,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import ExtensionOID
 
 PrivateKey = (
     rsa.RSAPrivateKey
@@ -179,7 +178,7 @@ def check_key_strength(key: object) -> None:
 
 
 def _public_der(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+    return key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
@@ -296,7 +295,7 @@ def key_to_pem(key: PrivateKey) -> bytes:
 
 def dns_names(cert: x509.Certificate) -> list[str]:
     try:
-        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return [name.lower() for name in ext.value.get_values_for_type(x509.DNSName)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from proxycore import http1, responses, routing
@@ -360,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.response_events(events)
 
-    def response_events(self, events: list[object]) -> None:
+    def response_events(self, events: Sequence[object]) -> None:
         for event in events:
             if self.closed:
                 return

@@ -369,6 +369,8 @@ class _MessageParser(Generic[H]):
                 line = bytes(buf) + line
                 buf.clear()
             return line, end + 2
+        if data.find(b"\n", pos) != -1:  # no CRLF ahead, so any LF is a bare one
+            raise ParseError(400, "bare LF in chunked framing")
         if len(buf) + len(data) - pos > limit + 1:  # +1: a CR whose LF is yet to come
             if self._state == _TRAILERS:
                 raise ParseError(431, "trailer section too large")

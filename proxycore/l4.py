@@ -92,9 +92,9 @@ class L4Pipe(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # TLS has no half-close in asyncio: pass the EOF on, then the pipe closes.
-        if self.upstream is not None and self.upstream.transport is not None:
-            if self.upstream.transport.can_write_eof():
-                self.upstream.transport.write_eof()
+        upstream = self.upstream.transport if self.upstream is not None else None
+        if upstream is not None and upstream.can_write_eof():
+            upstream.write_eof()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

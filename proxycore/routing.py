@@ -49,11 +49,10 @@ def build_route_table(snapshot: Snapshot) -> RouteTable:
 
 def host_name(host_header: bytes) -> str:
     """The name part of a Host header value (no port), lower-case, no trailing dot."""
-    name = host_header
-    if name.startswith(b"["):
-        name = name[: name.find(b"]") + 1]
+    if host_header.startswith(b"["):
+        name = host_header[: host_header.find(b"]") + 1]
     else:
-        name = name.partition(b":")[0]
+        name = host_header.partition(b":")[0]
     return name.rstrip(b".").lower().decode("ascii", "replace")
 
 

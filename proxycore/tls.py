@@ -345,7 +345,7 @@ class _OpenSSLCalls:
 
     ``_ssl._SSLSocket`` starts ``PyObject_HEAD; PyObject *Socket; SSL *ssl;
     PySSLContext *ctx`` and ``_ssl._SSLContext`` starts ``PyObject_HEAD; SSL_CTX *ctx``
-    (CPython 3.8 to 3.13). Every use checks that the ``ctx`` slot holds the object's
+    (read in CPython 3.11's ``_ssl.c``). Every use checks that the ``ctx`` slot holds the object's
     own context and that ``SSL_get_SSL_CTX`` of the pointer read is that context's
     ``SSL_CTX``, so a different layout is refused, never misread.
     """
@@ -419,16 +419,14 @@ Connection = ssl.SSLObject | asyncio.BaseTransport | None
 
 
 def _ssl_object_of(conn: Connection) -> ssl.SSLObject | None:
-    """The SSLObject of a connection, given it or its (TLS or still raw) transport.
+    """The SSLObject of a connection, given it or its TLS transport.
 
-    After a failed ``loop.start_tls`` the raw transport's protocol is asyncio's
-    ``SSLProtocol``, which keeps the object as ``_sslobj``; uvloop's does not expose it.
+    A raw transport whose ``start_tls`` failed no longer leads to it (measured on
+    asyncio and uvloop): failures are then known by their exception alone.
     """
     if conn is None or isinstance(conn, ssl.SSLObject):
         return conn
     found = conn.get_extra_info("ssl_object")
-    if found is None and isinstance(conn, asyncio.BaseTransport):
-        found = getattr(conn.get_protocol(), "_sslobj", None)
     return found if isinstance(found, ssl.SSLObject) else None
 
 

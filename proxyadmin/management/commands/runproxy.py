@@ -8,6 +8,7 @@ SIGINT. One access-log line per request goes to stdout or ``--access-log FILE``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -56,8 +57,9 @@ class Command(BaseCommand):
                             help="HTTP listener for redirects and ACME (127.0.0.1:8080); 'off' for none")
         parser.add_argument("--access-log", default="-", help="file for the access log; '-' is stdout")
         parser.add_argument("--no-access-log", action="store_true", help="log no requests")
-        parser.add_argument("--max-connections", type=int, default=Limits.max_connections)
-        parser.add_argument("--stop-deadline", type=float, default=Limits.stop_deadline,
+        defaults = Limits()
+        parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
+        parser.add_argument("--stop-deadline", type=float, default=defaults.stop_deadline,
                             help="seconds in-flight requests get on SIGTERM (30)")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -78,7 +80,7 @@ class Command(BaseCommand):
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
             runner = asyncio.run
         else:
-            runner = uvloop.run  # type: ignore[assignment]
+            runner = uvloop.run
         try:
             runner(self.serve(snapshot, https, http, limits, access))
         finally:
@@ -91,7 +93,7 @@ class Command(BaseCommand):
         if options["access_log"] == "-":
             return sys.stdout
         try:
-            return open(options["access_log"], "a", buffering=1)  # noqa: SIM115 (closed in handle)
+            return open(options["access_log"], "a", buffering=1)
         except OSError as exc:
             raise CommandError(f"--access-log: cannot open {options['access_log']}: {exc}") from None
 
@@ -130,10 +132,8 @@ class Command(BaseCommand):
         applied = node.state.snapshot.revision
         rejected = 0
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reload_now.wait(), POLL_INTERVAL)
-            except TimeoutError:
-                pass
             forced = reload_now.is_set()
             reload_now.clear()
             try:
