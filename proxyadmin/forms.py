@@ -104,11 +104,13 @@ class CertificateForm(forms.ModelForm):
             pasted = b""
         chain = pasted + chain_upload
         passphrase = (data.get("passphrase") or "").encode() or None
-        if not key.strip() and not p12 and self.instance.pk and b"PRIVATE KEY" not in chain:
+        stored_key = not key.strip() and not p12 and bool(self.instance.pk) and b"PRIVATE KEY" not in chain
+        if stored_key:
             try:
                 key = self.instance.private_key_pem()
             except crypto.KeyConfigError as exc:
-                raise ValidationError(str(exc)) from None
+                self.add_error("key_pem", str(exc))
+                return data
             passphrase = None
         try:
             self.inspected = pki.inspect_upload(
@@ -118,7 +120,11 @@ class CertificateForm(forms.ModelForm):
             )
         except pki.CertificateProblem as exc:
             field = exc.field if exc.field in self.fields else None
-            self.add_error(field, exc.message)
+            message = exc.message
+            if stored_key and exc.field == "key_pem":
+                message = ("The new certificate is not for the stored private key: "
+                           "paste or upload its own key too.")
+            self.add_error(field, message)
             return data
         self._check_hosts_still_covered()
         return data
@@ -163,7 +169,10 @@ class ClientCAForm(forms.ModelForm):
         if self.errors:
             return data
         bundle = (data.get("bundle_pem") or "").encode()
-        bundle += _read_upload(self.fields["bundle_file"], data.get("bundle_file"), "bundle")
+        upload = _read_upload(self.fields["bundle_file"], data.get("bundle_file"), "bundle")
+        if upload and self.instance.pk and bundle.split() == self.instance.bundle_pem.encode().split():
+            bundle = b""  # on edit the textarea still shows the stored bundle; the file replaces it
+        bundle += upload
         if not bundle.strip():
             self.add_error("bundle_pem", "Paste or upload at least one CA certificate (PEM).")
             return data

@@ -165,7 +165,9 @@ def test_key_of_another_certificate_is_refused() -> None:
     cert, _ = make_cert(["site.example"])
     _, other_key = make_cert(["site.example"])
     assert errors_of(certificate_form(cert, other_key)) == {
-        "key_pem": ["The private key does not match the certificate: they are not a pair."]
+        "key_pem": [
+            "The new certificate is not for the stored private key: paste or upload its own key too."
+        ]
     }
 
 
