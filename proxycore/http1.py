@@ -42,16 +42,15 @@ from proxycore.http1_checks import (
     HeadTokens,
     ParseError,
     body_framing,
-    check_request_line,
-    check_status_line,
     chunk_size,
     connection_options,
     connection_tokens,
     hop_by_hop_names,
-    http_version,
     keep_alive,
     request_host,
+    request_line_version,
     resolve_target,
+    status_line_version,
     strip_hop_by_hop,
     trailer_fields,
 )
@@ -416,9 +415,8 @@ class RequestParser(_MessageParser[RequestHead]):
     def _make_head(self, head: bytes) -> tuple[RequestHead, int]:
         tokens = self._tokens
         ll = cast("httptools.HttpRequestParser", self._ll)
-        version = http_version(ll.get_http_version())
         method = ll.get_method()
-        check_request_line(head, method, tokens.start, version)
+        version = request_line_version(head, method, tokens.start)
         special = tokens.special
         framing, length = body_framing(special)
         if self._max_body is not None and length > self._max_body:
@@ -463,9 +461,8 @@ class ResponseParser(_MessageParser[ResponseHead]):
     def _make_head(self, head: bytes) -> tuple[ResponseHead, int]:
         tokens = self._tokens
         ll = cast("httptools.HttpResponseParser", self._ll)
-        version = http_version(ll.get_http_version())
         status = ll.get_status_code()
-        check_status_line(head, version, status, tokens.start)
+        version = status_line_version(head, status, tokens.start)
         special = tokens.special
         framing, length = body_framing(special)
         if not self._methods:

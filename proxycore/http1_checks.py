@@ -87,7 +87,8 @@ def _bad(reason: str) -> ParseError:
 # --- lines and fields -------------------------------------------------------
 
 _CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
-VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+# llhttp also accepts 0.9 (no version at all) and 2.0; a proxy speaks 1.0 and 1.1.
+_VERSIONS = frozenset({b"1.1", b"1.0"})
 
 
 def has_ctl(value: bytes) -> bool:
@@ -95,26 +96,28 @@ def has_ctl(value: bytes) -> bool:
     return len(value.translate(None, _CTL)) != len(value)
 
 
-def http_version(reported: str) -> bytes:
-    """llhttp also accepts 0.9 (no version at all) and 2.0; a proxy speaks 1.0 and 1.1."""
-    version = VERSIONS.get(reported)
-    if version is None:
+def request_line_version(head: bytes, method: bytes, target: bytes) -> bytes:
+    """Check that the request line is exactly ``METHOD SP target SP HTTP/1.x CRLF``; return 1.x.
+
+    llhttp tolerates several spaces between method and target, RTSP/ICE
+    protocol names and versions 0.9 and 2.0; rebuilding the line from what it
+    reported and comparing refuses them all, and yields the version without
+    asking llhttp to format one.
+    """
+    prefix = b"%s %s HTTP/" % (method, target)
+    if not head.startswith(prefix):
+        raise _bad("malformed request line")
+    version = head[len(prefix) : head.find(b"\r\n")]
+    if version not in _VERSIONS:
         raise _bad("unsupported HTTP version")
     return version
 
 
-def check_request_line(head: bytes, method: bytes, target: bytes, version: bytes) -> None:
-    """The request line must be exactly ``METHOD SP target SP HTTP/x.y CRLF``.
-
-    llhttp tolerates several spaces between method and target and RTSP/ICE
-    protocol names; rebuilding the line and comparing it refuses both at once.
-    """
-    if not head.startswith(b"%s %s HTTP/%s\r\n" % (method, target, version)):
-        raise _bad("malformed request line")
-
-
-def check_status_line(head: bytes, version: bytes, status: int, reason: bytes) -> None:
-    """``HTTP/x.y SP 3DIGIT SP reason CRLF``; the SP before an empty reason may be missing."""
+def status_line_version(head: bytes, status: int, reason: bytes) -> bytes:
+    """Check ``HTTP/1.x SP 3DIGIT SP reason CRLF`` (the SP before an empty reason may be missing)."""
+    version = head[5:8]
+    if not head.startswith(b"HTTP/") or version not in _VERSIONS:
+        raise _bad("unsupported HTTP version")
     if not 100 <= status <= 599:
         raise _bad("status code out of range")
     line = b"HTTP/%s %d" % (version, status)
@@ -124,6 +127,7 @@ def check_status_line(head: bytes, version: bytes, status: int, reason: bytes) -
         raise _bad("malformed status line")
     if has_ctl(reason):  # llhttp accepts control bytes in the reason phrase
         raise _bad("control byte in reason phrase")
+    return version
 
 
 # --- framing ---------------------------------------------------------------
@@ -292,13 +296,12 @@ HOP_BY_HOP = frozenset(
 # Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
 _NEVER_HOP_BY_HOP = frozenset({b"host", b"content-length"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_EMPTY = frozenset({b""})
 
 
 def tokens_of(values: Iterable[bytes]) -> frozenset[bytes]:
     """Lower-cased, non-empty tokens of comma-separated field values."""
-    return frozenset(
-        token for value in values for token in (p.strip(b" \t").lower() for p in value.split(b",")) if token
-    )
+    return frozenset([token.strip(b" \t") for token in b",".join(values).lower().split(b",")]) - _EMPTY
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:

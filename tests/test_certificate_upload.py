@@ -165,9 +165,7 @@ def test_key_of_another_certificate_is_refused() -> None:
     cert, _ = make_cert(["site.example"])
     _, other_key = make_cert(["site.example"])
     assert errors_of(certificate_form(cert, other_key)) == {
-        "key_pem": [
-            "The new certificate is not for the stored private key: paste or upload its own key too."
-        ]
+        "key_pem": ["The private key does not match the certificate: they are not a pair."]
     }
 
 
@@ -431,7 +429,9 @@ def test_edit_with_key_left_blank_refuses_a_chain_of_another_key() -> None:
     stored = saved(certificate_form(first_chain, key_pem))
     other_chain, _ = make_cert(["site.example"])
     assert errors_of(certificate_form(other_chain, b"", instance=stored)) == {
-        "key_pem": ["The private key does not match the certificate: they are not a pair."]
+        "key_pem": [
+            "The new certificate is not for the stored private key: paste or upload its own key too."
+        ]
     }
 
 
