@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-from proxycore import http1, responses, routing
-from proxycore.config import HostRoute, Mode
+from proxycore import http1, proxyproto, responses, routing
+from proxycore.config import HostRoute, Mode, ProxyProtocol
 from proxycore.http1 import BodyData, Framing, MessageEnd, ParseError, RequestHead, ResponseHead, Upgraded
 from proxycore.stats import UNMATCHED, HostStats
 from proxycore.upstream import TargetPool, UpstreamConnection
@@ -48,6 +48,9 @@ class ClientConnection(asyncio.Protocol):
         self.read_paused: set[str] = set()
         self.closing = False  # close once the current response is done
         self.closed = False
+        # After a TLS handshake, start_tls hands decrypted bytes over before the node calls
+        # connection_made; they wait here.
+        self.early: list[bytes] | None = []
         # per-request
         self.request: RequestHead | None = None
         self.route: HostRoute | None = None
@@ -92,12 +95,16 @@ class ClientConnection(asyncio.Protocol):
             if self.sni_route is not None:
                 self.conn_stats = self.node.stats.host(self.sni_route.name)
                 if self.sni_route.mode is Mode.TCP:
-                    self.node.start_l4(self, transport, self.sni_route)
+                    early, self.early = b"".join(self.early or ()), None
+                    self.node.start_l4(self, transport, self.sni_route, early)
                     return
         self.conn_stats.active_connections += 1
         self.conn_stats.total_connections += 1
         self.stats = self.conn_stats
         self.idle_timer = self.node.loop.call_later(self.node.limits.idle_timeout, self.idle_expired)
+        early, self.early = self.early, None
+        for data in early or ():
+            self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -150,6 +157,9 @@ class ClientConnection(asyncio.Protocol):
     # ---- bytes from the client ------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.early is not None:
+            self.early.append(data)
+            return
         self.stats.bytes_in += len(data)
         if self.tunnel:
             if self.upstream is not None:
@@ -255,7 +265,9 @@ class ClientConnection(asyncio.Protocol):
         return http1.serialize_request_head(head.method, head.target, headers)
 
     def connect_upstream(self, pool: TargetPool) -> None:
-        conn = pool.take_idle()
+        # A connection that starts with a PROXY header speaks for one client only: never shared.
+        private = self.route is not None and self.route.proxy_protocol is not ProxyProtocol.OFF
+        conn = None if private else pool.take_idle()
         if conn is not None:
             self.attach(conn, reused=True)
             return
@@ -288,6 +300,8 @@ class ClientConnection(asyncio.Protocol):
         self.response_parser = http1.ResponseParser()
         self.response_parser.expect(self.request.method)
         data = self.upstream_head
+        if not reused and self.route is not None and self.route.proxy_protocol is not ProxyProtocol.OFF:
+            data = self.proxy_header() + data
         if self.pending_body:
             data += b"".join(self.pending_body)
             self.pending_body.clear()
@@ -295,6 +309,14 @@ class ClientConnection(asyncio.Protocol):
         conn.write(data)
         self.resume_reading("connect")
         self.arm_upstream_timer()
+
+    def proxy_header(self) -> bytes:
+        assert self.transport is not None and self.route is not None
+        src = self.transport.get_extra_info("peername")
+        dst = self.transport.get_extra_info("sockname")
+        if self.route.proxy_protocol is ProxyProtocol.V1:
+            return proxyproto.encode_v1(src[:2], dst[:2])
+        return proxyproto.encode_v2(src[:2], dst[:2])
 
     def request_body(self, data: bytes) -> None:
         if self.discard_request or self.request is None:
@@ -415,6 +437,7 @@ class ClientConnection(asyncio.Protocol):
             self.upstream_timer = None
         reusable = (
             self.response is not None and self.response.keep_alive and self.request_done
+            and self.route is not None and self.route.proxy_protocol is ProxyProtocol.OFF
         )
         self.release_upstream(reusable=reusable)
         if not self.request_done:

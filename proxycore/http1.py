@@ -23,7 +23,13 @@ takes ``MessageEnd``'s place: the bytes after it are the tunnel's. After
 an upgrade, the bytes already handed over are lost to HTTP, so close the
 connection after the response. After a message that does not keep the
 connection alive, further bytes are ignored (RFC 9112 §9.6). After a
-ParseError the parser is dead and raises it again.
+ParseError the parser is dead and raises it again; ``ParseError.events``
+holds what that feed() parsed before the error, so pipelined requests ahead
+of a bad one can still be answered.
+
+Input is ``bytes``. Body bytes that fill a whole feed() are handed on as the
+very same object (the usual case for Content-Length bodies: no copy); others
+cost one slice.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from proxycore.http1_checks import (
     chunk_size,
     connection_options,
     connection_tokens,
+    expect_continue,
     hop_by_hop_names,
     keep_alive,
     request_host,
@@ -132,6 +139,13 @@ _BODY, _INTERIM, _SWITCH = range(3)
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _CLOSED, _UPGRADED = range(9)
 
 _END = MessageEnd()
+# Enum members are class attribute look-ups (slow on 3.11); the hot path uses these.
+_NONE, _LENGTH_FRAMING, _CHUNKED, _UNTIL_CLOSE_FRAMING = (
+    Framing.NONE,
+    Framing.LENGTH,
+    Framing.CHUNKED,
+    Framing.UNTIL_CLOSE,
+)
 
 
 class _MessageParser(Generic[H]):
@@ -225,6 +239,8 @@ class _MessageParser(Generic[H]):
                 return
             elif state == _CLOSED:
                 return
+            elif state == _CHUNK_SIZE and not self._line:
+                pos = self._feed_chunks(data, pos, events)
             else:
                 pos = self._feed_chunk_line(data, pos, events)
 
@@ -287,16 +303,16 @@ class _MessageParser(Generic[H]):
     def _start_body(
         self, framing: Framing, length: int, events: list[H | BodyData | MessageEnd | Upgraded]
     ) -> None:
-        if framing is Framing.LENGTH and length:
+        if framing is _NONE or (framing is _LENGTH_FRAMING and not length):
+            self._end_message(_END, events)
+        elif framing is _LENGTH_FRAMING:
             self._state = _LENGTH
             self._left = length
-        elif framing is Framing.CHUNKED:
+        elif framing is _CHUNKED:
             self._state = _CHUNK_SIZE
             self._body_size = 0
-        elif framing is Framing.UNTIL_CLOSE:
-            self._state = _UNTIL_CLOSE
         else:
-            self._end_message(_END, events)
+            self._state = _UNTIL_CLOSE
 
     def _end_message(self, end: MessageEnd, events: list[H | BodyData | MessageEnd | Upgraded]) -> None:
         events.append(end)
@@ -316,6 +332,39 @@ class _MessageParser(Generic[H]):
                 self._state = _CHUNK_END
         return pos + take
 
+    def _feed_chunks(self, data: bytes, pos: int, events: list[H | BodyData | MessageEnd | Upgraded]) -> int:
+        """Chunks lying whole in ``data``, one slice each; anything partial goes to the states."""
+        while True:
+            end = data.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
+            if end == -1:  # size line split between feeds, or too long
+                return self._feed_chunk_line(data, pos, events)
+            size = self._chunk_starts(chunk_size(data[pos:end]))
+            pos = end + 2
+            stop = pos + size
+            if not size or stop + 2 > len(data):
+                return pos
+            if data[stop : stop + 2] != b"\r\n":
+                raise ParseError(400, "chunk data not followed by CRLF")
+            events.append(BodyData(data[pos:stop]))
+            self._state = _CHUNK_SIZE
+            pos = stop + 2
+            if pos == len(data):
+                return pos
+
+    def _chunk_starts(self, size: int) -> int:
+        """Enter the data of a chunk of ``size``, or the trailers after the last chunk."""
+        if not size:
+            self._state = _TRAILERS
+            self._trailers = []
+            self._trailer_size = 0
+            return 0
+        self._body_size += size
+        if self._max_body is not None and self._body_size > self._max_body:
+            raise ParseError(413, "body too large")
+        self._left = size
+        self._state = _CHUNK_DATA
+        return size
+
     def _feed_chunk_line(
         self, data: bytes, pos: int, events: list[H | BodyData | MessageEnd | Upgraded]
     ) -> int:
@@ -324,17 +373,7 @@ class _MessageParser(Generic[H]):
         if line is None:
             return pos
         if state == _CHUNK_SIZE:
-            size = chunk_size(line)
-            if not size:
-                self._state = _TRAILERS
-                self._trailers = []
-                self._trailer_size = 0
-                return pos
-            self._body_size += size
-            if self._max_body is not None and self._body_size > self._max_body:
-                raise ParseError(413, "body too large")
-            self._left = size
-            self._state = _CHUNK_DATA
+            self._chunk_starts(chunk_size(line))
         elif state == _CHUNK_END:
             if line:
                 raise ParseError(400, "chunk data not followed by CRLF")
@@ -358,26 +397,31 @@ class _MessageParser(Generic[H]):
         buf = self._line
         if buf and buf[-1] == 13 and data.startswith(b"\n", pos):  # CRLF split between feeds
             line = bytes(buf[:-1])
-            buf.clear()
-            return line, pos + 1
-        limit = self._line_limit()
-        end = data.find(b"\r\n", pos, pos + limit + 2 - len(buf))
-        if end != -1:
-            line = data[pos:end]
-            if buf:
-                line = bytes(buf) + line
-                buf.clear()
-            return line, end + 2
-        if data.find(b"\n", pos) != -1:  # no CRLF ahead, so any LF is a bare one
-            raise ParseError(400, "bare LF in chunked framing")
-        if len(buf) + len(data) - pos > limit + 1:  # +1: a CR whose LF is yet to come
+            pos += 1
+        else:
+            limit = self._line_limit()
+            window = pos + limit + 2 - len(buf)  # a CRLF must end before this to keep within limit
+            end = data.find(b"\r\n", pos, window)
+            if end == -1:
+                self._buffer_line(data, pos, window, limit)
+                return None, len(data)
+            line = bytes(buf) + data[pos:end] if buf else data[pos:end]
+            pos = end + 2
+        buf.clear()
+        if b"\n" in line or b"\r" in line:
+            raise ParseError(400, "bare CR or LF in chunked framing")
+        return line, pos
+
+    def _buffer_line(self, data: bytes, pos: int, window: int, limit: int) -> None:
+        if data.find(b"\n", pos, window) != -1:  # no CRLF in the window: any LF in it is bare
+            raise ParseError(400, "bare CR or LF in chunked framing")
+        if len(self._line) + len(data) - pos > limit + 1:  # +1: a CR whose LF is yet to come
             if self._state == _TRAILERS:
                 raise ParseError(431, "trailer section too large")
             if self._state == _CHUNK_END:
                 raise ParseError(400, "chunk data not followed by CRLF")
             raise ParseError(400, "chunk size line too long")
-        buf += data[pos:]
-        return None, len(data)
+        self._line += data[pos:]
 
     # --- per role -----------------------------------------------------------
 
@@ -393,7 +437,12 @@ class _MessageParser(Generic[H]):
 
 
 class RequestParser(_MessageParser[RequestHead]):
-    """Requests of one client connection: RequestHead, BodyData*, MessageEnd | Upgraded."""
+    """Requests of one client connection: RequestHead, BodyData*, MessageEnd | Upgraded.
+
+    A request line over ``max_request_line`` bytes gets 414, a head over
+    ``max_head_size`` (request line and final CRLF included) 431, both as soon
+    as the bytes received show it; a body over ``max_body_size``, when set, 413.
+    """
 
     __slots__ = ("_max_line",)
 
@@ -410,7 +459,8 @@ class RequestParser(_MessageParser[RequestHead]):
         line_end = head.find(b"\r\n")
         if (len(head) if line_end == -1 else line_end) > self._max_line:
             raise ParseError(414, "request line too long")
-        super()._check_size(head)
+        if len(head) > self._max_head:
+            raise ParseError(431, "head too large")
 
     def _make_head(self, head: bytes) -> tuple[RequestHead, int]:
         tokens = self._tokens
@@ -424,11 +474,11 @@ class RequestParser(_MessageParser[RequestHead]):
         target, host = resolve_target(method, tokens.start, request_host(special.get(b"host"), version))
         options = connection_options(special)
         upgrade = None
-        if b"upgrade" in options and version == b"1.1" and framing is not Framing.CHUNKED and not length:
+        if b"upgrade" in options and version == b"1.1" and framing is not _CHUNKED and not length:
             values = special.get(b"upgrade")
             if values:
                 upgrade = b", ".join(values).lower()
-        expect = version == b"1.1" and any(v.lower() == b"100-continue" for v in special.get(b"expect", ()))
+        expect = b"expect" in special and version == b"1.1" and expect_continue(special[b"expect"])
         message = RequestHead(
             method, target, version, tuple(tokens.fields), host, framing, length,
             keep_alive(version, options), upgrade, expect,
@@ -469,15 +519,15 @@ class ResponseParser(_MessageParser[ResponseHead]):
             raise ParseError(502, "response without a request")
         fields = tuple(tokens.fields)
         if status < 200 and status != 101:
-            return ResponseHead(status, tokens.start, version, fields, Framing.NONE, 0, True), _INTERIM
+            return ResponseHead(status, tokens.start, version, fields, _NONE, 0, True), _INTERIM
         method = self._methods.popleft()
         if status == 101:
-            return ResponseHead(status, tokens.start, version, fields, Framing.NONE, 0, False), _SWITCH
+            return ResponseHead(status, tokens.start, version, fields, _NONE, 0, False), _SWITCH
         if method == b"HEAD" or status == 204 or status == 304:
-            framing, length = Framing.NONE, 0
-        elif framing is Framing.NONE:
-            framing = Framing.UNTIL_CLOSE
-        alive = framing is not Framing.UNTIL_CLOSE and keep_alive(version, connection_options(special))
+            framing, length = _NONE, 0
+        elif framing is _NONE:
+            framing = _UNTIL_CLOSE_FRAMING
+        alive = framing is not _UNTIL_CLOSE_FRAMING and keep_alive(version, connection_options(special))
         return ResponseHead(status, tokens.start, version, fields, framing, length, alive), _BODY
 
 

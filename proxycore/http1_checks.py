@@ -32,7 +32,8 @@ class ParseError(Exception):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
-        # Events of earlier, valid messages parsed in the same feed() call.
+        # What the failing feed() call parsed before the error: earlier pipelined
+        # messages, and the head and body so far of a message whose body went bad.
         self.events: list[object] = []
 
 
@@ -44,6 +45,9 @@ class Framing(enum.Enum):
     CHUNKED = "chunked"
     UNTIL_CLOSE = "until-close"  # responses only: the body ends when the connection does
 
+
+# Members bound once: enum attribute look-ups are slow on Python 3.11.
+_NONE, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
 
 # Fields that decide framing, routing or connection handling; collected while
 # llhttp reports the head so that nothing loops over all fields twice.
@@ -148,15 +152,15 @@ def body_framing(special: dict[bytes, list[bytes]]) -> tuple[Framing, int]:
             raise _bad("both Content-Length and Transfer-Encoding")
         if len(te) != 1 or te[0].lower() != b"chunked":
             raise _bad("Transfer-Encoding other than a single chunked")
-        return Framing.CHUNKED, 0
+        return _CHUNKED, 0
     if cl is not None:
         if len(cl) != 1:
             raise _bad("more than one Content-Length")
         value = cl[0]
         if not value.isdigit() or len(value) > 18:  # isdigit: ASCII digits only, false on b""
             raise _bad("malformed Content-Length")
-        return Framing.LENGTH, int(value)
-    return Framing.NONE, 0
+        return _LENGTH, int(value)
+    return _NONE, 0
 
 
 _HEX = b"0123456789abcdefABCDEF"
@@ -169,6 +173,8 @@ def chunk_size(line: bytes) -> int:
     Extensions are allowed and ignored (RFC 9112 §7.1.1) but may hold no control
     byte, which also refuses a bare CR or LF inside the line.
     """
+    if 0 < len(line) <= 16 and not line.translate(None, _HEX):  # the usual line: no extension
+        return int(line, 16)
     size, semi, ext = line.partition(b";")
     if semi:
         size = size.rstrip(b" \t")  # BWS before ';'
@@ -326,6 +332,11 @@ def keep_alive(version: bytes, options: frozenset[bytes]) -> bool:
     if b"close" in options:
         return False
     return version == b"1.1" or b"keep-alive" in options
+
+
+def expect_continue(values: list[bytes]) -> bool:
+    """Expect holds 100-continue (other expectations are left to the caller)."""
+    return any(value.lower() == b"100-continue" for value in values)
 
 
 def connection_options(special: dict[bytes, list[bytes]]) -> frozenset[bytes]:

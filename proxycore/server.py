@@ -178,17 +178,24 @@ class ProxyNode:
     def _tls_acceptor(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         return lambda: _TLSAcceptor(self, listener)
 
-    async def handshake(self, listener: Listener, transport: asyncio.Transport) -> None:
+    async def handshake(self, acceptor: _TLSAcceptor) -> None:
+        listener, transport = acceptor.listener, acceptor.transport
         conn = ClientConnection(self, listener)
+        starting = asyncio.ensure_future(self.loop.start_tls(
+            transport, conn, self._listener_context, server_side=True,
+            ssl_handshake_timeout=self.limits.handshake_timeout,
+        ))
+        # uvloop starts reading right after connection_made even when the protocol paused,
+        # so the ClientHello may already sit in the acceptor. start_tls swaps the protocol
+        # in its first step and schedules the TLS protocol's connection_made and
+        # resume_reading; two hops on the FIFO ready queue land after both of them.
+        self.loop.call_soon(self.loop.call_soon, acceptor.hand_over)
         try:
-            tls_transport = await self.loop.start_tls(
-                transport, conn, self._listener_context, server_side=True,
-                ssl_handshake_timeout=self.limits.handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                transport.abort()
-                raise
+            tls_transport = await starting
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self.handshake_failed(transport, exc)
             return
         if tls_transport is None:
@@ -226,7 +233,9 @@ class ProxyNode:
         self.stats.host(route.name if route is not None else UNMATCHED).handshakes_ok += 1
         return route
 
-    def start_l4(self, conn: ClientConnection, transport: asyncio.Transport, route: HostRoute) -> None:
+    def start_l4(
+        self, conn: ClientConnection, transport: asyncio.Transport, route: HostRoute, early: bytes,
+    ) -> None:
         pipe = L4Pipe(self, route, self.stats.host(route.name))
         conn.listener.connections.discard(conn)
         conn.listener.connections.add(pipe)
@@ -234,6 +243,8 @@ class ProxyNode:
         transport.set_protocol(pipe)
         transport.pause_reading()
         pipe.connection_made(transport)
+        if early:
+            pipe.data_received(early)
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
@@ -272,8 +283,31 @@ class _TLSAcceptor(asyncio.Protocol):
     def __init__(self, node: ProxyNode, listener: Listener) -> None:
         self.node = node
         self.listener = listener
+        self.transport: asyncio.Transport
+        self.early = bytearray()  # bytes read before the TLS protocol took over
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        transport.pause_reading()  # start_tls takes over the ClientHello
-        self.node.track(self.node.loop.create_task(self.node.handshake(self.listener, transport)))
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # honoured by asyncio; uvloop may read anyway
+        self.node.track(self.node.loop.create_task(self.node.handshake(self)))
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+
+    def hand_over(self) -> None:
+        """Give the bytes read too early to the TLS protocol that now owns the transport."""
+        if not self.early or self.transport.is_closing():
+            return
+        protocol = self.transport.get_protocol()
+        data = memoryview(bytes(self.early))
+        self.early.clear()
+        while data:
+            if hasattr(protocol, "get_buffer"):  # both loops' SSLProtocol are buffered
+                buffer = protocol.get_buffer(len(data))
+                n = min(len(buffer), len(data))
+                buffer[:n] = data[:n]
+                protocol.buffer_updated(n)
+            else:
+                n = len(data)
+                protocol.data_received(bytes(data))
+            data = data[n:]

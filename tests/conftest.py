@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import trustme
@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from django.contrib.auth.models import User
 from django.test import Client
+
+from tests.proxyharness import LoopThread, Upstream
 
 
 @pytest.fixture
@@ -74,3 +76,19 @@ def admin_client_logged_in(db: None) -> Client:
     client = Client()
     assert client.login(username="admin", password="correct horse battery")
     return client
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    """An event loop in a background thread for test upstreams."""
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def upstream(loop_thread: LoopThread) -> Iterator[Upstream]:
+    """A recording HTTP/1.1 upstream that echoes each request as JSON."""
+    server = Upstream(loop_thread).start()
+    yield server
+    server.stop()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import ssl
 import threading
@@ -31,7 +32,7 @@ class LoopThread:
     """An event loop running in a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = uvloop.new_event_loop()
+        self.loop = asyncio.new_event_loop() if os.environ.get("PROXY_TEST_ASYNCIO") else uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

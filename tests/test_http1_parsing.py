@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -33,11 +34,14 @@ def msg(*lines: bytes, body: bytes = b"") -> bytes:
 
 
 def coalesced(events: Sequence[object]) -> list[object]:
-    """Adjacent BodyData merged: how a body is sliced depends on how bytes arrived."""
+    """Adjacent BodyData (or Upgraded) merged: their slicing depends on how bytes arrived."""
     out: list[object] = []
     for event in events:
-        if isinstance(event, BodyData) and out and isinstance(out[-1], BodyData):
-            out[-1] = BodyData(out[-1].data + event.data)
+        last = out[-1] if out else None
+        if isinstance(event, BodyData) and isinstance(last, BodyData):
+            out[-1] = BodyData(last.data + event.data)
+        elif isinstance(event, Upgraded) and isinstance(last, Upgraded):
+            out[-1] = Upgraded(last.rest + event.rest)
         else:
             out.append(event)
     return out
@@ -132,10 +136,10 @@ def test_simple_get_is_one_head_then_end() -> None:
 def test_pipelined_requests_come_out_in_order() -> None:
     events = coalesced(RequestParser().feed(PIPELINE))
     kinds = [type(e).__name__ for e in events]
-    assert kinds == ["RequestHead", "MessageEnd", "RequestHead", "BodyData", "MessageEnd"] + [
-        "RequestHead",
-        "BodyData",
-        "MessageEnd",
+    assert kinds == [
+        *("RequestHead", "MessageEnd"),
+        *("RequestHead", "BodyData", "MessageEnd"),
+        *("RequestHead", "BodyData", "MessageEnd"),
     ]
     assert [e.target for e in events if isinstance(e, RequestHead)] == [b"/one", b"/two", b"/three"]
     assert events[3] == BodyData(b"hello!")
@@ -172,7 +176,7 @@ def test_chunked_body_with_trailers() -> None:
         b"POST / HTTP/1.1",
         b"Host: a",
         b"Transfer-Encoding: chunked",
-        body=b"3\r\nabc\r\nA; ext=\"quoted\"; x\r\n0123456789\r\n0\r\nX-Sum: 1\r\nX-Other:  two \r\n\r\n",
+        body=b'3\r\nabc\r\nA; ext="quoted"; x\r\n0123456789\r\n0\r\nX-Sum: 1\r\nX-Other:  two \r\n\r\n',
     )
     events = coalesced(RequestParser().feed(raw))
     assert isinstance(events[0], RequestHead) and events[0].framing is Framing.CHUNKED
@@ -218,7 +222,12 @@ def test_upgrade_split_byte_by_byte_still_starts_the_tunnel_after_the_head() -> 
 
 def test_upgrade_on_a_request_with_a_body_is_ignored() -> None:
     raw = msg(
-        b"POST / HTTP/1.1", b"Host: a", b"Connection: upgrade", b"Upgrade: h2c", b"Content-Length: 2", body=b"hi"
+        b"POST / HTTP/1.1",
+        b"Host: a",
+        b"Connection: upgrade",
+        b"Upgrade: h2c",
+        b"Content-Length: 2",
+        body=b"hi",
     )
     events = RequestParser().feed(raw)
     assert isinstance(events[0], RequestHead) and events[0].upgrade is None
@@ -270,7 +279,10 @@ def test_empty_lines_before_a_request_are_skipped() -> None:
 
 
 def test_obs_text_in_values_is_allowed() -> None:
-    assert request_head(msg(b"GET / HTTP/1.1", b"Host: a", b"X: caf\xc3\xa9")).headers[1] == (b"x", b"caf\xc3\xa9")
+    assert request_head(msg(b"GET / HTTP/1.1", b"Host: a", b"X: caf\xc3\xa9")).headers[1] == (
+        b"x",
+        b"caf\xc3\xa9",
+    )
 
 
 def test_end_of_input_between_requests_is_clean_but_inside_one_is_not() -> None:
@@ -299,7 +311,9 @@ CHUNKED = b"Transfer-Encoding: chunked"
 SMUGGLING = {
     "cl-and-te": msg(b"POST / HTTP/1.1", H, b"Content-Length: 5", CHUNKED, body=b"0\r\n\r\n"),
     "te-and-cl": msg(b"POST / HTTP/1.1", H, CHUNKED, b"Content-Length: 5", body=b"0\r\n\r\n"),
-    "duplicate-cl-equal": msg(b"POST / HTTP/1.1", H, b"Content-Length: 5", b"Content-Length: 5", body=b"hello"),
+    "duplicate-cl-equal": msg(
+        b"POST / HTTP/1.1", H, b"Content-Length: 5", b"Content-Length: 5", body=b"hello"
+    ),
     "duplicate-cl-differ": msg(b"POST / HTTP/1.1", H, b"Content-Length: 5", b"Content-Length: 6"),
     "cl-plus": msg(b"POST / HTTP/1.1", H, b"Content-Length: +5", body=b"hello"),
     "cl-minus": msg(b"POST / HTTP/1.1", H, b"Content-Length: -5"),
@@ -309,9 +323,13 @@ SMUGGLING = {
     "cl-list": msg(b"POST / HTTP/1.1", H, b"Content-Length: 5, 5", body=b"hello"),
     "cl-overflow": msg(b"POST / HTTP/1.1", H, b"Content-Length: 99999999999999999999"),
     "te-gzip-chunked": msg(b"POST / HTTP/1.1", H, b"Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"),
-    "te-chunked-chunked": msg(b"POST / HTTP/1.1", H, b"Transfer-Encoding: chunked, chunked", body=b"0\r\n\r\n"),
+    "te-chunked-chunked": msg(
+        b"POST / HTTP/1.1", H, b"Transfer-Encoding: chunked, chunked", body=b"0\r\n\r\n"
+    ),
     "te-two-fields": msg(b"POST / HTTP/1.1", H, CHUNKED, CHUNKED, body=b"0\r\n\r\n"),
-    "te-gzip-then-chunked": msg(b"POST / HTTP/1.1", H, b"Transfer-Encoding: gzip", CHUNKED, body=b"0\r\n\r\n"),
+    "te-gzip-then-chunked": msg(
+        b"POST / HTTP/1.1", H, b"Transfer-Encoding: gzip", CHUNKED, body=b"0\r\n\r\n"
+    ),
     "te-identity": msg(b"POST / HTTP/1.1", H, b"Transfer-Encoding: identity"),
     "te-chunked-x": msg(b"POST / HTTP/1.1", H, b"Transfer-Encoding: xchunked", body=b"0\r\n\r\n"),
     "obs-fold-space": msg(b"GET / HTTP/1.1", H, b"X: a", b" b"),
@@ -354,6 +372,8 @@ BAD_CHUNKS = {
     "trailer-obs-fold": b"0\r\nX: 1\r\n y\r\n\r\n",
     "trailer-space-before-colon": b"0\r\nX : 1\r\n\r\n",
     "trailer-bare-lf": b"0\r\nX: 1\nY: 2\r\n\r\n",
+    "trailer-bare-lf-before-crlf": b"0\r\nX: 1\n\r\n\r\n",
+    "trailer-bare-cr": b"0\r\nX\r 1\r\n\r\n",
     "trailer-content-length": b"0\r\nContent-Length: 5\r\n\r\n",
     "trailer-transfer-encoding": b"0\r\nTransfer-Encoding: chunked\r\n\r\n",
 }
@@ -453,20 +473,31 @@ def test_body_over_the_limit_gets_413() -> None:
     assert exc.value.status == 413
 
 
+def test_trailer_section_over_the_head_limit_gets_431() -> None:
+    body = b"0\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 90) for i in range(5)) + b"\r\n"
+    with pytest.raises(ParseError) as exc:
+        RequestParser(max_head_size=300).feed(msg(b"POST / HTTP/1.1", H, CHUNKED, body=body))
+    assert exc.value.status == 431
+
+
 # --- responses -------------------------------------------------------------
 
 
 def test_response_with_content_length() -> None:
     events = responses(msg(b"HTTP/1.1 200 OK", b"Content-Length: 2", b"Server: x", body=b"hi"), b"GET")
     assert events == [
-        ResponseHead(200, b"OK", b"1.1", ((b"content-length", b"2"), (b"server", b"x")), Framing.LENGTH, 2, True),
+        ResponseHead(
+            200, b"OK", b"1.1", ((b"content-length", b"2"), (b"server", b"x")), Framing.LENGTH, 2, True
+        ),
         BodyData(b"hi"),
         MessageEnd(),
     ]
 
 
 def test_head_response_has_no_body_whatever_its_content_length() -> None:
-    raw = msg(b"HTTP/1.1 200 OK", b"Content-Length: 5") + msg(b"HTTP/1.1 200 OK", b"Content-Length: 2", body=b"hi")
+    raw = msg(b"HTTP/1.1 200 OK", b"Content-Length: 5") + msg(
+        b"HTTP/1.1 200 OK", b"Content-Length: 2", body=b"hi"
+    )
     events = responses(raw, b"HEAD", b"GET")
     assert isinstance(events[0], ResponseHead)
     assert (events[0].framing, events[1]) == (Framing.NONE, MessageEnd())
@@ -502,7 +533,9 @@ def test_100_continue_then_final_response() -> None:
 def test_101_switching_protocols_starts_the_tunnel() -> None:
     parser = ResponseParser()
     parser.expect(b"GET")
-    raw = msg(b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade", body=b"\x81\x00")
+    raw = msg(
+        b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade", body=b"\x81\x00"
+    )
     head, upgraded = parser.feed(raw)
     assert isinstance(head, ResponseHead) and head.status == 101
     assert upgraded == Upgraded(b"\x81\x00")
@@ -623,6 +656,68 @@ def test_response_with_no_request_outstanding_is_refused() -> None:
     assert [type(e) for e in exc.value.events] == [ResponseHead, MessageEnd]
 
 
+# --- any input, any split ---------------------------------------------------------
+
+NOISE = b"\r\n :;,\t\x00\x7f\x80aZ09-/?#[]@"
+
+
+def mutated(rng: random.Random, raw: bytes) -> bytes:
+    out = bytearray(raw)
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randrange(len(out))
+        choice = rng.random()
+        if choice < 0.4:
+            out[at] = rng.choice(NOISE)
+        elif choice < 0.7:
+            out.insert(at, rng.choice(NOISE))
+        else:
+            del out[at]
+    return bytes(out)
+
+
+def outcome(make: Callable[[], RequestParser | ResponseParser], raw: bytes, sizes: list[int]) -> object:
+    """(status or "ok", events without body data when failed): comparable across splits."""
+    parser = make()
+    events: list[object] = []
+    try:
+        at = 0
+        for size in sizes:
+            events += parser.feed(raw[at : at + size])
+            at += size
+        events += parser.feed_eof()
+    except ParseError as exc:
+        assert exc.status in (400, 413, 414, 431, 502)
+        # A body that goes bad stops wherever the split let it get: compare the heads.
+        return exc.status, [e for e in events + exc.events if not isinstance(e, BodyData)]
+    assert all(e.data for e in events if isinstance(e, BodyData))
+    return "ok", coalesced(events)
+
+
+def three_responses_expected() -> ResponseParser:
+    parser = ResponseParser()
+    for _ in range(3):
+        parser.expect(b"GET")
+    return parser
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_messages_fail_cleanly_and_identically_however_split(seed: int) -> None:
+    rng = random.Random(seed)
+    samples: list[tuple[Callable[[], RequestParser | ResponseParser], bytes]] = [
+        (RequestParser, PIPELINE),
+        (RequestParser, msg(b"GET / HTTP/1.1", b"Host: a", b"Connection: upgrade", b"Upgrade: x", body=b"t")),
+        (three_responses_expected, msg(b"HTTP/1.1 100 Continue") + msg(b"HTTP/1.1 200 OK", CHUNKED)
+         + b"2\r\nhi\r\n0\r\nT: 1\r\n\r\n" + msg(b"HTTP/1.0 200 OK", body=b"rest")),
+    ]  # fmt: skip
+    for _ in range(100):
+        make, valid = rng.choice(samples)
+        raw = mutated(rng, valid)
+        whole = outcome(make, raw, [len(raw)])
+        assert outcome(make, raw, [1] * len(raw)) == whole, raw
+        sizes = [rng.randint(1, 7) for _ in range(len(raw))]
+        assert outcome(make, raw, sizes) == whole, raw
+
+
 # --- serialisation and hop-by-hop fields ------------------------------------------
 
 
@@ -659,6 +754,7 @@ def test_hop_by_hop_fields_include_those_named_by_connection() -> None:
         (b"accept", b"*/*"),
     )
     assert connection_tokens(headers) == {b"keep-alive", b"x-secret", b"host", b"content-length"}
-    assert b"x-secret" in hop_by_hop_names(headers) and HOP_BY_HOP <= hop_by_hop_names(headers)
+    assert b"x-secret" in hop_by_hop_names(headers)
+    assert hop_by_hop_names(headers) >= HOP_BY_HOP
     # Naming Host or Content-Length in Connection must not make the proxy drop them.
     assert strip_hop_by_hop(headers) == ((b"host", b"a"), (b"content-length", b"0"), (b"accept", b"*/*"))
