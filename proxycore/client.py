@@ -33,15 +33,18 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, node: ProxyNode, listener: Listener) -> None:
+    def __init__(
+        self, node: ProxyNode, listener: Listener, *,
+        state: NodeState | None = None, sni_route: HostRoute | None = None,
+    ) -> None:
         # per-connection
         self.node = node
-        self.state: NodeState = node.state  # in-flight connections keep their snapshot
+        self.state: NodeState = state or node.state  # in-flight connections keep their snapshot
         self.listener = listener
         self.https = listener.https
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
-        self.sni_route: HostRoute | None = None
+        self.sni_route = sni_route  # the host chosen by SNI (None: the default certificate)
         self.conn_stats: HostStats = node.stats.host(UNMATCHED)
         self.parser = http1.RequestParser(node.limits.max_head_size, node.limits.max_request_line)
         self.events: deque[object] = deque()
@@ -91,12 +94,12 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=256 * 1024)
         if self.https:
-            self.sni_route = self.node.tls_accepted(self, transport)
+            self.node.tls_accepted(self, transport)
             if self.sni_route is not None:
                 self.conn_stats = self.node.stats.host(self.sni_route.name)
                 if self.sni_route.mode is Mode.TCP:
-                    early, self.early = b"".join(self.early or ()), None
-                    self.node.start_l4(self, transport, self.sni_route, early)
+                    first_bytes, self.early = b"".join(self.early or ()), None
+                    self.node.start_l4(self, transport, self.sni_route, first_bytes)
                     return
         self.conn_stats.active_connections += 1
         self.conn_stats.total_connections += 1

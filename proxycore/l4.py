@@ -16,7 +16,7 @@ from proxycore.stats import HostStats
 from proxycore.upstream import TargetPool, UpstreamConnection
 
 if TYPE_CHECKING:
-    from proxycore.server import ProxyNode
+    from proxycore.server import NodeState, ProxyNode
 
 MAX_EARLY_BYTES = 256 * 1024
 
@@ -24,8 +24,9 @@ MAX_EARLY_BYTES = 256 * 1024
 class L4Pipe(asyncio.Protocol):
     """The client side of a TCP-mode connection; also the owner of its upstream connection."""
 
-    def __init__(self, node: ProxyNode, route: HostRoute, stats: HostStats) -> None:
+    def __init__(self, node: ProxyNode, state: NodeState, route: HostRoute, stats: HostStats) -> None:
         self.node = node
+        self.state = state
         self.route = route
         self.stats = stats
         self.transport: asyncio.Transport | None = None
@@ -40,7 +41,7 @@ class L4Pipe(asyncio.Protocol):
         self.transport = transport
         self.stats.active_connections += 1
         self.stats.total_connections += 1
-        balancer = self.node.state.balancers[self.route.upstream.name]
+        balancer = self.state.balancers[self.route.upstream.name]
         pool = balancer.pick()
         if pool is None:
             self.stats.upstream_errors["no_target"] += 1

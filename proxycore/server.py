@@ -19,10 +19,17 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from proxycore import routing, tls
 from proxycore.client import ClientConnection
+from proxycore.clienthello import (
+    ALERT_DECODE_ERROR,
+    ALERT_UNRECOGNIZED_NAME,
+    ClientHello,
+    NotTLS,
+    parse_client_hello,
+)
 from proxycore.config import HostRoute, Snapshot
 from proxycore.l4 import L4Pipe
 from proxycore.limits import Limits
@@ -108,7 +115,6 @@ class ProxyNode:
         self.stopping = False
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listener_context = tls.listener_context(lambda: self.state.sni)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -178,36 +184,45 @@ class ProxyNode:
     def _tls_acceptor(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         return lambda: _TLSAcceptor(self, listener)
 
-    async def handshake(self, acceptor: _TLSAcceptor) -> None:
-        listener, transport = acceptor.listener, acceptor.transport
-        conn = ClientConnection(self, listener)
-        starting = asyncio.ensure_future(self.loop.start_tls(
-            transport, conn, self._listener_context, server_side=True,
-            ssl_handshake_timeout=self.limits.handshake_timeout,
-        ))
-        # uvloop starts reading right after connection_made even when the protocol paused,
-        # so the ClientHello may already sit in the acceptor. start_tls swaps the protocol
-        # in its first step and schedules the TLS protocol's connection_made and
-        # resume_reading; two hops on the FIFO ready queue land after both of them.
-        self.loop.call_soon(self.loop.call_soon, acceptor.hand_over)
+    def begin_tls(self, acceptor: _TLSAcceptor, hello: ClientHello) -> None:
+        """The ClientHello is in: pick the host by SNI and start TLS with its own context."""
+        state = self.state
+        route, context = tls.lookup(state.sni, hello.server_name)
+        if context is None:
+            self.stats.host(UNMATCHED).handshakes_failed["unknown_sni"] += 1
+            acceptor.refuse(ALERT_UNRECOGNIZED_NAME)
+            return
+        conn = ClientConnection(self, acceptor.listener, state=state, sni_route=route)
+        self.track(self.loop.create_task(self.handshake(acceptor, conn, context)))
+        # start_tls swaps the transport's protocol in the task's first step, which runs
+        # before this callback (FIFO); the TLS protocol then reads the ClientHello we hold.
+        self.loop.call_soon(acceptor.hand_over)
+
+    async def handshake(
+        self, acceptor: _TLSAcceptor, conn: ClientConnection, context: ssl.SSLContext
+    ) -> None:
+        transport = acceptor.transport
+        timeout = max(0.1, acceptor.deadline - self.loop.time())
         try:
-            tls_transport = await starting
+            tls_transport = await self.loop.start_tls(
+                transport, conn, context, server_side=True, ssl_handshake_timeout=timeout,
+            )
         except asyncio.CancelledError:
             transport.abort()
             raise
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self.handshake_failed(transport, exc)
+            route = conn.sni_route
+            reason = tls.handshake_failure_reason(exc)
+            self.stats.host(route.name if route is not None else UNMATCHED).handshakes_failed[reason] += 1
+            if not transport.is_closing():
+                transport.abort()
             return
-        if tls_transport is None:
-            return
-        conn.connection_made(tls_transport)
+        if tls_transport is not None:
+            conn.connection_made(tls_transport)
 
-    def handshake_failed(self, transport: asyncio.Transport, exc: BaseException) -> None:
-        reason = tls.handshake_failure_reason(exc)
-        route = tls.chosen_route(transport)
-        self.stats.host(route.name if route is not None else UNMATCHED).handshakes_failed[reason] += 1
-        if not transport.is_closing():
-            transport.abort()
+    def not_tls(self, acceptor: _TLSAcceptor, exc: NotTLS) -> None:
+        self.stats.host(UNMATCHED).handshakes_failed["http_request" if exc.http else "not_tls"] += 1
+        acceptor.refuse(PLAIN_HTTP_ON_HTTPS if exc.http else ALERT_DECODE_ERROR)
 
     def accept(self, conn: ClientConnection) -> bool:
         listener = conn.listener
@@ -222,21 +237,20 @@ class ProxyNode:
         for listener in self.listeners:
             listener.connections.discard(conn)
 
-    def tls_accepted(self, conn: ClientConnection, transport: asyncio.Transport) -> HostRoute | None:
+    def tls_accepted(self, conn: ClientConnection, transport: asyncio.Transport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
         stats = conn.listener.stats
         if ssl_object is not None:
             stats.tls_versions[ssl_object.version() or "?"] += 1
             cipher = ssl_object.cipher()
             stats.ciphers[cipher[0] if cipher else "?"] += 1
-        route = tls.chosen_route(transport)
+        route = conn.sni_route
         self.stats.host(route.name if route is not None else UNMATCHED).handshakes_ok += 1
-        return route
 
     def start_l4(
         self, conn: ClientConnection, transport: asyncio.Transport, route: HostRoute, early: bytes,
     ) -> None:
-        pipe = L4Pipe(self, route, self.stats.host(route.name))
+        pipe = L4Pipe(self, conn.state, route, self.stats.host(route.name))
         conn.listener.connections.discard(conn)
         conn.listener.connections.add(pipe)
         conn.closed = True  # the pipe owns the transport from now on
@@ -277,30 +291,82 @@ class ProxyNode:
         self.access_log(line)
 
 
+PLAIN_HTTP_ON_HTTPS = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 54\r\nConnection: close\r\n\r\n"
+    b"400 Bad Request: this port speaks HTTPS, not HTTP.\n\n\n"
+)
+
+
 class _TLSAcceptor(asyncio.Protocol):
-    """Accepts a TCP connection on the HTTPS listener and starts its TLS handshake."""
+    """A new connection on the HTTPS listener until its ClientHello has been read.
+
+    Called by the event loop. It reads bytes until the ClientHello is whole, lets the
+    node choose the host by SNI, and hands the bytes to the TLS protocol that takes over.
+    """
 
     def __init__(self, node: ProxyNode, listener: Listener) -> None:
         self.node = node
         self.listener = listener
         self.transport: asyncio.Transport
-        self.early = bytearray()  # bytes read before the TLS protocol took over
+        self.buffer = bytearray()
+        self.started = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()  # honoured by asyncio; uvloop may read anyway
-        self.node.track(self.node.loop.create_task(self.node.handshake(self)))
+        loop = self.node.loop
+        self.deadline = loop.time() + self.node.limits.handshake_timeout
+        self.timer = loop.call_at(self.deadline, self.timed_out)
 
     def data_received(self, data: bytes) -> None:
-        self.early += data
+        self.buffer += data
+        if self.started:
+            return  # read before start_tls took the transport over: handed over below
+        try:
+            hello = parse_client_hello(bytes(self.buffer))
+        except NotTLS as exc:
+            self.stop_timer()
+            self.node.not_tls(self, exc)
+            return
+        if hello is None:
+            return
+        self.started = True
+        self.stop_timer()
+        self.transport.pause_reading()
+        self.node.begin_tls(self, hello)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_timer()
+        if not self.started:
+            self.started = True
+            self.node.stats.host(UNMATCHED).handshakes_failed["eof"] += 1
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if not self.started:
+            self.started = True
+            self.node.stats.host(UNMATCHED).handshakes_failed["timeout"] += 1
+            self.transport.abort()
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def refuse(self, reply: bytes) -> None:
+        self.started = True
+        self.transport.write(reply)
+        self.transport.close()
 
     def hand_over(self) -> None:
-        """Give the bytes read too early to the TLS protocol that now owns the transport."""
-        if not self.early or self.transport.is_closing():
+        """Give the bytes read so far to the TLS protocol that now owns the transport."""
+        if not self.buffer or self.transport.is_closing():
             return
-        protocol = self.transport.get_protocol()
-        data = memoryview(bytes(self.early))
-        self.early.clear()
+        protocol: Any = self.transport.get_protocol()
+        data = memoryview(bytes(self.buffer))
+        self.buffer.clear()
         while data:
             if hasattr(protocol, "get_buffer"):  # both loops' SSLProtocol are buffered
                 buffer = protocol.get_buffer(len(data))

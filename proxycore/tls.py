@@ -1,49 +1,21 @@
 """TLS for the data plane: SSLContexts built once per snapshot, and the SNI choice.
 
-Shape. ``build_sni_table(snapshot)`` turns a snapshot into an ``SNITable``: one
+``build_sni_table(snapshot)`` turns a snapshot into an ``SNITable``: one
 ``ssl.SSLContext`` per distinct (certificate, client-auth settings, ALPN), shared by
 every host that uses that combination, so a reload with 1000 hosts on one wildcard
 certificate builds one context. Anything that cannot be built (a key that does not
 match, a CA bundle that is not PEM) raises ``TLSConfigError`` and the caller keeps the
-old table. ``lookup`` is the pure decision (exact name, then a one-label wildcard, then
-the default certificate, or nothing in strict mode). ``listener_context`` is the one
-context handed to ``loop.create_server``: its ``sni_callback`` looks the name up in
-the *current* table and switches the connection to the host's context.
+old table. ``lookup`` is the pure decision: exact name, then a one-label wildcard, then
+the default certificate, or nothing in strict mode.
 
-What the switch does and does not carry. ``ssl_object.context = ctx`` is OpenSSL's
-``SSL_set_SSL_CTX``, which swaps the certificate/key, the ALPN choice and the trust
-store used to verify a client certificate, but NOT the verify mode, the options, the
-protocol versions or the cipher list: those stay as the listener context set them when
-the connection was created. Measured with real handshakes (OpenSSL 3.0, CPython 3.11,
-both TLS 1.2 and 1.3): a host context with ``CERT_REQUIRED`` behind a ``CERT_NONE``
-listener sent no CertificateRequest and completed the handshake for a client with no
-certificate, with a good one, and with one from an unrelated CA; the server saw no
-peer certificate in every case. Hence:
-
-* the listener is built with exactly the same versions, ciphers and options as every
-  host context, so nothing depends on which of them OpenSSL reads;
-* for hosts with client auth the callback then copies the host context's verify mode,
-  callback and depth onto the connection (``SSL_set_verify``), as nginx does in its
-  own servername callback. CPython exposes no such call, so ``_OpenSSLCalls`` reaches
-  it through ctypes on the libssl the ``ssl`` module itself is linked with, after
-  checking the ``_ssl`` object layout (the pointer it reads must lead back to the
-  connection's own context). With it, the same handshakes give: required + no cert:
-  ``PEER_DID_NOT_RETURN_A_CERTIFICATE``; required + foreign CA:
-  ``CERTIFICATE_VERIFY_FAILED``; required + good cert: the server sees it; optional
-  with or without a cert: both succeed. Hosts without client auth keep the listener's
-  ``CERT_NONE`` and never request a certificate. Where the layout check fails, hosts
-  with client auth make ``build_sni_table`` raise rather than run unenforced.
-* session resumption happens in the listener context, before the callback, so a
-  session from host A could be resumed under host B's name and skip B's client-cert
-  check (measured: it does, in TLS 1.3; nginx's CVE-2025-23419). For hosts with
-  client auth the callback refuses (``access_denied``) a resumed session whose
-  original server name differs. In TLS 1.2 OpenSSL already hands the callback the
-  session's original name, so the route chosen is the session's host.
-
-The route the callback chose is kept per connection (``chosen_route``); the protocol
-must use it rather than re-deriving a host from SNI or ``Host``. The listener context
-holds no certificate of its own: OpenSSL only needs one after the callback has
-switched contexts, and every path that does not switch fails the handshake first.
+The node reads the SNI from the ClientHello itself (``proxycore.clienthello``) and
+starts TLS directly with the chosen host's context. It does not switch contexts in an
+``sni_callback``: OpenSSL's ``SSL_set_SSL_CTX`` swaps the certificate but keeps the
+first context's verify mode, so a host's client-certificate setting would not apply
+(measured: a ``CERT_REQUIRED`` host behind a ``CERT_NONE`` listener accepted clients
+with no certificate). With one context per handshake from the start, each host's verify
+mode, CA list, ALPN and session-ticket keys are its own, so a session from one host
+cannot be resumed on another to skip its client-certificate check.
 
 Keys never touch a disk: ``load_cert_chain`` only takes paths, so the PEM goes into an
 anonymous ``memfd`` opened through ``/proc/self/fd``; without memfd, an unlinked 0600
@@ -52,19 +24,13 @@ file on a tmpfs; with neither, the build fails.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
-import functools
 import os
 import ssl
-import sys
 import tempfile
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 from proxycore.config import (
     CertificateBundle,
@@ -308,10 +274,6 @@ def build_sni_table(snapshot: Snapshot) -> SNITable:
             continue
         auth = route.client_auth if route.client_auth.mode is not ClientAuthMode.OFF else None
         label = f"host '{route.name}'"
-        if auth is not None and _native() is None:
-            raise TLSConfigError(
-                f"{label}: client certificates cannot be enforced on this Python build"
-            )
         alpn = HTTP_ALPN if route.mode is Mode.HTTP else ()
         choice = (route, context_for(bundle, alpn, auth, label))
         for raw in route.names:
@@ -326,169 +288,10 @@ def build_sni_table(snapshot: Snapshot) -> SNITable:
                     snapshot.strict_sni, snapshot.revision)
 
 
-# --- what SSL_set_SSL_CTX leaves out ------------------------------------------------
-
-_PTR = ctypes.sizeof(ctypes.c_void_p)
-_HEAD = object.__basicsize__  # PyObject_HEAD
-
-
-def _read_pointer(address: int) -> int:
-    return ctypes.c_void_p.from_address(address).value or 0
-
-
-class _LayoutMismatch(Exception):
-    pass
-
-
-class _OpenSSLCalls:
-    """The OpenSSL calls CPython's ``ssl`` module does not expose, through ctypes.
-
-    ``_ssl._SSLSocket`` starts ``PyObject_HEAD; PyObject *Socket; SSL *ssl;
-    PySSLContext *ctx`` and ``_ssl._SSLContext`` starts ``PyObject_HEAD; SSL_CTX *ctx``
-    (read in CPython 3.11's ``_ssl.c``). Every use checks that the ``ctx`` slot holds the object's
-    own context and that ``SSL_get_SSL_CTX`` of the pointer read is that context's
-    ``SSL_CTX``, so a different layout is refused, never misread.
-    """
-
-    def __init__(self) -> None:
-        import _ssl
-
-        lib = ctypes.CDLL(_ssl.__file__)  # resolves to the libssl _ssl is linked with
-        vp, c_int = ctypes.c_void_p, ctypes.c_int
-        self._get_ssl_ctx = _bind(lib.SSL_get_SSL_CTX, vp, vp)
-        self._ctx_verify_mode = _bind(lib.SSL_CTX_get_verify_mode, c_int, vp)
-        self._ctx_verify_callback = _bind(lib.SSL_CTX_get_verify_callback, vp, vp)
-        self._ctx_verify_depth = _bind(lib.SSL_CTX_get_verify_depth, c_int, vp)
-        self._set_verify = _bind(lib.SSL_set_verify, None, vp, c_int, vp)
-        self._set_verify_depth = _bind(lib.SSL_set_verify_depth, None, vp, c_int)
-        self._get_session = _bind(lib.SSL_get_session, vp, vp)
-        self._session_hostname = _bind(lib.SSL_SESSION_get0_hostname, ctypes.c_char_p, vp)
-        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._ssl_pointer(probe.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True))
-
-    def _ssl_pointer(self, ssl_object: ssl.SSLObject) -> int:
-        raw = getattr(ssl_object, "_sslobj", None)
-        context = getattr(raw, "context", None)
-        if raw is None or not isinstance(context, ssl.SSLContext):
-            raise _LayoutMismatch
-        if _read_pointer(id(raw) + _HEAD + 2 * _PTR) != id(context):
-            raise _LayoutMismatch
-        ssl_ptr = _read_pointer(id(raw) + _HEAD + _PTR)
-        if not ssl_ptr or self._get_ssl_ctx(ssl_ptr) != _read_pointer(id(context) + _HEAD):
-            raise _LayoutMismatch
-        return ssl_ptr
-
-    def adopt_verify_settings(self, ssl_object: ssl.SSLObject) -> None:
-        """Give the connection the verify mode of the context it was switched to."""
-        ssl_ptr = self._ssl_pointer(ssl_object)
-        ctx_ptr = self._get_ssl_ctx(ssl_ptr)
-        mode = self._ctx_verify_mode(ctx_ptr)
-        self._set_verify(ssl_ptr, mode, self._ctx_verify_callback(ctx_ptr))
-        self._set_verify_depth(ssl_ptr, self._ctx_verify_depth(ctx_ptr))
-
-    def session_server_name(self, ssl_object: ssl.SSLObject) -> str | None:
-        """The SNI name of the handshake that created the session being resumed."""
-        session = self._get_session(self._ssl_pointer(ssl_object))
-        name = self._session_hostname(session) if session else None
-        return _normal(name.decode("ascii", "replace")) if name else None
-
-
-def _bind(fn: ctypes._NamedFuncPointer, restype: object, *argtypes: object) -> Callable[..., Any]:
-    fn.restype = restype  # type: ignore[assignment]
-    fn.argtypes = argtypes  # type: ignore[assignment]
-    return fn
-
-
-@functools.cache
-def _native() -> _OpenSSLCalls | None:
-    if sys.implementation.name != "cpython":
-        return None
-    try:
-        return _OpenSSLCalls()
-    except (OSError, AttributeError, _LayoutMismatch):
-        return None
-
-
-# --- the listener -----------------------------------------------------------------
-
-_ROUTES: weakref.WeakKeyDictionary[ssl.SSLObject, HostRoute] = weakref.WeakKeyDictionary()
-_REFUSALS: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
-
-
-Connection = ssl.SSLObject | asyncio.BaseTransport | None
-
-
-def _ssl_object_of(conn: Connection) -> ssl.SSLObject | None:
-    """The SSLObject of a connection, given it or its TLS transport.
-
-    A raw transport whose ``start_tls`` failed no longer leads to it (measured on
-    asyncio and uvloop): failures are then known by their exception alone.
-    """
-    if conn is None or isinstance(conn, ssl.SSLObject):
-        return conn
-    found = conn.get_extra_info("ssl_object")
-    return found if isinstance(found, ssl.SSLObject) else None
-
-
-def chosen_route(conn: Connection) -> HostRoute | None:
-    """The host the SNI callback chose for this connection (None: default certificate).
-
-    Takes the ``ssl.SSLObject`` or the transport. Under both asyncio and uvloop the
-    callback receives the very object ``get_extra_info("ssl_object")`` returns later.
-    """
-    ssl_object = _ssl_object_of(conn)
-    return _ROUTES.get(ssl_object) if ssl_object is not None else None
-
-
-def _refuse(ssl_object: ssl.SSLObject, reason: str, alert: int) -> int:
-    _REFUSALS[ssl_object] = reason
-    return alert
-
-
-def _switch(ssl_object: ssl.SSLObject, server_name: str | None, table: SNITable) -> int | None:
-    route, ctx = lookup(table, server_name)
-    if ctx is None:
-        return _refuse(ssl_object, "unknown_sni", ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME)
-    if ctx.verify_mode != ssl.CERT_NONE:
-        native = _native()
-        if native is None:
-            return _refuse(ssl_object, "client_auth_unavailable",
-                           ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE)
-        if ssl_object.session_reused and native.session_server_name(ssl_object) != _normal(
-            server_name or ""
-        ):
-            return _refuse(ssl_object, "resumption_rejected", ssl.ALERT_DESCRIPTION_ACCESS_DENIED)
-        ssl_object.context = ctx
-        native.adopt_verify_settings(ssl_object)
-    else:
-        ssl_object.context = ctx
-    if route is not None:
-        _ROUTES[ssl_object] = route
-    return None
-
-
-def listener_context(table_getter: Callable[[], SNITable]) -> ssl.SSLContext:
-    """The context for ``loop.create_server``; each handshake uses ``table_getter()``."""
-    listener = _base_server_context()
-
-    def sni_callback(
-        ssl_object: ssl.SSLObject, server_name: str | None, _listener: ssl.SSLContext
-    ) -> int | None:
-        try:
-            return _switch(ssl_object, server_name, table_getter())
-        except Exception:
-            # An exception here would be printed and turned into internal_error anyway.
-            return _refuse(ssl_object, "internal_error", ssl.ALERT_DESCRIPTION_INTERNAL_ERROR)
-
-    listener.sni_callback = sni_callback
-    return listener
-
-
 # --- why handshakes fail ------------------------------------------------------------
 
 HANDSHAKE_FAILURE_REASONS = (
-    "unknown_sni", "resumption_rejected", "client_auth_unavailable", "internal_error",
-    "no_client_cert", "bad_client_cert", "cert_rejected_by_client", "protocol_version",
+    "unknown_sni", "no_client_cert", "bad_client_cert", "cert_rejected_by_client", "protocol_version",
     "no_shared_cipher", "http_request", "not_tls", "timeout", "eof", "other",
 )
 
@@ -515,19 +318,12 @@ _SSL_REASONS = {
 }
 
 
-def handshake_failure_reason(
-    exc: BaseException | type[BaseException], conn: Connection = None
-) -> str:
+def handshake_failure_reason(exc: BaseException | type[BaseException]) -> str:
     """A short stable key (one of ``HANDSHAKE_FAILURE_REASONS``) for the stats.
 
-    Pass the connection (``ssl_object`` or transport) when at hand: the SNI callback's
-    own refusals are then told apart exactly, where the object can be found. uvloop
-    reports some EOFs as the class ``ConnectionResetError`` rather than an instance;
-    both are accepted.
+    uvloop reports some EOFs as the class ``ConnectionResetError`` rather than an
+    instance; both are accepted.
     """
-    ssl_object = _ssl_object_of(conn)
-    if ssl_object is not None and ssl_object in _REFUSALS:
-        return _REFUSALS[ssl_object]
     kind = exc if isinstance(exc, type) else type(exc)
     reason = getattr(exc, "reason", None)  # set by OpenSSL, absent when built by hand
     if isinstance(exc, ssl.SSLError) and reason in _SSL_REASONS:
