@@ -658,6 +658,11 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    @property
+    def busy(self) -> bool:
+        """A request or a tunnel is in progress (what a graceful stop waits for)."""
+        return not self.closed and (self.request is not None or self.tunnel)
+
     def stop_gracefully(self) -> None:
         """The node is stopping: close now if idle, else after the current response."""
         self.closing = True

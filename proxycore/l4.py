@@ -145,5 +145,9 @@ class L4Pipe(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    @property
+    def busy(self) -> bool:
+        return not self.closed
+
     def stop_gracefully(self) -> None:
         """Streams have no request boundary: they get the stop deadline, then close."""

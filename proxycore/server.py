@@ -38,8 +38,13 @@ from proxycore.upstream import Balancer, Pools, TargetPool
 
 log = logging.getLogger("proxycore")
 
+# How long a closing TLS connection waits for the client's close_notify.
+TLS_SHUTDOWN_TIMEOUT = 5.0
+
 
 class Stoppable(Protocol):
+    @property
+    def busy(self) -> bool: ...
     def stop_gracefully(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -164,7 +169,7 @@ class ProxyNode:
             conn.stop_gracefully()
         limit = self.limits.stop_deadline if deadline is None else deadline
         end = self.loop.time() + limit
-        while self._all_connections() and self.loop.time() < end:
+        while any(c.busy for c in self._all_connections()) and self.loop.time() < end:
             await asyncio.sleep(0.05)
         for conn in self._all_connections():
             conn.abort()
@@ -206,6 +211,7 @@ class ProxyNode:
         try:
             tls_transport = await self.loop.start_tls(
                 transport, conn, context, server_side=True, ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
             )
         except asyncio.CancelledError:
             transport.abort()

@@ -1,0 +1,114 @@
+"""rama's tls_rustls_termination example: TCP-mode hosts get raw bytes after the handshake,
+optionally behind a PROXY protocol header carrying the client's address."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import trustme
+
+from proxycore import config as core
+from proxycore import proxyproto
+from tests.proxyharness import LoopThread, bundle, route, running_node, tls_connect
+
+
+class RawBackend:
+    """Reads an optional PROXY header, then answers each line with what it learnt."""
+
+    def __init__(self, loop: LoopThread, version: str) -> None:
+        self.loop = loop
+        self.version = version
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    def start(self) -> RawBackend:
+        async def start() -> None:
+            self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
+        self.loop.run(start())
+        return self
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = b""
+        source = "none"
+        if self.version != "off":
+            while True:
+                buf += await reader.read(4096)
+                try:
+                    if self.version == "v2":
+                        src, _dst, _tlvs, buf = proxyproto.decode_v2(buf)
+                    else:
+                        src, _dst, buf = proxyproto.decode_v1(buf)
+                except proxyproto.IncompleteHeader:
+                    continue
+                source = f"{src[0]}:{src[1]}" if src else "unknown"
+                break
+        while True:
+            while b"\n" not in buf:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    writer.close()
+                    return
+                buf += chunk
+            line, _, buf = buf.partition(b"\n")
+            writer.write(b"client=%s echo=%s\n" % (source.encode(), line))
+            await writer.drain()
+
+
+@pytest.mark.parametrize("version", ["v2", "v1", "off"])
+def test_tcp_host_pipes_bytes_with_the_clients_address_in_a_proxy_header(
+    ca: trustme.CA, loop_thread: LoopThread, version: str
+) -> None:
+    backend = RawBackend(loop_thread, version).start()
+    snap = core.Snapshot(revision=1, hosts=(
+        route("raw", ("raw.example",), backend.port, bundle(ca, "raw.example"),
+              mode=core.Mode.TCP, proxy_protocol=core.ProxyProtocol(version)),
+    ))
+    with running_node(snap) as node:
+        sock = tls_connect(node.https_port, ca, "raw.example")
+        assert sock.selected_alpn_protocol() is None  # not an HTTP host
+        local = sock.getsockname()
+        sock.sendall(b"hello\nworld\n")
+        data = b""
+        while data.count(b"\n") < 2:
+            data += sock.recv(4096)
+        stats = node.stats()
+    expected = f"{local[0]}:{local[1]}" if version != "off" else "none"
+    assert data == f"client={expected} echo=hello\nclient={expected} echo=world\n".encode()
+    assert stats["hosts"]["raw"]["bytes_in"] == 12
+    assert stats["hosts"]["raw"]["active_connections"] == 1
+
+
+def test_tcp_host_streams_a_large_payload_both_ways(ca: trustme.CA, loop_thread: LoopThread) -> None:
+    backend = RawBackend(loop_thread, "off").start()
+    snap = core.Snapshot(revision=1, hosts=(
+        route("raw", ("raw.example",), backend.port, bundle(ca, "raw.example"), mode=core.Mode.TCP),
+    ))
+    lines = [b"%06d" % i + b"x" * 1000 for i in range(2000)]
+    with running_node(snap) as node:
+        sock = tls_connect(node.https_port, ca, "raw.example")
+        sock.sendall(b"\n".join(lines) + b"\n")
+        expected = b"".join(b"client=none echo=" + ln + b"\n" for ln in lines)
+        data = b""
+        while len(data) < len(expected):
+            chunk = sock.recv(65536)
+            assert chunk, "closed early"
+            data += chunk
+    assert data == expected
+
+
+def test_tcp_host_with_a_dead_upstream_closes_the_connection(ca: trustme.CA) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    snap = core.Snapshot(revision=1, hosts=(
+        route("raw", ("raw.example",), dead, bundle(ca, "raw.example"), mode=core.Mode.TCP),
+    ))
+    with running_node(snap) as node:
+        sock = tls_connect(node.https_port, ca, "raw.example")
+        sock.sendall(b"x\n")
+        assert sock.recv(10) == b""
+        assert node.stats()["hosts"]["raw"]["upstream_errors"] == {"connect_refused": 1}
