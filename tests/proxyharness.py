@@ -45,6 +45,14 @@ class LoopThread:
         return self.run(wrapper(), timeout)
 
     def close(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.run(cancel_all(), timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
