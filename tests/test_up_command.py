@@ -30,11 +30,24 @@ def wait_for_http(url: str, deadline: float) -> int:
     raise AssertionError(f"{url} did not answer in time")
 
 
+def wait_for_port(proc: subprocess.Popen[str], deadline: float) -> None:
+    """The proxy node child listens on the --https port given on the command line."""
+    https = proc.args[proc.args.index("--https") + 1]  # type: ignore[union-attr]
+    port = int(https.rsplit(":", 1)[1])
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError("the proxy node did not start")
+
+
 def start_up(tmp_path: Path, port: int, extra_env: dict[str, str]) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXYADMIN_", "DATABASE_URL"))}
     env.update(PROXYADMIN_VAR_DIR=str(tmp_path / "var"), **extra_env)
     return subprocess.Popen(
-        [sys.executable, "manage.py", "up", "--admin", f"127.0.0.1:{port}"],
+        [sys.executable, "manage.py", "up", "--admin", f"127.0.0.1:{port}",
+         "--https", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -51,6 +64,7 @@ def test_up_serves_the_admin_and_prints_the_password_once(tmp_path: Path) -> Non
     try:
         status = wait_for_http(f"http://127.0.0.1:{port}/admin/login/", time.monotonic() + 40)
         assert status == 200
+        wait_for_port(proc, time.monotonic() + 40)
     finally:
         first = stop(proc)
     assert proc.returncode == 0

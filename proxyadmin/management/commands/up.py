@@ -1,7 +1,8 @@
 """``manage.py up``: the whole product in one command.
 
 Runs the migrations, creates the admin account on first run, and supervises the
-control plane (daphne: admin on 127.0.0.1:8000) until Ctrl-C.
+control plane (daphne: admin on 127.0.0.1:8000) and one proxy node (runproxy:
+HTTPS on 127.0.0.1:8443, HTTP on 127.0.0.1:8080) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -34,13 +35,24 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--admin", default="127.0.0.1:8000",
                             help="address of the admin and dashboard (default 127.0.0.1:8000)")
+        parser.add_argument("--https", default="127.0.0.1:8443",
+                            help="HTTPS listener of the proxy node (default 127.0.0.1:8443)")
+        parser.add_argument("--http", default="127.0.0.1:8080",
+                            help="HTTP listener of the proxy node (default 127.0.0.1:8080)")
+        parser.add_argument("--no-proxy", action="store_true", help="run the admin only")
 
     def handle(self, *args: Any, **options: Any) -> None:
         admin_host, admin_port = parse_address(options["admin"], "--admin")
+        for option in ("https", "http"):
+            parse_address(options[option], f"--{option}")
         call_command("migrate", interactive=False, verbosity=0)
         self.ensure_admin_account()
         children = [self.daphne_child(admin_host, admin_port)]
-        self.stdout.write(f"Admin:  http://{options['admin']}/admin/\nPress Ctrl-C to stop.")
+        lines = [f"Admin:  http://{options['admin']}/admin/"]
+        if not options["no_proxy"]:
+            children.append(self.proxy_child(options["https"], options["http"]))
+            lines += [f"Proxy:  https://{options['https']}/  and  http://{options['http']}/"]
+        self.stdout.write("\n".join([*lines, "Press Ctrl-C to stop."]))
         self.stdout.flush()
         sys.exit(Supervisor(children).run())
 
@@ -61,6 +73,10 @@ class Command(BaseCommand):
             ))
         else:
             self.stdout.write(f"Created the admin account '{username}' ({ADMIN_PASSWORD_ENV}).")
+
+    def proxy_child(self, https: str, http: str) -> Child:
+        argv = [sys.executable, "manage.py", "runproxy", "--https", https, "--http", http]
+        return Child("proxy node (runproxy)", argv)
 
     def daphne_child(self, host: str, port: int) -> Child:
         argv = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
