@@ -12,7 +12,16 @@ import pytest
 import trustme
 
 from proxycore import config as core
-from tests.proxyharness import Exchange, LoopThread, Upstream, bundle, read_response, route, running_node, tls_connect
+from tests.proxyharness import (
+    Exchange,
+    LoopThread,
+    Upstream,
+    bundle,
+    read_response,
+    route,
+    running_node,
+    tls_connect,
+)
 
 
 def slow_upstream(loop: LoopThread, delay: float) -> Upstream:

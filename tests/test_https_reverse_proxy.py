@@ -134,7 +134,7 @@ def test_expect_100_continue_is_relayed(ca: trustme.CA, loop_thread: LoopThread)
     with running_node(snapshot_for(ca, server.port)) as node:
         sock = tls_connect(node.https_port, ca, "a.example")
         sock.sendall(b"PUT /f HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-        status, _, rest = read_response(sock, head_only=True)
+        status, _, _ = read_response(sock, head_only=True)
         assert status == 100
         sock.sendall(b"hello")
         status, _, body = read_response(sock)
@@ -146,7 +146,7 @@ def test_sni_of_one_host_with_host_header_of_another_gets_421(ca: trustme.CA, up
     with running_node(snapshot_for(ca, upstream.port)) as node:
         sock = tls_connect(node.https_port, ca, "a.example")
         get(sock, host="b.example")
-        status, headers, body = read_response(sock)
+        status, headers, _ = read_response(sock)
         assert status == 421
         assert headers[b"strict-transport-security"] == [b"max-age=31536000"]
         get(sock, host="a.example")  # the connection stays usable for its own host

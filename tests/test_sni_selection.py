@@ -103,11 +103,10 @@ def test_tls_1_1_is_refused(certs: dict[str, core.CertificateBundle], upstream: 
         ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     except (ValueError, ssl.SSLError):
         pytest.skip("this OpenSSL cannot even offer TLS 1.1")
-    with running_node(snapshot(certs, upstream.port, strict=False)) as node:
-        with socket.create_connection(("127.0.0.1", node.https_port), timeout=10) as raw, pytest.raises(
-            ssl.SSLError
-        ):
-            ctx.wrap_socket(raw, server_hostname="a.example")
+    with running_node(snapshot(certs, upstream.port, strict=False)) as node, socket.create_connection(
+        ("127.0.0.1", node.https_port), timeout=10
+    ) as raw, pytest.raises(ssl.SSLError):
+        ctx.wrap_socket(raw, server_hostname="a.example")
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is installed by .ci/run")
