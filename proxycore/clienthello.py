@@ -46,12 +46,13 @@ def _handshake_bytes(data: bytes) -> bytes | None:
     pos = 0
     while True:
         if len(data) - pos < 5:
-            return None if not out or not _complete(out) else bytes(out)
+            return None
         if data[pos] != HANDSHAKE:
             if pos == 0:
                 raise NotTLS("not a TLS handshake record",
                              http=any(data.startswith(m[: len(data)]) for m in _HTTP_METHODS))
-            return bytes(out)
+            # Reading on would parse a ClientHello cut short as if it were whole.
+            raise NotTLS("ClientHello interrupted by another record type")
         if data[pos + 1] != 0x03:
             raise NotTLS("unknown TLS record version")
         length = int.from_bytes(data[pos + 3 : pos + 5], "big")
@@ -61,6 +62,9 @@ def _handshake_bytes(data: bytes) -> bytes | None:
             return None
         out += data[pos + 5 : pos + 5 + length]
         pos += 5 + length
+        # Refuse at once what could only ever be refused after 64 KiB were buffered.
+        if len(out) >= 4 and 4 + int.from_bytes(out[1:4], "big") > MAX_HELLO:
+            raise NotTLS("ClientHello too large")
         if _complete(out):
             return bytes(out)
 
@@ -100,17 +104,19 @@ def _read_hello(body: memoryview) -> ClientHello:
     if pos == len(body):
         return ClientHello(None, ())  # no extensions at all
     end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
-    if end > len(body):
-        raise NotTLS("extensions overrun the ClientHello")
+    if end != len(body):
+        raise NotTLS("extensions do not fill the ClientHello")
     pos += 2
     name: str | None = None
     alpn: tuple[bytes, ...] = ()
-    while pos + 4 <= end:
+    while pos < end:
+        if end - pos < 4:
+            raise NotTLS("extension header is truncated")
         kind = int.from_bytes(body[pos : pos + 2], "big")
         size = int.from_bytes(body[pos + 2 : pos + 4], "big")
-        ext = body[pos + 4 : pos + 4 + size]
-        if len(ext) != size:
+        if end - pos - 4 < size:
             raise NotTLS("extension overruns the ClientHello")
+        ext = body[pos + 4 : pos + 4 + size]
         if kind == EXT_SERVER_NAME:
             name = _server_name(ext)
         elif kind == EXT_ALPN:
@@ -119,31 +125,50 @@ def _read_hello(body: memoryview) -> ClientHello:
     return ClientHello(name, alpn)
 
 
+def _vector(ext: memoryview, length_size: int) -> memoryview:
+    """The body of a length-prefixed vector that must fill ``ext`` exactly."""
+    if len(ext) < length_size or int.from_bytes(ext[:length_size], "big") != len(ext) - length_size:
+        raise NotTLS("extension length does not match its contents")
+    return ext[length_size:]
+
+
 def _server_name(ext: memoryview) -> str | None:
-    pos = 2
-    end = 2 + int.from_bytes(ext[0:2], "big")
-    while pos + 3 <= end:
-        kind = ext[pos]
-        size = int.from_bytes(ext[pos + 1 : pos + 3], "big")
-        value = bytes(ext[pos + 3 : pos + 3 + size])
-        if kind == 0:  # host_name
-            try:
-                text = value.decode("ascii")
-            except UnicodeDecodeError:
-                raise NotTLS("server name is not ASCII") from None
-            if not text or not text.isprintable() or " " in text:
-                raise NotTLS("server name is malformed")
-            return text.lower().rstrip(".")
+    # The whole list is checked, as OpenSSL will: a name we read differently from it
+    # would pick one host's context for a handshake that names another.
+    names = _vector(ext, 2)
+    found: str | None = None
+    pos = 0
+    while pos < len(names):
+        if len(names) - pos < 3:
+            raise NotTLS("server name entry is truncated")
+        kind = names[pos]
+        size = int.from_bytes(names[pos + 1 : pos + 3], "big")
+        if len(names) - pos - 3 < size:
+            raise NotTLS("server name overruns its extension")
+        if kind == 0 and found is None:  # host_name
+            found = _host_name(bytes(names[pos + 3 : pos + 3 + size]))
         pos += 3 + size
-    return None
+    return found
+
+
+def _host_name(value: bytes) -> str:
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        raise NotTLS("server name is not ASCII") from None
+    if not text or not text.isprintable() or " " in text:
+        raise NotTLS("server name is malformed")
+    return text.lower().rstrip(".")
 
 
 def _alpn(ext: memoryview) -> tuple[bytes, ...]:
+    names = _vector(ext, 2)
     protocols = []
-    pos = 2
-    end = 2 + int.from_bytes(ext[0:2], "big")
-    while pos < end:
-        size = ext[pos]
-        protocols.append(bytes(ext[pos + 1 : pos + 1 + size]))
+    pos = 0
+    while pos < len(names):
+        size = names[pos]
+        if size == 0 or len(names) - pos - 1 < size:
+            raise NotTLS("ALPN protocol name is empty or overruns its extension")
+        protocols.append(bytes(names[pos + 1 : pos + 1 + size]))
         pos += 1 + size
     return tuple(protocols)

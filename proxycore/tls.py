@@ -149,7 +149,7 @@ def _load_ca(ctx: ssl.SSLContext, ca_pem: bytes, label: str) -> None:
 
 
 def _base_server_context() -> ssl.SSLContext:
-    """Versions, ciphers and options shared by the listener and every host context."""
+    """Versions, ciphers and options shared by every host context."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
@@ -167,7 +167,7 @@ def server_context(
     client_auth: ClientAuth | None,
     label: str = "client auth",
 ) -> ssl.SSLContext:
-    """The context a host's handshakes switch to; ``label`` names the owner in CA errors."""
+    """The context a host's handshakes start with; ``label`` names the owner in CA errors."""
     ctx = _base_server_context()
     _load_chain(ctx, bundle)
     if alpn:
@@ -296,7 +296,6 @@ HANDSHAKE_FAILURE_REASONS = (
 )
 
 _SSL_REASONS = {
-    "CALLBACK_FAILED": "unknown_sni",  # our callback refused; the usual cause
     "TLSV1_ALERT_UNRECOGNIZED_NAME": "unknown_sni",
     "TLSV1_UNRECOGNIZED_NAME": "unknown_sni",
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_cert",

@@ -1,27 +1,30 @@
-"""TLS contexts and SNI: real handshakes between a client and the listener context.
+"""TLS contexts: one per host setting, chosen by SNI, each with its own client-cert rules.
 
-Most handshakes run over two ``ssl.MemoryBIO`` pairs (no sockets): the server side is
-wrapped by ``listener_context``, exactly as the event loop wraps it, the client side
-by an ordinary client context trusting a trustme CA. One test per event loop runs
-the same over real sockets on 127.0.0.1.
+``build_sni_table`` and ``lookup`` are pure and tested as such. Handshakes against a
+host's own context (``table.exact[name][1]``, what the node passes to ``start_tls``)
+run over two ``ssl.MemoryBIO`` pairs, no sockets. Client certificates and session
+resumption across hosts are tested end to end through a running node, because
+what matters there is that the node starts TLS with the right host's context.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import os
 import re
+import socket
 import ssl
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 import trustme
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from proxycore import tls
 from proxycore.config import (
@@ -35,29 +38,38 @@ from proxycore.config import (
     Upstream,
     UpstreamTLS,
 )
+from tests.proxyharness import RunningNode, bundle, read_response, running_node
+from tests.proxyharness import Upstream as HarnessUpstream
 
 UPSTREAM = Upstream("app", (Target("127.0.0.1", 9),))
+
+# OpenSSL's message callback and its enums are private in ``ssl``; they are the one way
+# to see which handshake messages a server sent (is there a CertificateRequest?).
+TLSMessage: Any = ssl._TLSMessageType  # type: ignore[attr-defined]
+TLSContent: Any = ssl._TLSContentType  # type: ignore[attr-defined]
+
+TLS_VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3"),
+                pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2")]
 
 
 # ---- PKI and snapshots -------------------------------------------------------------
 
 
-def make_bundle(leaf: trustme.LeafCert, name: str) -> CertificateBundle:
+def der(leaf: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+
+def bundle_of(leaf: trustme.LeafCert, name: str) -> CertificateBundle:
     cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
     return CertificateBundle(
         name=name,
         chain_pem=b"".join(blob.bytes() for blob in leaf.cert_chain_pems),
         key_pem=leaf.private_key_pem.bytes(),
-        fingerprint_sha256=cert.fingerprint(cert.signature_hash_algorithm or x509.hashes.SHA256()).hex(),
+        fingerprint_sha256=hashlib.sha256(der(leaf)).hexdigest(),
         serial=format(cert.serial_number, "x"),
-        sans=tuple(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                   .value.get_values_for_type(x509.DNSName)),
+        sans=(),
         not_after=cert.not_valid_after_utc,
     )
-
-
-def der(leaf: trustme.LeafCert) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
 
 
 @dataclass
@@ -66,8 +78,8 @@ class PKI:
     leaves: dict[str, trustme.LeafCert]
     bundles: dict[str, CertificateBundle]
     client_ca: trustme.CA
-    client: trustme.LeafCert
-    stranger: trustme.LeafCert
+    client: trustme.LeafCert  # issued by client_ca
+    stranger: trustme.LeafCert  # issued by a CA nobody trusts
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +89,15 @@ def pki() -> PKI:
              "default": "default.example", "m": "m.example", "o": "o.example"}
     leaves = {key: ca.issue_cert(name) for key, name in names.items()}
     client_ca = trustme.CA()
-    return PKI(ca, leaves, {key: make_bundle(leaf, key) for key, leaf in leaves.items()},
-               client_ca, client_ca.issue_cert("client.example"), trustme.CA().issue_cert("x.example"))
+    return PKI(ca, leaves, {key: bundle_of(leaf, key) for key, leaf in leaves.items()},
+               client_ca, client_ca.issue_cert("client@example"),
+               trustme.CA().issue_cert("client@example"))
 
 
 def host(name: str, names: tuple[str, ...], cert: CertificateBundle | None, **fields: Any) -> HostRoute:
     fields.setdefault("mode", Mode.HTTP)
-    return HostRoute(name=name, names=names, upstream=UPSTREAM, certificate=cert, **fields)
+    fields.setdefault("upstream", UPSTREAM)
+    return HostRoute(name=name, names=names, certificate=cert, **fields)
 
 
 def client_auth(pki: PKI, mode: ClientAuthMode) -> ClientAuth:
@@ -103,9 +117,11 @@ def standard_snapshot(pki: PKI, **fields: Any) -> Snapshot:
     return Snapshot(revision=1, hosts=hosts, default_certificate=b["default"], **fields)
 
 
-def listener_for(snapshot: Snapshot) -> ssl.SSLContext:
-    table = tls.build_sni_table(snapshot)
-    return tls.listener_context(lambda: table)
+def context_of(table: tls.SNITable, name: str) -> ssl.SSLContext:
+    """The context the node starts TLS with for ``name``."""
+    _, ctx = tls.lookup(table, name)
+    assert ctx is not None
+    return ctx
 
 
 # ---- a handshake without sockets -----------------------------------------------------
@@ -123,11 +139,7 @@ class Handshake:
         return self.server_error is None and self.client_error is None
 
     def served(self) -> bytes | None:
-        """The certificate the client received; None when the handshake never got there."""
-        try:
-            return self.client.getpeercert(binary_form=True)
-        except ValueError:  # handshake not done
-            return None
+        return self.client.getpeercert(binary_form=True)
 
 
 def client_context(pki: PKI, *, cert: trustme.LeafCert | None = None, check_hostname: bool = True,
@@ -142,11 +154,10 @@ def client_context(pki: PKI, *, cert: trustme.LeafCert | None = None, check_host
     return ctx
 
 
-def handshake(listener: ssl.SSLContext, client_ctx: ssl.SSLContext, sni: str | None,
-              session: ssl.SSLSession | None = None) -> Handshake:
+def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, sni: str | None) -> Handshake:
     s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    server = listener.wrap_bio(s_in, s_out, server_side=True)
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=sni, session=session)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=sni)
     result = Handshake(server, client, None, None)
     client_done = server_done = False
     for _ in range(10):
@@ -170,81 +181,38 @@ def handshake(listener: ssl.SSLContext, client_ctx: ssl.SSLContext, sni: str | N
         c_in.write(s_out.read())
         if (client_done or result.client_error) and (server_done or result.server_error):
             break
-    if client_done and server_done:
-        # TLS 1.3 session tickets travel after the handshake: let the client read them.
-        server.write(b"x")
-        c_in.write(s_out.read())
-        client.read(1)
-    elif client_done and result.server_error is not None:
-        # In TLS 1.3 the client finishes first and hears of a refusal on its next read.
-        with pytest.raises(ssl.SSLError) as caught:
-            client.read(1)
-        result.client_error = caught.value
     return result
 
 
-TLS_VERSIONS = [pytest.param(None, id="tls1.3"), pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2")]
+# ---- choosing the context ---------------------------------------------------------------
 
 
-# ---- choosing the certificate ----------------------------------------------------------
-
-
-def test_each_host_gets_its_own_certificate_by_sni(pki: PKI) -> None:
-    listener = listener_for(standard_snapshot(pki))
-    for name, key in (("a.example", "a"), ("b.example", "b")):
-        result = handshake(listener, client_context(pki), name)
-        assert result.ok
-        assert result.served() == der(pki.leaves[key])
-        assert result.client.getpeercert()["subjectAltName"] == (("DNS", name),)
-        route = tls.chosen_route(result.server)
-        assert route is not None and route.name == key
-
-
-def test_wildcard_host_matches_one_label_but_not_two(pki: PKI) -> None:
-    listener = listener_for(standard_snapshot(pki))
-    one = handshake(listener, client_context(pki), "y.w.example")
-    assert one.ok and one.served() == der(pki.leaves["wild"])
-    two = handshake(listener, client_context(pki, check_hostname=False), "z.y.w.example")
-    assert two.ok and two.served() == der(pki.leaves["default"])
-    assert tls.chosen_route(two.server) is None
-    bare = handshake(listener, client_context(pki, check_hostname=False), "w.example")
-    assert bare.served() == der(pki.leaves["default"])
+def test_lookup_picks_exact_name_then_one_label_wildcard_then_default(pki: PKI) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki))
+    for name, key in (("a.example", "a"), ("b.example", "b"), ("y.w.example", "wild"),
+                      ("o.example", "tcp"), ("m.example", "mtls")):
+        expected = table.exact[name] if name in table.exact else table.wildcard["w.example"]
+        assert tls.lookup(table, name) == expected
+        assert expected[0].name == key
+    # A wildcard covers one label: not two, not the bare parent.
+    for unknown in ("z.y.w.example", "w.example", "nobody.example", None):
+        assert tls.lookup(table, unknown) == (None, table.default), unknown
 
 
 def test_exact_name_beats_wildcard(pki: PKI) -> None:
-    result = handshake(listener_for(standard_snapshot(pki)), client_context(pki), "x.w.example")
-    assert result.ok and result.served() == der(pki.leaves["x"])
-    route = tls.chosen_route(result.server)
+    table = tls.build_sni_table(standard_snapshot(pki))
+    route, ctx = tls.lookup(table, "x.w.example")
     assert route is not None and route.name == "x"
+    assert ctx is not None and handshake(ctx, client_context(pki), "x.w.example").served() == der(
+        pki.leaves["x"])
 
 
-def test_no_sni_gets_default_certificate(pki: PKI) -> None:
-    result = handshake(listener_for(standard_snapshot(pki)), client_context(pki, check_hostname=False), None)
-    assert result.ok and result.served() == der(pki.leaves["default"])
-    assert tls.chosen_route(result.server) is None
-
-
-def test_unknown_sni_gets_default_certificate(pki: PKI) -> None:
-    listener = listener_for(standard_snapshot(pki))
-    result = handshake(listener, client_context(pki, check_hostname=False), "nobody.example")
-    assert result.ok and result.served() == der(pki.leaves["default"])
-
-
-@pytest.mark.parametrize("sni", ["nobody.example", None])
-def test_strict_mode_fails_unknown_or_missing_sni_with_unrecognized_name(pki: PKI, sni: str | None) -> None:
-    listener = listener_for(standard_snapshot(pki, strict_sni=True))
-    result = handshake(listener, client_context(pki, check_hostname=False), sni)
-    assert result.server_error is not None and result.client_error is not None
-    assert result.client_error.reason == "TLSV1_UNRECOGNIZED_NAME"
-    assert tls.handshake_failure_reason(result.server_error, result.server) == "unknown_sni"
-    assert tls.handshake_failure_reason(result.server_error) == "unknown_sni"
-    assert result.served() is None
-
-
-def test_without_default_certificate_unknown_sni_fails_and_known_names_work(pki: PKI) -> None:
-    listener = listener_for(replace(standard_snapshot(pki), default_certificate=None))
-    assert handshake(listener, client_context(pki, check_hostname=False), "nobody.example").server_error
-    assert handshake(listener, client_context(pki), "a.example").ok
+@pytest.mark.parametrize("sni", ["nobody.example", "q.r.w.example", None])
+def test_strict_mode_has_nothing_for_unknown_or_missing_sni(pki: PKI, sni: str | None) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki, strict_sni=True))
+    assert tls.lookup(table, sni) == (None, None)
+    route, _ = tls.lookup(table, "a.example")
+    assert route is not None and route.name == "a"
 
 
 def test_lookup_lowercases_and_strips_trailing_dot(pki: PKI) -> None:
@@ -254,33 +222,42 @@ def test_lookup_lowercases_and_strips_trailing_dot(pki: PKI) -> None:
     wild, _ = tls.lookup(table, "Q.W.EXAMPLE")
     assert wild is not None and wild.name == "wild"
     assert tls.lookup(table, "") == (None, table.default)
-    strict = tls.build_sni_table(standard_snapshot(pki, strict_sni=True))
-    assert tls.lookup(strict, None) == (None, None)
-    assert tls.lookup(strict, "q.r.w.example") == (None, None)
 
 
-def test_reload_applies_to_new_handshakes(pki: PKI) -> None:
-    b = pki.bundles
-    current = [tls.build_sni_table(Snapshot(1, (host("a", ("a.example",), b["a"]),)))]
-    listener = tls.listener_context(lambda: current[0])
-    assert handshake(listener, client_context(pki), "a.example").served() == der(pki.leaves["a"])
-    current[0] = tls.build_sni_table(Snapshot(2, (host("a", ("a.example", "b.example"), b["b"]),)))
-    result = handshake(listener, client_context(pki, check_hostname=False), "a.example")
-    assert result.served() == der(pki.leaves["b"])
+def test_without_default_certificate_unknown_sni_has_no_context(pki: PKI) -> None:
+    table = tls.build_sni_table(replace(standard_snapshot(pki), default_certificate=None))
+    assert tls.lookup(table, "nobody.example") == (None, None)
+    assert tls.lookup(table, "a.example")[1] is not None
 
 
 def test_host_without_certificate_uses_default_or_is_left_out(pki: PKI) -> None:
     snap = Snapshot(1, (host("bare", ("bare.example",), None),), default_certificate=pki.bundles["default"])
-    route, ctx = tls.lookup(tls.build_sni_table(snap), "bare.example")
+    table = tls.build_sni_table(snap)
+    route, ctx = tls.lookup(table, "bare.example")
     assert route is not None and route.name == "bare" and ctx is not None
+    result = handshake(ctx, client_context(pki, check_hostname=False), "bare.example")
+    assert result.ok and result.served() == der(pki.leaves["default"])
     alone = tls.build_sni_table(replace(snap, default_certificate=None))
     assert tls.lookup(alone, "bare.example") == (None, None)
+
+
+def test_each_host_context_serves_that_hosts_certificate(pki: PKI) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki))
+    for name, key in (("a.example", "a"), ("b.example", "b"), ("x.w.example", "x"), ("o.example", "o")):
+        result = handshake(table.exact[name][1], client_context(pki), name)
+        assert result.ok, name
+        assert result.served() == der(pki.leaves[key])
+    assert table.default is not None
+    result = handshake(table.default, client_context(pki, check_hostname=False), None)
+    assert result.ok and result.served() == der(pki.leaves["default"])
 
 
 # ---- building contexts ----------------------------------------------------------------
 
 
-def test_hosts_sharing_a_certificate_share_one_context(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def built_contexts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the certificates ``server_context`` builds a context for."""
     built: list[str] = []
     real = tls.server_context
 
@@ -289,21 +266,46 @@ def test_hosts_sharing_a_certificate_share_one_context(pki: PKI, monkeypatch: py
         return real(bundle, **kwargs)
 
     monkeypatch.setattr(tls, "server_context", counting)
+    return built
+
+
+def test_hosts_sharing_a_certificate_share_one_context(pki: PKI, built_contexts: list[str]) -> None:
     wild = pki.bundles["wild"]
     hosts = tuple(host(f"h{i}", (f"h{i}.w.example",), wild) for i in range(1000))
     started = time.perf_counter()
     table = tls.build_sni_table(Snapshot(1, hosts))
     assert time.perf_counter() - started < 2
-    assert built == ["wild"]
+    assert built_contexts == ["wild"]
     assert len({id(ctx) for _, ctx in table.exact.values()}) == 1
-    tcp = tls.build_sni_table(Snapshot(1, (*hosts[:2], replace(hosts[2], mode=Mode.TCP))))
-    assert tcp.exact["h0.w.example"][1] is tcp.exact["h1.w.example"][1]
-    assert tcp.exact["h0.w.example"][1] is not tcp.exact["h2.w.example"][1]  # other ALPN
+
+
+def test_a_context_is_built_per_certificate_client_auth_and_alpn(pki: PKI, built_contexts: list[str]) -> None:
+    cert = pki.bundles["wild"]
+    required = client_auth(pki, ClientAuthMode.REQUIRED)
+    hosts = (
+        host("h0", ("h0.w.example",), cert),
+        host("h1", ("h1.w.example",), cert),
+        host("tcp", ("h2.w.example",), cert, mode=Mode.TCP),  # no ALPN
+        host("m0", ("h3.w.example",), cert, client_auth=required),
+        host("m1", ("h4.w.example",), cert, client_auth=required),
+        host("opt", ("h5.w.example",), cert, client_auth=client_auth(pki, ClientAuthMode.OPTIONAL)),
+        host("off", ("h6.w.example",), cert, client_auth=ClientAuth(ClientAuthMode.OFF, b"ignored")),
+    )
+    table = tls.build_sni_table(Snapshot(1, hosts))
+    ctx = {name[:2]: choice[1] for name, choice in table.exact.items()}
+    assert ctx["h0"] is ctx["h1"] is ctx["h6"]
+    assert ctx["h3"] is ctx["h4"]
+    assert len({id(c) for c in (ctx["h0"], ctx["h2"], ctx["h3"], ctx["h5"])}) == 4
+    assert len(built_contexts) == 4
+    assert ctx["h3"].verify_mode == ssl.CERT_REQUIRED
+    assert ctx["h5"].verify_mode == ssl.CERT_OPTIONAL
+    assert ctx["h0"].verify_mode == ctx["h2"].verify_mode == ssl.CERT_NONE
 
 
 def test_context_settings_follow_mozilla_intermediate(pki: PKI) -> None:
     table = tls.build_sni_table(standard_snapshot(pki))
-    for ctx in (table.exact["a.example"][1], tls.listener_context(lambda: table)):
+    assert table.default is not None
+    for ctx in (table.exact["a.example"][1], table.exact["m.example"][1], table.default):
         assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
         assert ctx.options & ssl.OP_NO_COMPRESSION
         assert ctx.options & ssl.OP_NO_RENEGOTIATION
@@ -320,16 +322,17 @@ def test_bad_key_raises_config_error_naming_the_certificate(pki: PKI) -> None:
     garbage = replace(pki.bundles["a"], name="junk", chain_pem=b"not a certificate")
     with pytest.raises(tls.TLSConfigError, match="certificate 'junk': chain or key is not valid PEM"):
         tls.build_sni_table(Snapshot(1, (), default_certificate=garbage))
+    no_key = replace(pki.bundles["a"], name="keyless", key_pem=b"-----BEGIN PRIVATE KEY-----\nxx\n")
+    with pytest.raises(tls.TLSConfigError, match="certificate 'keyless'"):
+        tls.build_sni_table(Snapshot(1, (host("a", ("a.example",), no_key),)))
 
 
 def test_encrypted_key_is_refused_without_prompting(pki: PKI) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     key = serialization.load_pem_private_key(pki.bundles["a"].key_pem, password=None)
     locked = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                serialization.BestAvailableEncryption(b"secret"))
     with pytest.raises(tls.TLSConfigError, match="certificate 'a': key is encrypted"):
-        tls.server_context(replace(pki.bundles["a"], key_pem=locked), alpn=(), client_auth=None)
+        tls.build_sni_table(Snapshot(1, (host("a", ("a.example",), replace(pki.bundles["a"], key_pem=locked)),)))
 
 
 def test_bad_client_ca_bundle_names_the_host(pki: PKI) -> None:
@@ -337,6 +340,9 @@ def test_bad_client_ca_bundle_names_the_host(pki: PKI) -> None:
     snap = Snapshot(1, (host("api", ("a.example",), pki.bundles["a"], client_auth=bad),))
     with pytest.raises(tls.TLSConfigError, match="host 'api': client CA bundle is not valid PEM"):
         tls.build_sni_table(snap)
+    binary = replace(snap, hosts=(replace(snap.hosts[0], client_auth=replace(bad, ca_pem=b"\xff\xfe")),))
+    with pytest.raises(tls.TLSConfigError, match="host 'api': client CA bundle is not valid PEM"):
+        tls.build_sni_table(binary)
     empty = replace(snap, hosts=(replace(snap.hosts[0], client_auth=ClientAuth(ClientAuthMode.OPTIONAL)),))
     with pytest.raises(tls.TLSConfigError, match=r"host 'api': .* no CA bundle"):
         tls.build_sni_table(empty)
@@ -348,6 +354,9 @@ def test_a_name_claimed_by_two_hosts_is_refused(pki: PKI) -> None:
     claimed = re.escape("host 'two': name 'a.example' is already served by host 'one'")
     with pytest.raises(tls.TLSConfigError, match=claimed):
         tls.build_sni_table(snap)
+    wild = Snapshot(1, (host("one", ("*.w.example",), b["wild"]), host("two", ("*.W.example",), b["wild"])))
+    with pytest.raises(tls.TLSConfigError, match=re.escape("name '*.w.example' is already served")):
+        tls.build_sni_table(wild)
 
 
 @pytest.fixture
@@ -383,21 +392,20 @@ def test_private_key_is_never_written_to_a_file(
     table = tls.build_sni_table(standard_snapshot(pki))
     assert memfds, "keys are loaded through memfd"
     assert file_writes == []
-    assert handshake(tls.listener_context(lambda: table), client_context(pki), "a.example").ok
+    assert handshake(context_of(table, "a.example"), client_context(pki), "a.example").ok
 
 
 def test_without_memfd_the_key_goes_through_an_unlinked_tmpfs_file(
     pki: PKI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if tls._tmpfs_directory() is None:
+    shm = tls._tmpfs_directory()
+    if shm is None:
         pytest.skip("no tmpfs on this machine")
 
     def unavailable(*args: Any) -> int:
         raise OSError(38, "Function not implemented")
 
     monkeypatch.setattr(os, "memfd_create", unavailable)
-    shm = tls._tmpfs_directory()
-    assert shm is not None
     before = set(os.listdir(shm))
     created: list[str] = []
     real_mkstemp = tls.tempfile.mkstemp
@@ -412,7 +420,19 @@ def test_without_memfd_the_key_goes_through_an_unlinked_tmpfs_file(
     table = tls.build_sni_table(standard_snapshot(pki))
     assert created and all(p.startswith(shm) for p in created)
     assert not set(os.listdir(shm)) - before
-    assert handshake(tls.listener_context(lambda: table), client_context(pki), "b.example").ok
+    assert handshake(context_of(table, "b.example"), client_context(pki), "b.example").ok
+
+
+def test_without_memfd_or_tmpfs_the_build_fails_rather_than_write_to_disk(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unavailable(*args: Any) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", unavailable)
+    monkeypatch.setattr(tls, "_tmpfs_directory", lambda: None)
+    with pytest.raises(tls.TLSConfigError, match="refusing to write it to disk"):
+        tls.build_sni_table(standard_snapshot(pki))
 
 
 # ---- protocol versions, ciphers, ALPN --------------------------------------------------
@@ -425,179 +445,243 @@ def test_tls11_client_is_refused(pki: PKI) -> None:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_1
         ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    result = handshake(listener_for(standard_snapshot(pki)), ctx, "a.example")
+    table = tls.build_sni_table(standard_snapshot(pki))
+    result = handshake(context_of(table, "a.example"), ctx, "a.example")
     assert result.server_error is not None
     assert tls.handshake_failure_reason(result.server_error) == "protocol_version"
 
 
 @pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_alpn_http11_for_http_hosts_and_none_for_tcp_hosts(pki: PKI, version: ssl.TLSVersion | None) -> None:
-    listener = listener_for(standard_snapshot(pki))
+def test_alpn_http11_for_http_hosts_and_none_for_tcp_hosts(pki: PKI, version: ssl.TLSVersion) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki))
     ctx = client_context(pki, max_version=version)
     ctx.set_alpn_protocols(["h2", "http/1.1"])
-    http = handshake(listener, ctx, "a.example")
+    http = handshake(context_of(table, "a.example"), ctx, "a.example")
     assert http.ok and http.client.selected_alpn_protocol() == "http/1.1"
-    tcp = handshake(listener, ctx, "o.example")
+    tcp = handshake(context_of(table, "o.example"), ctx, "o.example")
     assert tcp.ok and tcp.client.selected_alpn_protocol() is None
+    h2_only = client_context(pki, max_version=version)
+    h2_only.set_alpn_protocols(["h2"])
+    # No overlap: the handshake carries on without ALPN rather than failing.
+    no_overlap = handshake(context_of(table, "a.example"), h2_only, "a.example")
+    assert no_overlap.ok and no_overlap.client.selected_alpn_protocol() is None
+
+
+def test_ecdhe_suites_are_negotiated_by_default(pki: PKI) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki))
+    result = handshake(context_of(table, "a.example"),
+                       client_context(pki, max_version=ssl.TLSVersion.TLSv1_2), "a.example")
+    cipher = result.client.cipher()
+    assert result.ok and cipher is not None and cipher[0] in tls.INTERMEDIATE_CIPHERS.split(":")
+    assert cipher[0].startswith("ECDHE-")
 
 
 def test_dhe_suites_work_with_an_rsa_certificate() -> None:
     ca = trustme.CA(key_type=trustme.KeyType.RSA)
     leaf = ca.issue_cert("rsa.example", key_type=trustme.KeyType.RSA)
-    table = tls.build_sni_table(Snapshot(1, (host("rsa", ("rsa.example",), make_bundle(leaf, "rsa")),)))
+    table = tls.build_sni_table(Snapshot(1, (host("rsa", ("rsa.example",), bundle_of(leaf, "rsa")),)))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ca.configure_trust(ctx)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers("DHE-RSA-AES128-GCM-SHA256")
-    result = handshake(tls.listener_context(lambda: table), ctx, "rsa.example")
+    result = handshake(context_of(table, "rsa.example"), ctx, "rsa.example")
     assert result.ok
     assert result.client.cipher() == ("DHE-RSA-AES128-GCM-SHA256", "TLSv1.2", 128)
 
 
-# ---- client certificates -----------------------------------------------------------------
-
-
-def mtls_listener(pki: PKI, mode: ClientAuthMode) -> ssl.SSLContext:
-    b = pki.bundles
-    hosts = (host("m", ("m.example",), b["m"], client_auth=client_auth(pki, mode)),
-             host("a", ("a.example",), b["a"]))
-    return listener_for(Snapshot(1, hosts, default_certificate=b["default"]))
-
-
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_required_client_cert_missing_fails_the_handshake(pki: PKI, version: ssl.TLSVersion | None) -> None:
-    result = handshake(mtls_listener(pki, ClientAuthMode.REQUIRED), client_context(pki, max_version=version),
-                       "m.example")
-    assert result.server_error is not None
-    assert tls.handshake_failure_reason(result.server_error, result.server) == "no_client_cert"
-
-
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_required_client_cert_good_is_seen_by_the_server(pki: PKI, version: ssl.TLSVersion | None) -> None:
-    ctx = client_context(pki, cert=pki.client, max_version=version)
-    result = handshake(mtls_listener(pki, ClientAuthMode.REQUIRED), ctx, "m.example")
-    assert result.ok
-    assert result.server.getpeercert(binary_form=True) == der(pki.client)
-
-
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_client_cert_from_another_ca_is_refused(pki: PKI, version: ssl.TLSVersion | None) -> None:
-    for mode in (ClientAuthMode.REQUIRED, ClientAuthMode.OPTIONAL):
-        ctx = client_context(pki, cert=pki.stranger, max_version=version)
-        result = handshake(mtls_listener(pki, mode), ctx, "m.example")
-        assert result.server_error is not None
-        assert tls.handshake_failure_reason(result.server_error) == "bad_client_cert"
-
-
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_optional_client_cert_may_be_absent(pki: PKI, version: ssl.TLSVersion | None) -> None:
-    listener = mtls_listener(pki, ClientAuthMode.OPTIONAL)
-    without = handshake(listener, client_context(pki, max_version=version), "m.example")
-    assert without.ok and without.server.getpeercert(binary_form=True) is None
-    with_cert = handshake(listener, client_context(pki, cert=pki.client, max_version=version), "m.example")
-    assert with_cert.ok and with_cert.server.getpeercert(binary_form=True) == der(pki.client)
-
-
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_host_without_client_auth_requests_no_certificate(pki: PKI, version: ssl.TLSVersion | None) -> None:
-    ctx = client_context(pki, cert=pki.client, max_version=version)
-    result = handshake(mtls_listener(pki, ClientAuthMode.REQUIRED), ctx, "a.example")
-    assert result.ok
-    assert result.server.getpeercert(binary_form=True) is None
-    assert result.server.getpeercert() is None
-
-
-def test_session_of_another_host_cannot_skip_client_auth(pki: PKI) -> None:
-    """TLS 1.3 resumes in the listener context, before SNI: refuse a foreign session."""
-    listener = mtls_listener(pki, ClientAuthMode.REQUIRED)
-    ctx = client_context(pki)
-    first = handshake(listener, ctx, "a.example")
-    assert first.ok and first.client.session is not None
-    resumed = handshake(listener, ctx, "m.example", session=first.client.session)
-    assert resumed.server_error is not None
-    assert resumed.client_error is not None and "ACCESS_DENIED" in (resumed.client_error.reason or "")
-    assert tls.handshake_failure_reason(resumed.server_error, resumed.server) == "resumption_rejected"
-
-
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-def test_session_of_the_same_host_resumes_with_its_client_cert(
-    pki: PKI, version: ssl.TLSVersion | None
-) -> None:
-    listener = mtls_listener(pki, ClientAuthMode.REQUIRED)
-    ctx = client_context(pki, cert=pki.client, max_version=version)
-    first = handshake(listener, ctx, "m.example")
-    resumed = handshake(listener, ctx, "m.example", session=first.client.session)
-    assert resumed.ok and resumed.server.session_reused
-    assert resumed.server.getpeercert(binary_form=True) == der(pki.client)
-
-
-def test_tls12_resumption_is_routed_to_the_sessions_own_host(pki: PKI) -> None:
-    """In TLS 1.2 OpenSSL hands the callback the session's name, so the route follows it."""
-    listener = mtls_listener(pki, ClientAuthMode.REQUIRED)
+def test_a_suite_outside_the_intermediate_list_is_refused(pki: PKI) -> None:
     ctx = client_context(pki, max_version=ssl.TLSVersion.TLSv1_2)
-    first = handshake(listener, ctx, "a.example")
-    resumed = handshake(listener, ctx, "m.example", session=first.client.session)
-    route = tls.chosen_route(resumed.server)
-    assert resumed.ok and route is not None and route.name == "a"
-    assert resumed.server.getpeercert(binary_form=True) is None
-
-
-def test_a_failing_table_fails_the_handshake_without_serving_anything(pki: PKI) -> None:
-    def broken() -> tls.SNITable:
-        raise RuntimeError("no table")
-
-    result = handshake(tls.listener_context(broken), client_context(pki, check_hostname=False), "a.example")
-    assert result.server_error is not None and result.served() is None
-    assert tls.handshake_failure_reason(result.server_error, result.server) == "internal_error"
-
-
-# ---- over real sockets, both event loops ----------------------------------------------------
-
-
-def loop_factories() -> list[Any]:
-    factories: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:
-        return factories
-    return [*factories, pytest.param(uvloop.new_event_loop, id="uvloop")]
-
-
-@pytest.mark.parametrize("loop_factory", loop_factories())
-def test_event_loops_pass_the_ssl_object_the_transport_exposes(
-    pki: PKI, loop_factory: Callable[[], asyncio.AbstractEventLoop]
-) -> None:
+    ctx.set_ciphers("AES128-SHA")  # RSA key exchange, CBC: not intermediate
     table = tls.build_sni_table(standard_snapshot(pki))
-    seen: dict[str, Any] = {}
+    result = handshake(context_of(table, "a.example"), ctx, "a.example")
+    assert result.server_error is not None
+    assert tls.handshake_failure_reason(result.server_error) == "no_shared_cipher"
 
-    class Server(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            ssl_object = transport.get_extra_info("ssl_object")
-            seen["route"] = tls.chosen_route(transport)
-            seen["same_object"] = tls.chosen_route(ssl_object) is seen["route"]
-            seen["peer"] = ssl_object.getpeercert(binary_form=True)
-            transport.write(b"hello")  # type: ignore[attr-defined]  # uvloop's is no WriteTransport
-            transport.close()
 
-    async def main() -> bytes:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Server, "127.0.0.1", 0, ssl=tls.listener_context(lambda: table))
-        port = server.sockets[0].getsockname()[1]
-        ctx = client_context(pki, cert=pki.client)
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ctx, server_hostname="m.example"
-        )
-        data = await reader.read()
-        writer.close()
-        server.close()
-        await server.wait_closed()
-        return data
+# ---- client certificates against one host context ---------------------------------------
 
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        assert runner.run(asyncio.wait_for(main(), 10)) == b"hello"
-    assert seen["route"] is not None and seen["route"].name == "mtls"
-    assert seen["same_object"] is True
-    assert seen["peer"] == der(pki.client)
+
+def received_handshake_messages(ctx: ssl.SSLContext) -> list[int]:
+    """Handshake messages ``ctx``'s connections receive (OpenSSL's message callback)."""
+    seen: list[int] = []
+
+    def record(conn: object, direction: str, version: object, content_type: object,
+               msg_type: int, data: bytes) -> None:
+        if direction == "read" and content_type == TLSContent.HANDSHAKE:
+            seen.append(msg_type)
+
+    ctx._msg_callback = record  # type: ignore[attr-defined]
+    return seen
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_host_without_client_auth_requests_no_certificate(pki: PKI, version: ssl.TLSVersion) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki))
+    ctx = client_context(pki, cert=pki.client, max_version=version)
+    seen = received_handshake_messages(ctx)
+    result = handshake(context_of(table, "a.example"), ctx, "a.example")
+    assert result.ok
+    assert TLSMessage.CERTIFICATE in seen
+    assert TLSMessage.CERTIFICATE_REQUEST not in seen
+    assert result.server.getpeercert() is None
+    seen.clear()
+    mtls = handshake(context_of(table, "m.example"), ctx, "m.example")
+    assert mtls.ok and TLSMessage.CERTIFICATE_REQUEST in seen  # the check can see one
+
+
+def test_the_client_ca_list_is_the_hosts_own(pki: PKI) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki))
+    assert context_of(table, "a.example").get_ca_certs() == []
+    client_ca = ssl.PEM_cert_to_DER_cert(pki.client_ca.cert_pem.bytes().decode())
+    assert context_of(table, "m.example").get_ca_certs(binary_form=True) == [client_ca]
+
+
+# ---- client certificates through the node ------------------------------------------------
+
+
+def node_snapshot(ca: trustme.CA, client_ca: trustme.CA, port: int, mode: ClientAuthMode) -> Snapshot:
+    """Hosts a (no client auth) and m (``mode``), on ONE certificate: only the auth differs."""
+    shared = bundle(ca, "a.example", "m.example", name="shared")
+    auth = ClientAuth(mode=mode, ca_pem=client_ca.cert_pem.bytes())
+    return Snapshot(
+        revision=1,
+        hosts=(host("a", ("a.example",), shared, upstream=Upstream("a-up", (Target("127.0.0.1", port),))),
+               host("m", ("m.example",), shared, client_auth=auth,
+                    upstream=Upstream("m-up", (Target("127.0.0.1", port),)))),
+    )
+
+
+@pytest.fixture(scope="module")
+def client_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@dataclass
+class Exchange:
+    """One HTTPS request through the node, or why it did not get a response."""
+
+    status: int | None = None
+    error: BaseException | None = None
+    session: ssl.SSLSession | None = None
+    session_reused: bool = False
+    version: str | None = None
+
+
+def exchange(port: int, ctx: ssl.SSLContext, name: str, session: ssl.SSLSession | None = None) -> Exchange:
+    result = Exchange()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(
+            raw, server_hostname=name, session=session
+        ) as sock:
+            result.version = sock.version()
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+            # In TLS 1.3 the client's handshake ends first: a refusal comes on this read.
+            result.status, _, _ = read_response(sock)
+            result.session, result.session_reused = sock.session, bool(sock.session_reused)
+    except (ssl.SSLError, OSError) as exc:
+        result.error = exc
+    return result
+
+
+def handshake_failures(node: RunningNode, host: str, expected: dict[str, int]) -> dict[str, int]:
+    """The host's failed-handshake counts, once they reach ``expected`` (or after 3 s)."""
+    end = time.monotonic() + 3
+    while True:
+        seen: dict[str, int] = node.stats()["hosts"].get(host, {}).get("handshakes_failed", {})
+        if seen == expected or time.monotonic() > end:
+            return seen
+        time.sleep(0.02)
+
+
+def node_client(ca: trustme.CA, version: ssl.TLSVersion, cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.maximum_version = version
+    if cert is not None:
+        cert.configure_cert(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_required_client_cert_missing_or_foreign_fails_and_good_one_passes(
+    ca: trustme.CA, client_ca: trustme.CA, upstream: HarnessUpstream, version: ssl.TLSVersion
+) -> None:
+    good, stranger = client_ca.issue_cert("client@example"), trustme.CA().issue_cert("client@example")
+    with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.REQUIRED)) as node:
+        port = node.https_port
+        missing = exchange(port, node_client(ca, version), "m.example")
+        assert missing.status is None and missing.error is not None
+        assert handshake_failures(node, "m", {"no_client_cert": 1}) == {"no_client_cert": 1}
+        foreign = exchange(port, node_client(ca, version, stranger), "m.example")
+        assert foreign.status is None and foreign.error is not None
+        expected = {"no_client_cert": 1, "bad_client_cert": 1}
+        assert handshake_failures(node, "m", expected) == expected
+        passed = exchange(port, node_client(ca, version, good), "m.example")
+        assert passed.error is None and passed.status == 200
+        assert passed.version == ("TLSv1.3" if version is ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
+        # The same certificate without client auth, on the same node: no certificate asked.
+        assert exchange(port, node_client(ca, version), "a.example").status == 200
+        stats = node.stats()["hosts"]
+    assert stats["m"]["handshakes_ok"] == 1 and stats["a"]["handshakes_ok"] == 1
+    assert stats["a"]["handshakes_failed"] == {}
+    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_optional_client_cert_may_be_absent_but_not_foreign(
+    ca: trustme.CA, client_ca: trustme.CA, upstream: HarnessUpstream, version: ssl.TLSVersion
+) -> None:
+    good, stranger = client_ca.issue_cert("client@example"), trustme.CA().issue_cert("client@example")
+    with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.OPTIONAL)) as node:
+        port = node.https_port
+        assert exchange(port, node_client(ca, version), "m.example").status == 200
+        assert exchange(port, node_client(ca, version, good), "m.example").status == 200
+        foreign = exchange(port, node_client(ca, version, stranger), "m.example")
+        assert foreign.status is None
+        assert handshake_failures(node, "m", {"bad_client_cert": 1}) == {"bad_client_cert": 1}
+        assert node.stats()["hosts"]["m"]["handshakes_ok"] == 2
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_node_never_asks_a_certificate_for_a_host_without_client_auth(
+    ca: trustme.CA, client_ca: trustme.CA, upstream: HarnessUpstream, version: ssl.TLSVersion
+) -> None:
+    ctx = node_client(ca, version, client_ca.issue_cert("client@example"))
+    seen = received_handshake_messages(ctx)
+    with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.REQUIRED)) as node:
+        assert exchange(node.https_port, ctx, "a.example").status == 200
+        assert TLSMessage.CERTIFICATE_REQUEST not in seen
+        assert exchange(node.https_port, ctx, "m.example").status == 200
+        assert TLSMessage.CERTIFICATE_REQUEST in seen
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_a_session_from_another_host_does_not_resume_past_client_auth(
+    ca: trustme.CA, client_ca: trustme.CA, upstream: HarnessUpstream, version: ssl.TLSVersion
+) -> None:
+    """a and m share a certificate; only m requires client certificates. A session (ticket)
+    from a must not let a client skip m's certificate check: each host context has its own
+    ticket keys and session cache, so it is not even resumed."""
+    with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.REQUIRED)) as node:
+        port = node.https_port
+        plain = node_client(ca, version)
+        first = exchange(port, plain, "a.example")
+        assert first.status == 200 and first.session is not None and first.session.has_ticket
+        again = exchange(port, plain, "a.example", session=first.session)
+        assert again.status == 200 and again.session_reused  # the session is a good one
+
+        stolen = exchange(port, plain, "m.example", session=first.session)
+        assert stolen.status is None and stolen.error is not None
+        assert handshake_failures(node, "m", {"no_client_cert": 1}) == {"no_client_cert": 1}
+
+        # Python ties a session to the context that made it: a second client, with a cert.
+        with_cert = node_client(ca, version, client_ca.issue_cert("client@example"))
+        own = exchange(port, with_cert, "a.example")
+        assert own.status == 200 and own.session is not None
+        crossed = exchange(port, with_cert, "m.example", session=own.session)
+        assert crossed.status == 200 and crossed.session_reused is False
+        stats = node.stats()["hosts"]
+    assert stats["a"]["handshakes_ok"] == 3 and stats["m"]["handshakes_ok"] == 1
 
 
 # ---- failure reasons, upstream contexts ---------------------------------------------------
@@ -609,7 +693,9 @@ def test_handshake_failure_reasons_are_short_stable_keys() -> None:
         (TimeoutError(), "timeout"),
         (aborted, "timeout"),
         (ConnectionResetError, "eof"),  # uvloop passes the class
+        (ConnectionResetError(104, "reset"), "eof"),
         (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), "eof"),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), "bad_client_cert"),
         (ValueError("odd"), "other"),
     ]
     for exc, key in cases:
@@ -617,33 +703,101 @@ def test_handshake_failure_reasons_are_short_stable_keys() -> None:
         assert key in tls.HANDSHAKE_FAILURE_REASONS
 
 
-def upstream_handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, name: str) -> Handshake:
-    return handshake(server_ctx, client_ctx, name)
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_client_cert_failures_of_a_host_context_have_their_reasons(
+    pki: PKI, version: ssl.TLSVersion
+) -> None:
+    table = tls.build_sni_table(standard_snapshot(pki))
+    mtls = context_of(table, "m.example")
+    missing = handshake(mtls, client_context(pki, max_version=version), "m.example")
+    assert missing.server_error is not None
+    assert tls.handshake_failure_reason(missing.server_error) == "no_client_cert"
+    foreign = handshake(mtls, client_context(pki, cert=pki.stranger, max_version=version), "m.example")
+    assert foreign.server_error is not None
+    assert tls.handshake_failure_reason(foreign.server_error) == "bad_client_cert"
+    good = handshake(mtls, client_context(pki, cert=pki.client, max_version=version), "m.example")
+    assert good.ok and good.server.getpeercert(binary_form=True) == der(pki.client)
+
+
+def backend(pki: PKI) -> ssl.SSLContext:
+    """An upstream that serves backend.internal and requires a client cert from client_ca."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pki.ca.issue_cert("backend.internal").configure_cert(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    pki.client_ca.configure_trust(ctx)
+    return ctx
 
 
 def test_upstream_context_verifies_name_and_ca_and_presents_client_cert(pki: PKI) -> None:
-    backend_leaf = pki.ca.issue_cert("backend.internal")
-    backend = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    backend_leaf.configure_cert(backend)
-    backend.verify_mode = ssl.CERT_REQUIRED
-    pki.client_ca.configure_trust(backend)
-    client_cert = make_bundle(pki.client, "to-backend")
+    server = backend(pki)
     settings = UpstreamTLS(verify=True, ca_pem=pki.ca.cert_pem.bytes(), server_name="backend.internal",
-                           client_certificate=client_cert)
+                           client_certificate=bundle_of(pki.client, "to-backend"))
     ctx = tls.upstream_context(settings)
     assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
     assert tls.upstream_server_name(settings, "10.0.0.7") == "backend.internal"
-    result = upstream_handshake(ctx, backend, tls.upstream_server_name(settings, "10.0.0.7"))
+    assert tls.upstream_server_name(replace(settings, server_name=""), "10.0.0.7") == "10.0.0.7"
+    result = handshake(server, ctx, tls.upstream_server_name(settings, "10.0.0.7"))
     assert result.ok and result.server.getpeercert(binary_form=True) == der(pki.client)
-    assert upstream_handshake(ctx, backend, "other.internal").client_error is not None
-    loose = tls.upstream_context(replace(settings, verify=False))
+    wrong_name = handshake(server, ctx, "other.internal")
+    assert isinstance(wrong_name.client_error, ssl.SSLCertVerificationError)
+    other_ca = tls.upstream_context(replace(settings, ca_pem=trustme.CA().cert_pem.bytes()))
+    assert isinstance(handshake(server, other_ca, "backend.internal").client_error,
+                      ssl.SSLCertVerificationError)
+
+
+def test_upstream_context_without_verification_accepts_any_certificate(pki: PKI) -> None:
+    settings = UpstreamTLS(verify=False, ca_pem=b"", server_name="",
+                           client_certificate=bundle_of(pki.client, "to-backend"))
+    loose = tls.upstream_context(settings)
     assert loose.verify_mode == ssl.CERT_NONE and not loose.check_hostname
-    assert upstream_handshake(loose, backend, "other.internal").ok
+    assert handshake(backend(pki), loose, "other.internal").ok
+    no_cert = tls.upstream_context(replace(settings, client_certificate=None))
+    failed = handshake(backend(pki), no_cert, "backend.internal")
+    assert failed.server_error is not None  # the backend wanted one
 
 
-def test_upstream_context_rejects_bad_ca_and_uses_system_store_when_empty(pki: PKI) -> None:
+def test_upstream_context_rejects_bad_ca_and_uses_system_store_when_empty(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(tls.TLSConfigError, match="upstream 'app': CA bundle is not valid PEM"):
         tls.upstream_context(UpstreamTLS(True, b"\xff\xfe", ""), label="upstream 'app'")
+    with pytest.raises(tls.TLSConfigError, match="upstream 'app': CA bundle is not valid PEM"):
+        tls.upstream_context(UpstreamTLS(True, b"-----BEGIN CERTIFICATE-----\nxx\n", ""),
+                             label="upstream 'app'")
+    loaded: list[ssl.Purpose] = []
+    real = ssl.SSLContext.load_default_certs
+
+    def spy(self: ssl.SSLContext, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH) -> None:
+        loaded.append(purpose)
+        real(self, purpose)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_default_certs", spy)
     system = tls.upstream_context(UpstreamTLS(True, b"", ""))
-    assert system.verify_mode == ssl.CERT_REQUIRED
+    assert loaded == [ssl.Purpose.SERVER_AUTH]
+    assert system.verify_mode == ssl.CERT_REQUIRED and system.check_hostname
     assert system.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert system.options & ssl.OP_NO_COMPRESSION
+    # An explicit CA bundle replaces the system store.
+    loaded.clear()
+    tls.upstream_context(UpstreamTLS(True, pki.ca.cert_pem.bytes(), ""))
+    assert loaded == []
+
+
+def test_upstream_context_names_a_bad_client_certificate(pki: PKI) -> None:
+    wrong = replace(bundle_of(pki.client, "to-backend"), key_pem=pki.bundles["a"].key_pem)
+    with pytest.raises(tls.TLSConfigError, match="certificate 'to-backend': key does not match"):
+        tls.upstream_context(UpstreamTLS(True, b"", "", client_certificate=wrong))
+
+
+def test_upstream_alpn_is_offered_when_asked(pki: PKI) -> None:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pki.ca.issue_cert("backend.internal").configure_cert(server)
+    server.set_alpn_protocols(["http/1.1"])
+    ctx = tls.upstream_context(UpstreamTLS(True, pki.ca.cert_pem.bytes(), ""), alpn=("http/1.1",))
+    result = handshake(server, ctx, "backend.internal")
+    assert result.ok and result.client.selected_alpn_protocol() == "http/1.1"
+
+
+def test_every_failure_reason_is_listed() -> None:
+    assert set(tls._SSL_REASONS.values()) <= set(tls.HANDSHAKE_FAILURE_REASONS)
+    assert {"timeout", "eof", "other"} <= set(tls.HANDSHAKE_FAILURE_REASONS)
