@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
+from dataclasses import dataclass
 from typing import Any, TextIO
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections
 
 from proxyadmin.models import ConfigRevision
 from proxyadmin.snapshot import SnapshotError, build_snapshot
+from proxycore.agent import AgentLink
 from proxycore.config import Snapshot
 from proxycore.limits import Limits
 from proxycore.server import ProxyNode
@@ -26,6 +31,23 @@ from proxycore.tls import TLSConfigError
 
 log = logging.getLogger("proxyadmin.runproxy")
 POLL_INTERVAL = 1.0
+VERSION = "0.1.0"
+
+
+@dataclass
+class RunningLink:
+    link: AgentLink
+    task: asyncio.Task[None]
+
+
+def agent_url(control: str) -> str:
+    """ws:// or wss:// URL of the control plane from an http(s):// or ws(s):// one."""
+    for plain, secure in (("http://", "ws://"), ("https://", "wss://")):
+        if control.startswith(plain):
+            return secure + control[len(plain):]
+    if control.startswith(("ws://", "wss://")):
+        return control
+    raise CommandError(f"--control must be an http:// or https:// URL, not {control!r}.")
 
 
 def parse_address(value: str, option: str) -> tuple[str, int]:
@@ -61,6 +83,13 @@ class Command(BaseCommand):
         parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
         parser.add_argument("--stop-deadline", type=float, default=defaults.stop_deadline,
                             help="seconds in-flight requests get on SIGTERM (30)")
+        parser.add_argument(
+            "--control", default=os.environ.get("PROXYADMIN_CONTROL_URL", "http://127.0.0.1:8000"),
+            help="control plane to report to over the agent link (http://127.0.0.1:8000)")
+        parser.add_argument("--no-control", action="store_true",
+                            help="no agent link: poll the database for config changes only")
+        parser.add_argument("--name", default="",
+                            help="node name on the dashboard (default: host name and HTTPS port)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         https = parse_address(options["https"], "--https")
@@ -75,6 +104,8 @@ class Command(BaseCommand):
         limits = Limits(max_connections=options["max_connections"],
                         stop_deadline=options["stop_deadline"])
         access = self.open_access_log(options)
+        self.control = None if options["no_control"] else agent_url(options["control"])
+        self.node_name = options["name"] or f"{socket.gethostname()}:{https[1]}"
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -122,20 +153,43 @@ class Command(BaseCommand):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_now.set)
-        poller = loop.create_task(self.follow_revisions(node, reload_now))
+        link = self.start_agent_link(node, reload_now)
+        poller = loop.create_task(self.follow_revisions(node, reload_now, link))
         await stop.wait()
         poller.cancel()
+        if link is not None:
+            link.task.cancel()
         log.info("stopping: finishing in-flight requests (up to %.0f s)", limits.stop_deadline)
         await node.stop()
 
-    async def follow_revisions(self, node: ProxyNode, reload_now: asyncio.Event) -> None:
+    def start_agent_link(self, node: ProxyNode, reload_now: asyncio.Event) -> RunningLink | None:
+        token = getattr(settings, "AGENT_TOKEN", "")
+        if self.control is None or not token:
+            return None
+        listeners = [{"name": lst.name, "address": f"{lst.host}:{lst.port}"} for lst in node.listeners]
+        link = AgentLink(
+            self.control, token, node=self.node_name, version=VERSION, stats=node.stats,
+            listeners=listeners, revision=lambda: node.state.snapshot.revision,
+            on_config_changed=lambda revision: reload_now.set(),
+        )
+        return RunningLink(link, asyncio.get_running_loop().create_task(link.run()))
+
+    async def follow_revisions(
+        self, node: ProxyNode, reload_now: asyncio.Event, link: RunningLink | None
+    ) -> None:
+        """Reload on a push, on SIGHUP, or -- while the agent link is down -- on a poll."""
         applied = node.state.snapshot.revision
         rejected = 0
+        links_seen = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reload_now.wait(), POLL_INTERVAL)
             forced = reload_now.is_set()
             reload_now.clear()
+            if not forced and link is not None and link.link.connected:
+                if link.link.connections == links_seen:
+                    continue  # the link is up: the control plane pushes changes
+                links_seen = link.link.connections  # (re)connected: check once for missed ones
             try:
                 current = await asyncio.to_thread(_revision_in_thread)
                 if not forced and current in (applied, rejected):
@@ -145,11 +199,20 @@ class Command(BaseCommand):
                 log.error("config revision rejected, still serving %d: %s", applied, exc)
                 node.stats.config_failed(current, str(exc))
                 rejected = current
+                self.report(link, {"type": "config.rejected", "revision": current, "error": str(exc)})
                 continue
             except Exception:
                 log.exception("cannot read the configuration; still serving revision %d", applied)
                 continue
             if node.reload(snapshot):
                 applied = snapshot.revision
+                self.report(link, {"type": "config.applied", "revision": applied})
             else:
                 rejected = snapshot.revision
+                error = node.stats.config_rejected[1] if node.stats.config_rejected else "rejected"
+                self.report(link, {"type": "config.rejected", "revision": rejected, "error": error})
+
+    @staticmethod
+    def report(link: RunningLink | None, message: dict[str, Any]) -> None:
+        if link is not None:
+            link.link.report(message)
