@@ -51,6 +51,7 @@ class ClientConnection(asyncio.Protocol):
         self.read_paused: set[str] = set()
         self.closing = False  # close once the current response is done
         self.closed = False
+        self.parse_error: ParseError | None = None  # the parser refused the input: read no more
         # After a TLS handshake, start_tls hands decrypted bytes over before the node calls
         # connection_made; they wait here.
         self.early: list[bytes] | None = []
@@ -163,6 +164,8 @@ class ClientConnection(asyncio.Protocol):
         if self.early is not None:
             self.early.append(data)
             return
+        if self.parse_error is not None:
+            return  # the parser is dead; the connection closes once the error is answered
         self.stats.bytes_in += len(data)
         if self.tunnel:
             if self.upstream is not None:
@@ -177,9 +180,11 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.events.extend(self.parser.feed(data))
         except ParseError as exc:
-            self.events.clear()
-            self.parse_failed(exc)
-            return
+            # Pipelined requests ahead of the bad one are served first, in order; the
+            # error takes the bad request's place in the queue.
+            self.parse_error = exc
+            self.events.extend(exc.events)
+            self.events.append(exc)
         self.process_events()
 
     def process_events(self) -> None:
@@ -201,15 +206,25 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(event, Upgraded):
                 events.popleft()
                 self.client_upgraded(event.rest)
+            elif isinstance(event, ParseError):
+                if self.request is not None and self.request_done:  # a later request went bad
+                    self.pause_reading("pipeline")
+                    return
+                events.popleft()
+                self.parse_failed(event)
             else:
                 events.popleft()
 
     def parse_failed(self, exc: ParseError) -> None:
         route = self.route or self.sni_route
-        self.stats.requests += 1
-        if self.upstream is not None or self.response is not None:
-            self.abort()  # the body of a forwarded request went bad: nothing sane to answer
+        if self.request is None:  # a bad head; a bad body's request was counted at its head
+            self.stats.requests += 1
+        if self.response is not None:
+            self.abort()  # the response started: never splice an error page into it
             return
+        # The body of a request went bad, possibly after its head was forwarded: the
+        # upstream connection holds an unfinished request and is closed, never pooled.
+        self.drop_upstream()
         self.send_local(exc.status, route, close=True)
 
     # ---- one request ----------------------------------------------------------------
