@@ -26,6 +26,7 @@ from proxyadmin.snapshot import SnapshotError, build_snapshot
 from proxycore.agent import AgentLink
 from proxycore.config import Snapshot
 from proxycore.limits import Limits
+from proxycore.metrics import start_metrics_server
 from proxycore.server import ProxyNode
 from proxycore.tls import TLSConfigError
 
@@ -83,6 +84,8 @@ class Command(BaseCommand):
         parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
         parser.add_argument("--stop-deadline", type=float, default=defaults.stop_deadline,
                             help="seconds in-flight requests get on SIGTERM (30)")
+        parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                            help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
         parser.add_argument(
             "--control", default=os.environ.get("PROXYADMIN_CONTROL_URL", "http://127.0.0.1:8000"),
             help="control plane to report to over the agent link (http://127.0.0.1:8000)")
@@ -94,6 +97,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         https = parse_address(options["https"], "--https")
         http = None if options["http"] == "off" else parse_address(options["http"], "--http")
+        metrics = (None if options["metrics"] in (None, "off")
+                   else parse_address(options["metrics"], "--metrics"))
         if options["max_connections"] < 1:
             raise CommandError("--max-connections must be at least 1.")
         try:
@@ -113,7 +118,7 @@ class Command(BaseCommand):
         else:
             runner = uvloop.run
         try:
-            runner(self.serve(snapshot, https, http, limits, access))
+            runner(self.serve(snapshot, https, http, limits, access, metrics=metrics))
         finally:
             if access is not None and access is not sys.stdout:
                 access.close()
@@ -130,7 +135,7 @@ class Command(BaseCommand):
 
     async def serve(
         self, snapshot: Snapshot, https: tuple[str, int], http: tuple[str, int] | None,
-        limits: Limits, access: TextIO | None,
+        limits: Limits, access: TextIO | None, *, metrics: tuple[str, int] | None = None,
     ) -> None:
         def write_line(line: str) -> None:
             assert access is not None
@@ -146,6 +151,7 @@ class Command(BaseCommand):
             raise CommandError(f"Cannot listen: {exc}") from None
         ports = ", ".join(f"{lst.name}://{lst.host}:{lst.port}" for lst in node.listeners)
         self.stdout.write(f"Proxy node serving revision {snapshot.revision} on {ports}")
+        metrics_server = await self.start_metrics(node, metrics) if metrics is not None else None
         self.stdout.flush()
         stop = asyncio.Event()
         reload_now = asyncio.Event()
@@ -161,6 +167,21 @@ class Command(BaseCommand):
             link.task.cancel()
         log.info("stopping: finishing in-flight requests (up to %.0f s)", limits.stop_deadline)
         await node.stop()
+        if metrics_server is not None:
+            metrics_server.close()
+
+    async def start_metrics(self, node: ProxyNode, address: tuple[str, int]) -> asyncio.Server:
+        """Serve /metrics on the node's loop; a taken port stops the node and fails the command."""
+        host, port = address
+        try:
+            server = await start_metrics_server(node.stats, host, port)
+        except OSError as exc:
+            await node.stop(0)
+            raise CommandError(f"Cannot listen on --metrics {host}:{port}: {exc}") from None
+        bound_port = server.sockets[0].getsockname()[1]
+        url_host = f"[{host}]" if ":" in host else host
+        self.stdout.write(f"Prometheus metrics at http://{url_host}:{bound_port}/metrics")
+        return server
 
     def start_agent_link(self, node: ProxyNode, reload_now: asyncio.Event) -> RunningLink | None:
         token = getattr(settings, "AGENT_TOKEN", "")
