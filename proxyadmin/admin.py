@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
@@ -267,6 +267,74 @@ class ConfigRevisionAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the control plane writes itself: staff look, never edit."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(m.ProxyNode)
+class ProxyNodeAdmin(ReadOnlyAdmin):
+    list_display = ["name", "status_display", "revision_display", "last_seen", "last_error_display"]
+    search_fields = ["name"]
+    readonly_fields = (
+        "name", "status_display", "revision_display", "version", "pid", "listeners_display",
+        "connected", "last_seen", "started_at", "last_error_revision", "last_error",
+    )
+    fields = readonly_fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[m.ProxyNode]:
+        # One query for the current revision of every row, not one per row.
+        current = m.ConfigRevision.objects.order_by("-id").values("id")[:1]
+        return super().get_queryset(request).annotate(current_revision=Subquery(current))
+
+    # Deleting is allowed: it forgets a retired node (one that reconnects is added again).
+
+    @admin.display(description="status")
+    def status_display(self, obj: m.ProxyNode) -> str:
+        colour = {"online": "#2e7d32", "stale": "#c86400"}.get(obj.status, "#ba2121")
+        return format_html('<strong style="color:{}">{}</strong>', colour, obj.status)
+
+    @admin.display(description="applied / current revision")
+    def revision_display(self, obj: m.ProxyNode) -> str:
+        current = getattr(obj, "current_revision", None) or 0
+        applied = obj.applied_revision
+        if applied is None:
+            return format_html("— / {}", current)
+        if applied < current:
+            return format_html('<strong style="color:#c86400">{} / {}</strong>', applied, current)
+        return format_html("{} / {}", applied, current)
+
+    @admin.display(description="last error")
+    def last_error_display(self, obj: m.ProxyNode) -> str:
+        if not obj.last_error:
+            return "—"
+        return format_html("revision {}: {}", obj.last_error_revision, obj.last_error[:200])
+
+    @admin.display(description="listeners")
+    def listeners_display(self, obj: m.ProxyNode) -> str:
+        return ", ".join(f"{lst.get('name')} {lst.get('address')}" for lst in obj.listeners or []) or "—"
+
+
+@admin.register(m.TrafficRollup)
+class TrafficRollupAdmin(ReadOnlyAdmin):
+    list_display = [
+        "minute", "host", "requests", "responses_2xx", "responses_3xx", "responses_4xx",
+        "responses_5xx", "bytes_in", "bytes_out", "handshake_failures", "upstream_errors",
+    ]
+    list_filter = ["host"]
+    date_hierarchy = "minute"
+    search_fields = ["host"]
+    readonly_fields = ["minute", "host", *m.TrafficRollup.COUNTERS]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -1,4 +1,4 @@
-"""ASGI entry point: Django over HTTP; websockets are routed here by later issues."""
+"""ASGI entry point: Django over HTTP, the agent link and the dashboard over websockets."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proxyadmin.settings")
 
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402  (after Django is set up)
+# Imported after Django is set up: the consumers import models.
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from proxyadmin.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter({
+    "http": django_asgi_app,
+    "websocket": URLRouter(websocket_urlpatterns),
+})

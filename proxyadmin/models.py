@@ -361,3 +361,138 @@ class ConfigRevision(models.Model):
 CONFIG_MODELS: tuple[type[models.Model], ...] = (
     Certificate, ClientCA, HSTSPolicy, Upstream, UpstreamTarget, Host, HostName, ProxySettings,
 )
+
+
+class ProxyNode(models.Model):
+    """A proxy node as its agent link reports it: what it runs, which revision, when last heard of.
+
+    Not config: saving one makes no revision. Rows are made by the node's ``hello``.
+    """
+
+    ONLINE_SECONDS = 5  # stats come every second: a few missed ones is still online
+    STALE_SECONDS = 60
+
+    class Status(models.TextChoices):
+        ONLINE = "online", "online"
+        STALE = "stale", "stale"
+        OFFLINE = "offline", "offline"
+
+    name = models.CharField(max_length=253, unique=True)
+    version = models.CharField(max_length=100, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    listeners = models.JSONField(default=list, blank=True)
+    applied_revision = models.PositiveBigIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    last_error_revision = models.PositiveBigIntegerField(null=True, blank=True)
+    connected = models.BooleanField(default=False)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    # The websocket (channel) that holds the link now: a late disconnect of an
+    # older link of the same node must not mark the new one disconnected.
+    channel_name = models.CharField(max_length=200, blank=True, editable=False)
+    # The previous ``stats`` message ({"time", "totals"}): deltas continue across a
+    # reconnection, or a restart of the control plane, without losing traffic.
+    last_stats = models.JSONField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "proxy node"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def status_at(self, now: dt.datetime) -> str:
+        """online: linked and heard from within seconds; stale: heard from within a minute."""
+        if self.last_seen is None:
+            return self.Status.OFFLINE.value
+        age = (now - self.last_seen).total_seconds()
+        if self.connected and age < self.ONLINE_SECONDS:
+            return self.Status.ONLINE.value
+        if age < self.STALE_SECONDS:
+            return self.Status.STALE.value
+        return self.Status.OFFLINE.value
+
+    @property
+    def status(self) -> str:
+        return self.status_at(timezone.now())
+
+    def note_applied(self, revision: int) -> None:
+        self.applied_revision = revision
+        # A later revision that works settles an earlier rejection.
+        if self.last_error_revision is not None and revision >= self.last_error_revision:
+            self.last_error = ""
+            self.last_error_revision = None
+
+    def note_rejected(self, revision: int, error: str) -> None:
+        self.last_error = error
+        self.last_error_revision = revision
+
+    def as_dashboard(self, current_revision: int, now: dt.datetime | None = None) -> dict[str, object]:
+        """This node as the dashboard's ``nodes`` list shows it (times are epoch seconds)."""
+        return {
+            "name": self.name,
+            "status": self.status_at(now or timezone.now()),
+            "version": self.version,
+            "pid": self.pid,
+            "applied_revision": self.applied_revision,
+            "current_revision": current_revision,
+            "last_seen": self.last_seen.timestamp() if self.last_seen else None,
+            "last_error": self.last_error,
+            "last_error_revision": self.last_error_revision,
+            "listeners": self.listeners,
+        }
+
+
+class TrafficRollup(models.Model):
+    """Traffic of one host in one minute, summed over all proxy nodes."""
+
+    minute = models.DateTimeField(help_text="Start of the minute (UTC).")
+    host = models.CharField(max_length=253)
+    requests = models.PositiveBigIntegerField(default=0)
+    responses_2xx = models.PositiveBigIntegerField(default=0)
+    responses_3xx = models.PositiveBigIntegerField(default=0)
+    responses_4xx = models.PositiveBigIntegerField(default=0)
+    responses_5xx = models.PositiveBigIntegerField(default=0)
+    bytes_in = models.PositiveBigIntegerField(default=0)
+    bytes_out = models.PositiveBigIntegerField(default=0)
+    handshake_failures = models.PositiveBigIntegerField(default=0)
+    upstream_errors = models.PositiveBigIntegerField(default=0)
+
+    COUNTERS = (
+        "requests", "responses_2xx", "responses_3xx", "responses_4xx", "responses_5xx",
+        "bytes_in", "bytes_out", "handshake_failures", "upstream_errors",
+    )
+
+    class Meta:
+        ordering = ["-minute", "host"]
+        verbose_name = "traffic per minute"
+        verbose_name_plural = "traffic per minute"
+        # Its index leads with minute: it serves the history and pruning range scans too.
+        constraints = [models.UniqueConstraint(fields=["minute", "host"], name="unique_rollup_minute_host")]
+
+    def __str__(self) -> str:
+        return f"{self.host} at {self.minute:%Y-%m-%d %H:%M}"
+
+
+def _announce_new_revision(
+    sender: type[ConfigRevision], instance: ConfigRevision, created: bool, raw: bool = False,
+    **kwargs: object,
+) -> None:
+    """Push ``config.changed`` to the connected proxy nodes once the new revision is committed.
+
+    Connected here, with the models, so that every process that can make a revision
+    (admin, ``importconfig``, shell) announces it through the channel layer.
+    """
+    if not created or raw:
+        return
+    from django.db import transaction
+
+    from proxyadmin.consumers import announce_config_changed
+
+    revision = instance.pk
+    transaction.on_commit(lambda: announce_config_changed(revision), robust=True)
+
+
+models.signals.post_save.connect(
+    _announce_new_revision, sender=ConfigRevision, dispatch_uid="announce-new-config-revision"
+)

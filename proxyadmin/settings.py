@@ -168,3 +168,17 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("PROXYADMIN_LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# The dashboard's chart library, installed by `npm ci` (see package.json) and served
+# from node_modules/ as it is. Without it Django still starts; the dashboard says how to
+# install it.
+UPLOT_DIST = BASE_DIR / "node_modules" / "uplot" / "dist"
+STATICFILES_DIRS = [("vendor/uplot", UPLOT_DIST)] if UPLOT_DIST.is_dir() else []
+
+# --- Agent link and live dashboard --------------------------------------------
+# The bearer token proxy nodes present on /ws/agent/; give every node the same one.
+AGENT_TOKEN = secret_from_env_or_file("PROXYADMIN_AGENT_TOKEN", VAR_DIR / "agent_token", random_secret_key)
+if len(AGENT_TOKEN) < 16:
+    raise ImproperlyConfigured("PROXYADMIN_AGENT_TOKEN must be at least 16 characters long.")
+# Days of per-minute traffic kept for the dashboard's history (the chart shows the last day).
+TRAFFIC_HISTORY_DAYS = envint("PROXYADMIN_TRAFFIC_HISTORY_DAYS", 7, minimum=1)

@@ -1,0 +1,285 @@
+"""The control plane's two websockets: proxy nodes' agent link, and the staff's live dashboard.
+
+``AgentConsumer`` (``/ws/agent/``, bearer token only) takes a node's ``hello``,
+``stats`` and config reports (``proxycore.agentproto``), keeps ``ProxyNode`` and the
+traffic rollup up to date, and fans out to the dashboards through the channel
+layer. ``DashboardConsumer`` (``/ws/dashboard/``, staff sessions only) sends the
+current state on connect, then relays ``tick`` and ``nodes`` as they come.
+
+Both join a channel-layer group, so with a Redis layer any daphne process can
+reach every node and every dashboard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import DatabaseError
+from django.urls import reverse
+from django.utils import timezone
+
+from proxyadmin import agentauth, traffic
+from proxyadmin.models import Certificate, ConfigRevision, ProxyNode, Upstream
+from proxycore import agentproto
+
+log = logging.getLogger("proxyadmin.agentlink")
+
+AGENTS_GROUP = "agents"
+DASHBOARD_GROUP = "dashboard"
+# channels_redis forgets group members after a day (group_expiry): long-lived sockets re-join.
+GROUP_REFRESH_SECONDS = 3600.0
+# A broken node sends the same bad message every second: log the first few, then now and then.
+MALFORMED_LOG_FIRST = 5
+MALFORMED_LOG_EVERY = 100
+CLOSE_FORBIDDEN = 4403
+
+
+# -- what the dashboard shows (sync, database) ------------------------------
+
+
+def nodes_message() -> dict[str, Any]:
+    current = ConfigRevision.current()
+    now = timezone.now()
+    return {"type": "nodes", "nodes": [n.as_dashboard(current, now) for n in ProxyNode.objects.all()]}
+
+
+def expiring_certificates(now: dt.datetime) -> list[dict[str, Any]]:
+    horizon = now + dt.timedelta(days=settings.CERT_EXPIRY_WARNING_DAYS)
+    return [
+        {
+            "name": cert.name,
+            "not_after": cert.not_after.timestamp(),
+            "days": cert.days_to_expiry(now),
+            "url": reverse("admin:proxyadmin_certificate_change", args=[cert.pk]),
+        }
+        for cert in Certificate.objects.filter(not_after__lt=horizon).order_by("not_after")
+    ]
+
+
+def config_warnings() -> list[str]:
+    unverified = Upstream.objects.filter(tls=True, tls_verify=False).values_list("name", flat=True)
+    return [f"upstream '{name}' does not verify its targets' certificates" for name in unverified]
+
+
+def dashboard_state() -> dict[str, Any]:
+    now = timezone.now()
+    return {
+        "type": "state",
+        "revision": ConfigRevision.current(),
+        "nodes": nodes_message()["nodes"],
+        "history": traffic.history(now),
+        "certificates": expiring_certificates(now),
+        "warnings": config_warnings(),
+    }
+
+
+def announce_config_changed(revision: int) -> None:
+    """Tell every connected node about a new revision (run by ``transaction.on_commit``).
+
+    A failure here must not fail the admin's save: nodes also check the revision
+    when their link comes back, so it is logged and dropped.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(AGENTS_GROUP, agentproto.ConfigChanged(revision).to_message())
+        async_to_sync(layer.group_send)(DASHBOARD_GROUP, nodes_message())
+    except Exception:
+        log.warning("could not announce config revision %d to the proxy nodes", revision, exc_info=True)
+
+
+# -- node bookkeeping (sync, database) --------------------------------------
+
+
+def save_hello(hello: agentproto.Hello, channel_name: str) -> int:
+    """Record a node's hello; returns the current config revision."""
+    now = timezone.now()
+    existing = ProxyNode.objects.filter(name=hello.node).first()
+    if (existing is not None and existing.connected and existing.channel_name != channel_name
+            and existing.status_at(now) == ProxyNode.Status.ONLINE):
+        log.warning("two proxy nodes call themselves %r: give each a name of its own (runproxy --name)",
+                    hello.node)
+    node = existing or ProxyNode(name=hello.node)
+    node.version, node.pid = hello.version, hello.pid
+    node.listeners = [{"name": lst.name, "address": lst.address} for lst in hello.listeners]
+    node.note_applied(hello.revision)
+    node.connected, node.last_seen, node.channel_name = True, now, channel_name
+    node.save()
+    return ConfigRevision.current()
+
+
+def save_config_report(name: str, report: agentproto.ConfigApplied | agentproto.ConfigRejected) -> None:
+    node = ProxyNode.objects.filter(name=name).first()
+    if node is None:
+        return
+    if isinstance(report, agentproto.ConfigRejected):
+        node.note_rejected(report.revision, report.error)
+    else:
+        node.note_applied(report.revision)
+    node.last_seen = timezone.now()
+    node.save(update_fields=["applied_revision", "last_error", "last_error_revision", "last_seen"])
+
+
+def mark_disconnected(name: str, channel_name: str) -> int:
+    # Only the link that holds the node now: a newer one may already be up elsewhere.
+    return ProxyNode.objects.filter(name=name, channel_name=channel_name).update(connected=False)
+
+
+# -- consumers --------------------------------------------------------------
+
+
+class GroupMember(AsyncJsonWebsocketConsumer):
+    """A consumer in one group, re-joined now and then so the membership never expires."""
+
+    group = ""
+
+    async def join_group(self) -> None:
+        self._joined_at = time.monotonic()
+        await self.channel_layer.group_add(self.group, self.channel_name)
+
+    async def rejoin_group_if_due(self) -> None:
+        if time.monotonic() - getattr(self, "_joined_at", 0.0) >= GROUP_REFRESH_SECONDS:
+            await self.join_group()
+
+    async def leave_group(self) -> None:
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+
+
+class AgentConsumer(GroupMember):
+    """One proxy node's link. Not behind the session or origin middleware: the token is all."""
+
+    group = AGENTS_GROUP
+
+    async def connect(self) -> None:
+        self.node: str | None = None
+        self.malformed = 0
+        self.peer = agentauth.peer_address(self.scope)
+        if not agentauth.scope_is_agent(self.scope):
+            log.warning("agent link refused from %s: missing or wrong agent token", self.peer)
+            await self.close(code=agentproto.CLOSE_UNAUTHORISED)
+            return
+        await self.join_group()
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        await self.leave_group()
+        if self.node is None:
+            return
+        await database_sync_to_async(mark_disconnected)(self.node, self.channel_name)
+        log.info("proxy node %s disconnected (%s, code %s)", self.node, self.peer, code)
+        await self.broadcast_nodes()
+
+    # node -> control plane
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            self.ignore("a binary frame")
+            return
+        try:
+            content = await self.decode_json(text_data)
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+            self.ignore("a frame that is not JSON")
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        try:
+            message = agentproto.parse_node_message(content)
+        except agentproto.ProtocolError as exc:
+            self.ignore(str(exc))
+            return
+        if isinstance(message, agentproto.Hello):
+            await self.on_hello(message)
+        elif self.node is None:
+            self.ignore(f"{message.type} before hello")
+        elif isinstance(message, agentproto.StatsReport):
+            await self.on_stats(message)
+        else:
+            await self.on_config_report(message)
+
+    async def on_hello(self, hello: agentproto.Hello) -> None:
+        if self.node is not None and hello.node != self.node:
+            self.ignore(f"hello naming another node ({hello.node!r})")
+            return
+        current = await database_sync_to_async(save_hello)(hello, self.channel_name)
+        self.node = hello.node
+        log.info("proxy node %s connected from %s: version %s, pid %d, revision %d",
+                 hello.node, self.peer, hello.version, hello.pid, hello.revision)
+        await self.broadcast_nodes()
+        if hello.revision < current:  # it missed a push while the link was down
+            await self.send_json(agentproto.ConfigChanged(current).to_message())
+
+    async def on_stats(self, report: agentproto.StatsReport) -> None:
+        if report.node != self.node:
+            self.ignore(f"stats naming another node ({report.node!r})")
+            return
+        try:
+            delta = await database_sync_to_async(traffic.record_stats)(report)
+        except DatabaseError:
+            # Not stored, so the next report's delta covers this one's traffic too.
+            log.warning("could not store the stats of proxy node %s", self.node, exc_info=True)
+            return
+        await self.rejoin_group_if_due()
+        if delta is not None:
+            await self.channel_layer.group_send(DASHBOARD_GROUP, traffic.tick_message(self.node, delta))
+
+    async def on_config_report(self, report: agentproto.ConfigApplied | agentproto.ConfigRejected) -> None:
+        assert self.node is not None
+        if isinstance(report, agentproto.ConfigRejected):
+            log.warning("proxy node %s rejected config revision %d: %s",
+                        self.node, report.revision, report.error)
+        await database_sync_to_async(save_config_report)(self.node, report)
+        await self.broadcast_nodes()
+
+    def ignore(self, what: str) -> None:
+        self.malformed += 1
+        if self.malformed <= MALFORMED_LOG_FIRST or self.malformed % MALFORMED_LOG_EVERY == 0:
+            log.warning("agent link %s (%s): ignored %s [%d so far]",
+                        self.node or "before hello", self.peer, what, self.malformed)
+
+    async def broadcast_nodes(self) -> None:
+        await self.channel_layer.group_send(DASHBOARD_GROUP, await database_sync_to_async(nodes_message)())
+
+    # control plane -> node (group messages)
+
+    async def config_changed(self, event: dict[str, Any]) -> None:
+        await self.send_json(agentproto.ConfigChanged(event["revision"]).to_message())
+
+
+class DashboardConsumer(GroupMember):
+    """A staff member's live dashboard; must be wrapped in origin and session middleware."""
+
+    group = DASHBOARD_GROUP
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated or not user.is_active or not user.is_staff:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        await self.join_group()
+        await self.accept()
+        await self.send_json(await database_sync_to_async(dashboard_state)())
+
+    async def disconnect(self, code: int) -> None:
+        await self.leave_group()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """The dashboard only listens; whatever the browser sends is dropped."""
+
+    # relayed group messages: they are already in the dashboard's format
+
+    async def tick(self, event: dict[str, Any]) -> None:
+        await self.rejoin_group_if_due()
+        await self.send_json(event)
+
+    async def nodes(self, event: dict[str, Any]) -> None:
+        await self.send_json(event)

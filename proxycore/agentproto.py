@@ -1,0 +1,301 @@
+"""The agent link's messages, shared by the proxy node and the control plane.
+
+Every message is one JSON object in one websocket text frame, with a ``type``.
+This module builds and validates them; it does no I/O and imports no Django.
+
+Connecting
+    A proxy node opens ``/ws/agent/`` on the control plane with the header
+    ``Authorization: Bearer <token>``. The token is the control plane's
+    ``AGENT_TOKEN`` (env ``PROXYADMIN_AGENT_TOKEN``, or generated once into
+    ``var/agent_token``) and is the link's only credential: session cookies are
+    ignored. A missing or wrong token is refused before the handshake completes
+    (close code 4401 at the ASGI level, which daphne turns into HTTP 403).
+
+node → control plane
+    ``{"type": "hello", "node": str, "version": str, "pid": int, "revision": int,
+    "listeners": [{"name": "https", "address": "127.0.0.1:8443"}, ...]}``
+        First message on every connection. ``revision`` is the config revision
+        the node serves (0 for none). The node name identifies the node on the
+        dashboard; one name, one running node.
+    ``{"type": "stats", "node": str, "time": float, "totals": {...}}``
+        Once a second. ``time`` is the node's epoch clock; ``totals`` is
+        ``proxycore.stats.Stats.as_dict()``: counters since the node started at
+        ``totals["started_at"]``. The control plane keeps the previous totals of
+        each node and works with the differences; a new ``started_at`` means the
+        node restarted and its totals start from zero again.
+    ``{"type": "config.applied", "revision": int}``
+    ``{"type": "config.rejected", "revision": int, "error": str}``
+        After every reload attempt: the revision now served, or the revision
+        that could not be built (the node keeps serving its last good one).
+
+control plane → node
+    ``{"type": "config.changed", "revision": int}``
+        Pushed to every connected node when a config revision is made, and
+        right after ``hello`` when the node's revision is behind. The node
+        reloads from the database and answers ``config.applied`` or
+        ``config.rejected``.
+
+Anything else (not a JSON object, an unknown ``type``, a field of the wrong type)
+is a ``ProtocolError``: the receiver logs it and carries on; it never closes the
+link. Unknown extra fields are ignored so that either side can grow.
+
+The dashboard's messages (``state``, ``nodes``, ``tick``) are built by the
+control plane from these; ``latency_quantile`` below is how a ``tick`` turns
+latency-histogram differences into p50/p95.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+AGENT_PATH = "/ws/agent/"
+# Close code for a refused token (4000-4999 are the application's; 401 for "unauthorised").
+CLOSE_UNAUTHORISED = 4401
+MAX_NAME_LENGTH = 253
+MAX_ERROR_LENGTH = 4000
+# Any epoch time past year 9999 is garbage, and datetime cannot hold it.
+MAX_EPOCH = 253402300799.0
+
+HOST_COUNTERS = (
+    "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
+)
+HOST_COUNTER_MAPS = ("handshakes_failed", "responses", "upstream_errors")
+LISTENER_COUNTERS = ("connections", "rejected_connections")
+LISTENER_COUNTER_MAPS = ("tls_versions", "ciphers")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the schema; the text is safe to log (no payload echoed)."""
+
+
+# -- messages ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    type: ClassVar[str] = "hello"
+    node: str
+    version: str
+    pid: int
+    revision: int
+    listeners: tuple[Listener, ...] = ()
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "type": self.type, "node": self.node, "version": self.version, "pid": self.pid,
+            "revision": self.revision,
+            "listeners": [{"name": lst.name, "address": lst.address} for lst in self.listeners],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReport:
+    type: ClassVar[str] = "stats"
+    node: str
+    time: float
+    totals: dict[str, Any]
+
+    @property
+    def started_at(self) -> float:
+        return float(self.totals["started_at"])
+
+    def to_message(self) -> dict[str, Any]:
+        return {"type": self.type, "node": self.node, "time": self.time, "totals": self.totals}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigApplied:
+    type: ClassVar[str] = "config.applied"
+    revision: int
+
+    def to_message(self) -> dict[str, Any]:
+        return {"type": self.type, "revision": self.revision}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRejected:
+    type: ClassVar[str] = "config.rejected"
+    revision: int
+    error: str
+
+    def to_message(self) -> dict[str, Any]:
+        return {"type": self.type, "revision": self.revision, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanged:
+    type: ClassVar[str] = "config.changed"
+    revision: int
+
+    def to_message(self) -> dict[str, Any]:
+        return {"type": self.type, "revision": self.revision}
+
+
+NodeMessage = Hello | StatsReport | ConfigApplied | ConfigRejected
+
+
+# -- validation -------------------------------------------------------------
+
+
+def _object(value: object, what: str) -> dict[str, Any]:
+    # NUL is refused because PostgreSQL cannot store it in text or jsonb.
+    if not isinstance(value, dict) or not all(isinstance(k, str) and "\x00" not in k for k in value):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return value
+
+
+def _int(content: dict[str, Any], key: str, what: str, *, default: int | None = None) -> int:
+    value = content.get(key, default)
+    # bool is an int to Python, never to the protocol.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"{what}: {key!r} must be a whole number >= 0")
+    return value
+
+
+def _epoch(content: dict[str, Any], key: str, what: str) -> float:
+    value = content.get(key)
+    if (not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+            or not 0 <= value <= MAX_EPOCH):
+        raise ProtocolError(f"{what}: {key!r} must be an epoch time in seconds")
+    return float(value)
+
+
+def _str(content: dict[str, Any], key: str, what: str, *, limit: int = MAX_NAME_LENGTH,
+         empty: bool = False) -> str:
+    value = content.get(key)
+    if (not isinstance(value, str) or (not value and not empty) or len(value) > limit
+            or "\x00" in value):
+        raise ProtocolError(f"{what}: {key!r} must be a string of at most {limit} characters")
+    return value
+
+
+def _counter_map(value: object, what: str) -> None:
+    mapping = _object(value, what)
+    for key in mapping:
+        _int(mapping, key, what)
+
+
+def _validate_host_stats(stats: object, what: str) -> None:
+    host = _object(stats, what)
+    for key in HOST_COUNTERS:
+        _int(host, key, what, default=0)
+    for key in HOST_COUNTER_MAPS:
+        _counter_map(host.get(key, {}), f"{what} {key}")
+    latency = _object(host.get("latency", {"buckets": [], "counts": [0]}), f"{what} latency")
+    buckets, counts = latency.get("buckets"), latency.get("counts")
+    if (not isinstance(buckets, list) or not isinstance(counts, list)
+            or len(counts) != len(buckets) + 1
+            or not all(isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b)
+                       for b in buckets)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+        raise ProtocolError(f"{what}: latency must have buckets and one more count than buckets")
+
+
+def validate_totals(totals: object) -> dict[str, Any]:
+    """Check the shape of ``Stats.as_dict()`` deeply enough that arithmetic on it cannot fail."""
+    checked = _object(totals, "stats totals")
+    _epoch(checked, "started_at", "stats totals")
+    hosts = _object(checked.get("hosts", {}), "stats hosts")
+    for name, host in hosts.items():
+        if not name or len(name) > MAX_NAME_LENGTH:
+            raise ProtocolError("stats hosts: a host name is empty or too long")
+        _validate_host_stats(host, "stats host")
+    listeners = _object(checked.get("listeners", {}), "stats listeners")
+    for listener in listeners.values():
+        entry = _object(listener, "stats listener")
+        for key in LISTENER_COUNTERS:
+            _int(entry, key, "stats listener", default=0)
+        for key in LISTENER_COUNTER_MAPS:
+            _counter_map(entry.get(key, {}), f"stats listener {key}")
+    return checked
+
+
+def _listeners(value: object) -> tuple[Listener, ...]:
+    if not isinstance(value, list):
+        raise ProtocolError("hello: 'listeners' must be a list")
+    found = []
+    for item in value:
+        entry = _object(item, "hello listener")
+        found.append(Listener(_str(entry, "name", "hello listener"),
+                              _str(entry, "address", "hello listener")))
+    return tuple(found)
+
+
+def parse_node_message(content: object) -> NodeMessage:
+    """The typed message a node sent, or ``ProtocolError`` saying what is wrong with it."""
+    message = _object(content, "message")
+    kind = message.get("type")
+    if kind == Hello.type:
+        return Hello(
+            node=_str(message, "node", "hello"),
+            version=_str(message, "version", "hello", limit=100, empty=True),
+            pid=_int(message, "pid", "hello"),
+            revision=_int(message, "revision", "hello"),
+            listeners=_listeners(message.get("listeners", [])),
+        )
+    if kind == StatsReport.type:
+        return StatsReport(
+            node=_str(message, "node", "stats"),
+            time=_epoch(message, "time", "stats"),
+            totals=validate_totals(message.get("totals")),
+        )
+    if kind == ConfigApplied.type:
+        return ConfigApplied(revision=_int(message, "revision", "config.applied"))
+    if kind == ConfigRejected.type:
+        error = message.get("error")
+        if not isinstance(error, str):
+            raise ProtocolError("config.rejected: 'error' must be a string")
+        return ConfigRejected(revision=_int(message, "revision", "config.rejected"),
+                              error=error.replace("\x00", "")[:MAX_ERROR_LENGTH])
+    if isinstance(kind, str):
+        raise ProtocolError(f"unknown message type {kind[:40]!r}")
+    raise ProtocolError("message has no 'type'")
+
+
+def parse_control_message(content: object) -> ConfigChanged:
+    """The typed message the control plane sent a node."""
+    message = _object(content, "message")
+    if message.get("type") != ConfigChanged.type:
+        raise ProtocolError("unknown message type from the control plane")
+    return ConfigChanged(revision=_int(message, "revision", "config.changed"))
+
+
+# -- latency ----------------------------------------------------------------
+
+
+def latency_quantile(buckets: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a histogram, interpolated linearly inside its bucket.
+
+    ``buckets`` are the upper bounds of the finite buckets in ascending order and
+    ``counts`` has one more entry, the +Inf bucket. As Prometheus'
+    ``histogram_quantile`` does, the first bucket starts at 0 and a quantile that
+    falls in the +Inf bucket is reported as the highest finite bound. ``None``
+    when the histogram is empty.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError("q must be between 0 and 1")
+    if len(counts) != len(buckets) + 1:
+        raise ValueError("counts must have one entry more than buckets (+Inf)")
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    below = 0
+    for index, count in enumerate(counts):
+        if count and below + count >= rank:
+            if index == len(buckets):
+                return float(buckets[-1]) if buckets else None
+            lower = float(buckets[index - 1]) if index else 0.0
+            upper = float(buckets[index])
+            return lower + (upper - lower) * max(rank - below, 0.0) / count
+        below += count
+    return float(buckets[-1]) if buckets else None  # pragma: no cover - rank <= total always stops above
