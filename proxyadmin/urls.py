@@ -6,6 +6,8 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import path
 
+from proxyadmin import views
+
 
 def home(request: HttpRequest) -> HttpResponseRedirect:
     return HttpResponseRedirect("/admin/")
@@ -14,4 +16,5 @@ def home(request: HttpRequest) -> HttpResponseRedirect:
 urlpatterns = [
     path("", home),
     path("admin/", admin.site.urls),
+    path("dashboard/", views.dashboard, name="dashboard"),
 ]

@@ -1,6 +1,7 @@
 """``manage.py up``: the whole product in one command.
 
-Runs the migrations, creates the admin account on first run, and supervises the
+Runs the migrations, creates the admin account on first run, installs the
+dashboard's chart library with npm when it is missing, and supervises the
 control plane (daphne: admin on 127.0.0.1:8000) and one proxy node (runproxy:
 HTTPS on 127.0.0.1:8443, HTTP on 127.0.0.1:8080) until Ctrl-C.
 """
@@ -12,10 +13,12 @@ import secrets
 import sys
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from proxyadmin import chartlib
 from proxyadmin.supervisor import Child, Supervisor
 
 ADMIN_USER_ENV = "PROXYADMIN_ADMIN_USER"
@@ -39,19 +42,28 @@ class Command(BaseCommand):
                             help="HTTPS listener of the proxy node (default 127.0.0.1:8443)")
         parser.add_argument("--http", default="127.0.0.1:8080",
                             help="HTTP listener of the proxy node (default 127.0.0.1:8080)")
+        parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                            help="Prometheus metrics of the proxy node at http://HOST:PORT/metrics "
+                                 "(default: off)")
         parser.add_argument("--no-proxy", action="store_true", help="run the admin only")
 
     def handle(self, *args: Any, **options: Any) -> None:
         admin_host, admin_port = parse_address(options["admin"], "--admin")
         for option in ("https", "http"):
             parse_address(options[option], f"--{option}")
+        if options["metrics"] is not None:
+            parse_address(options["metrics"], "--metrics")
         call_command("migrate", interactive=False, verbosity=0)
         self.ensure_admin_account()
+        chartlib.ensure_installed(settings.BASE_DIR, settings.UPLOT_DIST, self.stdout)
         children = [self.daphne_child(admin_host, admin_port)]
-        lines = [f"Admin:  http://{options['admin']}/admin/"]
+        lines = [f"Admin:  http://{options['admin']}/admin/",
+                 f"Dashboard:  http://{options['admin']}/dashboard/"]
         if not options["no_proxy"]:
-            children.append(self.proxy_child(options["https"], options["http"]))
+            children.append(self.proxy_child(options["https"], options["http"], options["metrics"]))
             lines += [f"Proxy:  https://{options['https']}/  and  http://{options['http']}/"]
+            if options["metrics"] is not None:
+                lines += [f"Metrics: http://{options['metrics']}/metrics"]
         self.stdout.write("\n".join([*lines, "Press Ctrl-C to stop."]))
         self.stdout.flush()
         sys.exit(Supervisor(children).run())
@@ -74,8 +86,10 @@ class Command(BaseCommand):
         else:
             self.stdout.write(f"Created the admin account '{username}' ({ADMIN_PASSWORD_ENV}).")
 
-    def proxy_child(self, https: str, http: str) -> Child:
+    def proxy_child(self, https: str, http: str, metrics: str | None = None) -> Child:
         argv = [sys.executable, "manage.py", "runproxy", "--https", https, "--http", http]
+        if metrics is not None:
+            argv += ["--metrics", metrics]
         return Child("proxy node (runproxy)", argv)
 
     def daphne_child(self, host: str, port: int) -> Child:

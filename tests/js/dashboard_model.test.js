@@ -1,0 +1,113 @@
+// The dashboard's aggregation of node ticks (proxyadmin/static/proxyadmin/dashboard-model.js).
+// Run by tests/test_dashboard_page.py, or alone with `npm test`.
+"use strict";
+const test = require("node:test");
+const assert = require("node:assert/strict");
+const path = require("node:path");
+
+const { LiveModel, HistoryModel, stack } = require(
+  path.join(__dirname, "..", "..", "proxyadmin", "static", "proxyadmin", "dashboard-model.js"),
+);
+
+function tick(node, time, hosts, extra) {
+  return { type: "tick", node, time, hosts, tls_versions: {}, ciphers: {}, ...extra };
+}
+
+function host(fields) {
+  return {
+    requests: 0, rps: 0, active: 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0,
+    bytes_in: 0, bytes_out: 0, handshake_failures: 0, p50_ms: null, p95_ms: null, ...fields,
+  };
+}
+
+function at(series, second, column) {
+  return series[column][series.time.indexOf(second)];
+}
+
+test("ticks of two nodes add up per second", () => {
+  const model = new LiveModel();
+  for (let t = 100; t <= 104; t += 1) {
+    model.addTick(tick("a", t + 0.25, { web: host({ requests: 10, "2xx": 10, active: 2 }) }), t + 0.3);
+    model.addTick(tick("b", t + 0.75, { web: host({ requests: 4, "5xx": 4, active: 3 }) }), t + 0.8);
+  }
+  const series = model.series(105);
+  assert.equal(series.time.at(-1), 103); // the last second both nodes have covered
+  assert.ok(Math.abs(at(series, 102, "requests") - 14) < 1e-9);
+  assert.ok(Math.abs(at(series, 102, "2xx") - 10) < 1e-9);
+  assert.ok(Math.abs(at(series, 102, "5xx") - 4) < 1e-9);
+  assert.ok(Math.abs(at(series, 102, "errors") - 4) < 1e-9);
+  assert.equal(at(series, 102, "active"), 5);
+  assert.equal(at(series, 50, "requests"), null); // before any node reported
+});
+
+test("a tick is spread over the seconds its interval covers", () => {
+  const model = new LiveModel();
+  model.addTick(tick("a", 10.5, { web: host({}) }), 10.5);
+  model.addTick(tick("a", 11.5, { web: host({ requests: 10, bytes_in: 1000 }) }), 11.5);
+  assert.ok(Math.abs(model.seconds.get(10).counts.requests - 5) < 1e-9);
+  assert.ok(Math.abs(model.seconds.get(11).counts.requests - 5) < 1e-9);
+  assert.ok(Math.abs(model.seconds.get(11).counts.bytes_in - 500) < 1e-9);
+  // A repeated tick is not counted twice.
+  assert.equal(model.addTick(tick("a", 11.5, { web: host({ requests: 10 }) }), 11.6), false);
+});
+
+test("totals are the current nodes' latest ticks; a silent node stops counting", () => {
+  const model = new LiveModel({ staleAfter: 5 });
+  model.addTick(tick("a", 200, { web: host({ requests: 3, rps: 3, active: 7, "5xx": 1, handshake_failures: 2,
+                                             bytes_in: 100, bytes_out: 900 }) }), 1000);
+  model.addTick(tick("b", 200.5, { api: host({ requests: 2, rps: 2, active: 1 }) }), 1000.5);
+  let totals = model.totals(1001);
+  assert.equal(totals.nodes, 2);
+  assert.equal(totals.active, 8);
+  assert.equal(totals.rps, 5);
+  assert.equal(totals.errors, 3);
+  assert.equal(totals.bytes_out, 900);
+  assert.equal(totals.requests, 5);
+  totals = model.totals(1005.2); // a went quiet more than 5 s ago, b did not
+  assert.equal(totals.nodes, 1);
+  assert.equal(totals.active, 1);
+});
+
+test("the host table sums nodes and combines their latencies", () => {
+  const model = new LiveModel();
+  model.addTick(tick("a", 300, { web: host({ requests: 30, "2xx": 29, "4xx": 1, p50_ms: 10, p95_ms: 40, active: 2 }),
+                                 "-": host({ handshake_failures: 3 }) }), 300);
+  model.addTick(tick("b", 300.2, { web: host({ requests: 10, "2xx": 10, p50_ms: 30, p95_ms: 90, active: 1 }) }), 300.2);
+  const rows = model.hosts(300.5);
+  assert.deepEqual(rows.map((r) => r.host), ["web", "-"]);
+  const [web, unmatched] = rows;
+  assert.equal(web.counts.requests, 40);
+  assert.equal(web.counts["2xx"], 39);
+  assert.equal(web.active, 3);
+  assert.equal(web.p50, (10 * 30 + 30 * 10) / 40);
+  assert.equal(web.p95, 90);
+  assert.equal(unmatched.counts.handshake_failures, 3);
+  assert.equal(unmatched.p50, null);
+});
+
+test("TLS versions and ciphers are tallied over the window", () => {
+  const model = new LiveModel();
+  model.addTick(tick("a", 400, {}, { tls_versions: { "TLSv1.3": 2 }, ciphers: { TLS_AES_128_GCM_SHA256: 2 } }), 400);
+  model.addTick(tick("b", 400.5, {}, { tls_versions: { "TLSv1.3": 1, "TLSv1.2": 5 } }), 400.5);
+  const tls = model.tls(401);
+  assert.deepEqual(tls.versions, [["TLSv1.2", 5], ["TLSv1.3", 3]]);
+  assert.deepEqual(tls.ciphers, [["TLS_AES_128_GCM_SHA256", 2]]);
+});
+
+test("the 24-hour history takes the state, then live ticks into the current minute", () => {
+  const history = new HistoryModel();
+  history.load({ minutes: [6000, 6120], requests: [5, 7], bytes_in: [1, 2], bytes_out: [3, 4],
+                 errors_5xx: [1, 0], handshake_failures: [0, 2] });
+  history.addTick(tick("a", 6130, { web: host({ requests: 3, "5xx": 1 }) }));
+  const series = history.series(6130);
+  assert.equal(series.time.length, 1440);
+  assert.equal(series.time.at(-1), 6120);
+  assert.equal(at(series, 6120, "requests"), 10);
+  assert.equal(at(series, 6120, "errors"), 3);
+  assert.equal(at(series, 6060, "requests"), 0); // a minute with no record after the first one
+  assert.equal(at(series, 5940, "requests"), null); // before the first record
+});
+
+test("stacking keeps gaps", () => {
+  assert.deepEqual(stack([[1, null, 2], [3, null, null]]), [[1, null, 2], [4, null, 2]]);
+});
