@@ -42,12 +42,15 @@ def wait_for_port(proc: subprocess.Popen[str], deadline: float) -> None:
     raise AssertionError("the proxy node did not start")
 
 
-def start_up(tmp_path: Path, port: int, extra_env: dict[str, str]) -> subprocess.Popen[str]:
+def start_up(
+    tmp_path: Path, port: int, extra_env: dict[str, str], extra_args: list[str] | None = None
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXYADMIN_", "DATABASE_URL"))}
     env.update(PROXYADMIN_VAR_DIR=str(tmp_path / "var"), **extra_env)
     return subprocess.Popen(
         [sys.executable, "manage.py", "up", "--admin", f"127.0.0.1:{port}",
-         "--https", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
+         "--https", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}",
+         *(extra_args or [])],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 

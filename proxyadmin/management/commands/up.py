@@ -18,9 +18,10 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from proxyadmin import chartlib
+from proxyadmin import chartlib, demo
 from proxyadmin.supervisor import Child, Supervisor
 
+MANAGE = settings.BASE_DIR / "manage.py"
 ADMIN_USER_ENV = "PROXYADMIN_ADMIN_USER"
 ADMIN_PASSWORD_ENV = "PROXYADMIN_ADMIN_PASSWORD"  # noqa: S105 (a variable's name)
 
@@ -46,6 +47,11 @@ class Command(BaseCommand):
                             help="Prometheus metrics of the proxy node at http://HOST:PORT/metrics "
                                  "(default: off)")
         parser.add_argument("--no-proxy", action="store_true", help="run the admin only")
+        parser.add_argument("--demo", action="store_true",
+                            help="add a working example on first run (host 'localhost', its "
+                                 "certificate, an HSTS policy) and run its demo upstream")
+        parser.add_argument("--demo-upstream", default="127.0.0.1:8081",
+                            help="address of the demo upstream (default 127.0.0.1:8081)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         admin_host, admin_port = parse_address(options["admin"], "--admin")
@@ -53,14 +59,19 @@ class Command(BaseCommand):
             parse_address(options[option], f"--{option}")
         if options["metrics"] is not None:
             parse_address(options["metrics"], "--metrics")
+        demo_port = parse_address(options["demo_upstream"], "--demo-upstream")[1]
         call_command("migrate", interactive=False, verbosity=0)
         self.ensure_admin_account()
         chartlib.ensure_installed(settings.BASE_DIR, settings.UPLOT_DIST, self.stdout)
         children = [self.daphne_child(admin_host, admin_port)]
         lines = [f"Admin:  http://{options['admin']}/admin/",
                  f"Dashboard:  http://{options['admin']}/dashboard/"]
+        if options["demo"]:
+            children.append(self.demo_child(options["demo_upstream"]))
+            lines += self.demo_lines(demo.install_demo(demo_port), options["https"])
         if not options["no_proxy"]:
-            children.append(self.proxy_child(options["https"], options["http"], options["metrics"]))
+            children.append(self.proxy_child(options["https"], options["http"], options["metrics"],
+                                             control=f"http://{options['admin']}"))
             lines += [f"Proxy:  https://{options['https']}/  and  http://{options['http']}/"]
             if options["metrics"] is not None:
                 lines += [f"Metrics: http://{options['metrics']}/metrics"]
@@ -86,8 +97,24 @@ class Command(BaseCommand):
         else:
             self.stdout.write(f"Created the admin account '{username}' ({ADMIN_PASSWORD_ENV}).")
 
-    def proxy_child(self, https: str, http: str, metrics: str | None = None) -> Child:
-        argv = [sys.executable, "manage.py", "runproxy", "--https", https, "--http", http]
+    def demo_lines(self, created: bool, https: str) -> list[str]:
+        port = https.rpartition(":")[2]
+        return [
+            "Demo:   " + ("added host 'localhost' (local CA certificate, HSTS, demo upstream)"
+                          if created else "host 'localhost' is configured"),
+            f"        curl --cacert {demo.ca_path()} https://localhost:{port}/",
+        ]
+
+    def demo_child(self, listen: str) -> Child:
+        argv = [sys.executable, str(MANAGE), "demoupstream", "--listen", listen]
+        return Child("demo upstream", argv)
+
+    def proxy_child(
+        self, https: str, http: str, metrics: str | None = None, control: str | None = None
+    ) -> Child:
+        argv = [sys.executable, str(MANAGE), "runproxy", "--https", https, "--http", http]
+        if control is not None:
+            argv += ["--control", control]
         if metrics is not None:
             argv += ["--metrics", metrics]
         return Child("proxy node (runproxy)", argv)
