@@ -45,6 +45,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.sni_route = sni_route  # the host chosen by SNI (None: the default certificate)
+        self.client_cert_headers: tuple[tuple[bytes, bytes], ...] = ()  # RFC 9440, once verified
         self.conn_stats: HostStats = node.stats.host(UNMATCHED)
         self.parser = http1.RequestParser(node.limits.max_head_size, node.limits.max_request_line)
         self.events: deque[object] = deque()
@@ -272,7 +273,8 @@ class ClientConnection(asyncio.Protocol):
 
     def build_upstream_head(self, head: RequestHead, route: HostRoute) -> bytes:
         headers = routing.upstream_request_headers(
-            head.headers, host=head.host, client_ip=self.client_ip, https=self.https
+            head.headers, host=head.host, client_ip=self.client_ip, https=self.https,
+            extra=self.client_cert_headers if route is self.sni_route else (),
         )
         if head.framing is Framing.LENGTH:
             headers.append((b"content-length", b"%d" % head.content_length))

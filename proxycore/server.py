@@ -23,6 +23,7 @@ from typing import Any, Protocol, cast
 
 from proxycore import routing, tls
 from proxycore.client import ClientConnection
+from proxycore.clientcert import client_cert_headers
 from proxycore.clienthello import (
     ALERT_DECODE_ERROR,
     ALERT_UNRECOGNIZED_NAME,
@@ -30,7 +31,7 @@ from proxycore.clienthello import (
     NotTLS,
     parse_client_hello,
 )
-from proxycore.config import HostRoute, Snapshot
+from proxycore.config import ClientAuthMode, HostRoute, Snapshot
 from proxycore.l4 import L4Pipe
 from proxycore.limits import Limits
 from proxycore.stats import UNMATCHED, ListenerStats, Stats
@@ -252,6 +253,10 @@ class ProxyNode:
             stats.ciphers[cipher[0] if cipher else "?"] += 1
         route = conn.sni_route
         self.stats.host(route.name if route is not None else UNMATCHED).handshakes_ok += 1
+        if route is not None and route.client_auth.mode is not ClientAuthMode.OFF and ssl_object:
+            # The TLS layer verified it against this host's CA bundle: the only way in.
+            der = ssl_object.getpeercert(binary_form=True)
+            conn.client_cert_headers = client_cert_headers(der, route.client_auth)
 
     def start_l4(
         self, conn: ClientConnection, transport: asyncio.Transport, route: HostRoute, early: bytes,
