@@ -176,14 +176,14 @@ def test_export_with_keys_to_a_file_is_owner_only(ca: trustme.CA, tmp_path: Path
 
 @pytest.mark.django_db
 def test_import_makes_exactly_one_revision_by_importconfig(tmp_path: Path) -> None:
-    start = m.ConfigRevision.current()
+    start = m.ConfigRevision.objects.count()
     import_document(tmp_path, document(
         certificates=[new_certificate("site", ["a.example"])],
         hsts_policies=[{"name": "strict", "max_age": 600}],
         upstreams=[{"name": "app", "targets": [{"host": "127.0.0.1", "port": 9000}]}],
         hosts=[{"name": "web", "certificate": "site", "upstream": "app", "names": ["A.example."]}],
     ))
-    assert m.ConfigRevision.current() == start + 1
+    assert m.ConfigRevision.objects.count() == start + 1  # ids are not contiguous on PostgreSQL
     revision = m.ConfigRevision.objects.first()
     assert revision is not None and revision.actor == "importconfig"
     assert "added host 'web'" in revision.summary
