@@ -21,6 +21,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.frames import CloseCode
 
 from proxycore.stats import Stats
 
@@ -100,6 +101,11 @@ class AgentLink:
             try:
                 async for raw in socket:
                     self._received(raw)
+            except asyncio.CancelledError:
+                # The node is stopping: say so (1001), rather than the 1011 an error means.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(socket.close(CloseCode.GOING_AWAY, "node stopping"), 2)
+                raise
             finally:
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-from proxycore import http1, proxyproto, responses, routing
+from proxycore import health, http1, proxyproto, responses, routing
 from proxycore.config import HostRoute, Mode, ProxyProtocol
 from proxycore.http1 import BodyData, Framing, MessageEnd, ParseError, RequestHead, ResponseHead, Upgraded
 from proxycore.stats import UNMATCHED, HostStats
@@ -56,6 +56,7 @@ class ClientConnection(asyncio.Protocol):
         # After a TLS handshake, start_tls hands decrypted bytes over before the node calls
         # connection_made; they wait here.
         self.early: list[bytes] | None = []
+        self.out: list[bytes] | None = None  # writes held back while one batch is processed
         # per-request
         self.request: RequestHead | None = None
         self.route: HostRoute | None = None
@@ -79,9 +80,10 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = False
         self.discard_request = False
         # timers
-        self.head_timer: asyncio.TimerHandle | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.upstream_timer: asyncio.TimerHandle | None = None
+        # Deadlines, checked by the node's sweep a few times a second: no timer per request.
+        self.idle_deadline = 0.0  # while no request is in progress (0: none)
+        self.head_deadline = 0.0  # from the first byte of a request head to its end
+        self.upstream_deadline = 0.0  # while waiting on the upstream (0: none)
         self.head_started = False
 
     # ---- connection lifecycle (event loop) --------------------------------------------
@@ -106,7 +108,7 @@ class ClientConnection(asyncio.Protocol):
         self.conn_stats.active_connections += 1
         self.conn_stats.total_connections += 1
         self.stats = self.conn_stats
-        self.idle_timer = self.node.loop.call_later(self.node.limits.idle_timeout, self.idle_expired)
+        self.idle_deadline = self.node.loop.time() + self.node.limits.idle_timeout
         early, self.early = self.early, None
         for data in early or ():
             self.data_received(data)
@@ -122,12 +124,10 @@ class ClientConnection(asyncio.Protocol):
             self.release_upstream(reusable=False)
 
     def cancel_timers(self) -> None:
-        for timer in (self.head_timer, self.idle_timer, self.upstream_timer):
-            if timer is not None:
-                timer.cancel()
-        self.head_timer = self.idle_timer = self.upstream_timer = None
+        self.idle_deadline = self.head_deadline = self.upstream_deadline = 0.0
 
     def close(self) -> None:
+        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -174,10 +174,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.request is None and not self.head_started:
             self.head_started = True
-            if self.idle_timer is not None:
-                self.idle_timer.cancel()
-                self.idle_timer = None
-            self.head_timer = self.node.loop.call_later(self.node.limits.head_timeout, self.head_expired)
+            self.idle_deadline = 0.0
+            self.head_deadline = self.node.loop.time() + self.node.limits.head_timeout
         try:
             self.events.extend(self.parser.feed(data))
         except ParseError as exc:
@@ -231,9 +229,7 @@ class ClientConnection(asyncio.Protocol):
     # ---- one request ----------------------------------------------------------------
 
     def start_request(self, head: RequestHead) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.head_deadline = 0.0
         self.head_started = False
         self.request = head
         self.started_at = time.monotonic()
@@ -300,17 +296,39 @@ class ClientConnection(asyncio.Protocol):
             conn = await pool.connect(self.route.upstream.connect_timeout)
         except TimeoutError:
             if self.request is request and not self.closed:
-                self.upstream_failed("connect_timeout", 504)
+                self.connect_failed(pool, "connect_timeout", 504, "connect timed out")
             return
         except OSError as exc:
             if self.request is request and not self.closed:
                 self.node.log_upstream_error(pool, exc)
-                self.upstream_failed("connect_refused", 502)
+                self.connect_failed(pool, "connect_refused", 502, health.describe_error(exc))
             return
         if self.request is not request or self.closed:
             pool.give_back(conn, reusable=not self.closed)
             return
         self.attach(conn, reused=False)
+
+    def connect_failed(self, pool: TargetPool, kind: str, status: int, error: str) -> None:
+        """No connection to ``pool``: tell its health, then try another target or answer ``status``."""
+        assert self.route is not None
+        self.node.health.request_failed(pool, self.route.upstream, error)
+        other = self.retry_target(pool)
+        if other is None:
+            self.upstream_failed(kind, status, passive=False)
+            return
+        self.stats.upstream_errors[kind] += 1
+        self.node.stats.upstream(self.route.upstream.name).retries += 1
+        self.retried = True
+        self.pool = other
+        self.connect_upstream(other)
+
+    def retry_target(self, failed: TargetPool) -> TargetPool | None:
+        """Nothing reached the upstream: an idempotent request without a body may go elsewhere, once."""
+        request = self.request
+        if (self.retried or request is None or self.route is None
+                or request.method not in IDEMPOTENT or request.framing is not Framing.NONE):
+            return None
+        return self.state.balancers[self.route.upstream.name].pick(exclude=failed)
 
     def attach(self, conn: UpstreamConnection, reused: bool) -> None:
         assert self.request is not None
@@ -401,7 +419,12 @@ class ClientConnection(asyncio.Protocol):
         except ParseError:
             self.upstream_failed("bad_response", 502)
             return
-        self.response_events(events)
+        # A head and its body in one read go out as one write: one TLS record, one syscall.
+        self.out = []
+        try:
+            self.response_events(events)
+        finally:
+            self.flush()
 
     def response_events(self, events: Sequence[object]) -> None:
         for event in events:
@@ -435,6 +458,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self.response = head
         self.status = head.status
+        if self.pool is not None:
+            if head.status >= 500:
+                self.target_failed(f"status {head.status}")
+            else:
+                health.record_passive_success(self.pool.health)
         self.response_close = (
             not head.keep_alive or not request.keep_alive or self.closing or self.node.stopping
             or request.upgrade is not None  # a declined upgrade: the parser gave the rest away
@@ -452,9 +480,7 @@ class ClientConnection(asyncio.Protocol):
 
     def response_end(self) -> None:
         self.response_parser = None
-        if self.upstream_timer is not None:
-            self.upstream_timer.cancel()
-            self.upstream_timer = None
+        self.upstream_deadline = 0.0
         reusable = (
             self.response is not None and self.response.keep_alive and self.request_done
             and self.route is not None and self.route.proxy_protocol is ProxyProtocol.OFF
@@ -468,9 +494,7 @@ class ClientConnection(asyncio.Protocol):
         """After a 101: bytes flow both ways untouched until either side closes."""
         self.tunnel = True
         self.response_parser = None
-        if self.upstream_timer is not None:
-            self.upstream_timer.cancel()
-            self.upstream_timer = None
+        self.upstream_deadline = 0.0
         self.stats.response(101)
         self.node.access(self, 101)
         if rest:
@@ -527,34 +551,38 @@ class ClientConnection(asyncio.Protocol):
         self.node.track(task)
 
     def arm_upstream_timer(self) -> None:
-        if self.upstream_timer is not None:
-            self.upstream_timer.cancel()
+        """Push the upstream read deadline back (the node's sweep watches it)."""
         timeout = self.route.upstream.read_timeout if self.route is not None else 60.0
-        self.upstream_timer = self.node.loop.call_later(timeout, self.upstream_timed_out)
+        self.upstream_deadline = self.node.loop.time() + timeout
 
     def upstream_timed_out(self) -> None:
-        self.upstream_timer = None
+        self.upstream_deadline = 0.0
         if self.response is None:
             self.upstream_failed("read_timeout", 504)
         else:
             self.stats.upstream_errors["read_timeout"] += 1
             self.abort()
 
-    def upstream_failed(self, kind: str, status: int) -> None:
+    def upstream_failed(self, kind: str, status: int, *, passive: bool = True) -> None:
         self.stats.upstream_errors[kind] += 1
+        if passive:
+            self.target_failed(kind.replace("_", " "))
         self.drop_upstream()
         if self.response is not None:
             self.abort()
             return
         self.local_response(status, self.route)
 
+    def target_failed(self, error: str) -> None:
+        """The current request's target failed it: a passive health failure."""
+        if self.pool is not None and self.route is not None:
+            self.node.health.request_failed(self.pool, self.route.upstream, error)
+
     def drop_upstream(self) -> None:
         if self.upstream is not None:
             self.release_upstream(reusable=False)
         self.response_parser = None
-        if self.upstream_timer is not None:
-            self.upstream_timer.cancel()
-            self.upstream_timer = None
+        self.upstream_deadline = 0.0
 
     def release_upstream(self, reusable: bool) -> None:
         conn, self.upstream = self.upstream, None
@@ -630,7 +658,7 @@ class ClientConnection(asyncio.Protocol):
         if close:
             self.close()
             return
-        self.idle_timer = self.node.loop.call_later(self.node.limits.idle_timeout, self.idle_expired)
+        self.idle_deadline = self.node.loop.time() + self.node.limits.idle_timeout
         self.resume_reading("pipeline")
         self.process_events()
 
@@ -655,20 +683,31 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- timers and helpers ---------------------------------------------------------
 
-    def head_expired(self) -> None:
-        self.head_timer = None
-        if self.request is None:
+    def check_deadlines(self, now: float) -> None:
+        """Called by the node's sweep: act on whichever deadline has passed."""
+        if self.closed:
+            return
+        if self.head_deadline and now >= self.head_deadline and self.request is None:
+            self.head_deadline = 0.0
             self.send_local(408, self.sni_route, close=True)
-
-    def idle_expired(self) -> None:
-        self.idle_timer = None
-        if self.request is None:
+        elif self.idle_deadline and now >= self.idle_deadline and self.request is None:
+            self.idle_deadline = 0.0
             self.close()
+        elif self.upstream_deadline and now >= self.upstream_deadline:
+            self.upstream_timed_out()
 
     def write(self, data: bytes) -> None:
+        if self.out is not None:  # inside one batch of upstream bytes: one TLS record later
+            self.out.append(data)
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.stats.bytes_out += len(data)
             self.transport.write(data)
+
+    def flush(self) -> None:
+        out, self.out = self.out, None
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
 
     def abort(self) -> None:
         self.drop_upstream()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from proxycore import proxyproto
+from proxycore import proxyproto, tls
 from proxycore.config import HostRoute, ProxyProtocol
 from proxycore.stats import HostStats
 from proxycore.upstream import TargetPool, UpstreamConnection
@@ -57,8 +57,8 @@ class L4Pipe(asyncio.Protocol):
             self.stats.upstream_errors["connect_timeout"] += 1
             self.abort()
             return
-        except OSError as exc:
-            self.stats.upstream_errors["connect_refused"] += 1
+        except OSError as exc:  # refused, reset, or a TLS handshake that failed
+            self.stats.upstream_errors[tls.upstream_connect_failure(exc)] += 1
             self.node.log_upstream_error(pool, exc)
             self.abort()
             return
@@ -148,6 +148,9 @@ class L4Pipe(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return not self.closed
+
+    def check_deadlines(self, now: float) -> None:
+        """Streams have no request deadlines; the upstream's own timeouts apply."""
 
     def stop_gracefully(self) -> None:
         """Streams have no request boundary: they get the stop deadline, then close."""

@@ -32,6 +32,7 @@ from proxycore.clienthello import (
     parse_client_hello,
 )
 from proxycore.config import ClientAuthMode, HostRoute, Snapshot
+from proxycore.healthcheck import HealthMonitor, describe_upstreams, plan_checks
 from proxycore.l4 import L4Pipe
 from proxycore.limits import Limits
 from proxycore.stats import UNMATCHED, ListenerStats, Stats
@@ -39,6 +40,8 @@ from proxycore.upstream import Balancer, Pools, TargetPool
 
 log = logging.getLogger("proxycore")
 
+# How often connection deadlines are checked; timeouts are this much late at most.
+SWEEP_INTERVAL = 0.25
 # How long a closing TLS connection waits for the client's close_notify.
 TLS_SHUTDOWN_TIMEOUT = 5.0
 
@@ -46,6 +49,7 @@ TLS_SHUTDOWN_TIMEOUT = 5.0
 class Stoppable(Protocol):
     @property
     def busy(self) -> bool: ...
+    def check_deadlines(self, now: float) -> None: ...
     def stop_gracefully(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -73,7 +77,7 @@ def build_state(snapshot: Snapshot, pools: Pools) -> NodeState:
         context = tls.upstream_context(upstream.tls) if upstream.tls is not None else None
         target_pools = [pools.pool(t, upstream, context) for t in upstream.targets]
         used += target_pools
-        balancers[upstream.name] = Balancer(target_pools)
+        balancers[upstream.name] = Balancer(target_pools, upstream.balancing, upstream.targets)
     return NodeState(
         snapshot=snapshot,
         routes=routing.build_route_table(snapshot),
@@ -114,6 +118,8 @@ class ProxyNode:
         self.access_log = access_log
         self.pools = Pools()
         self.state = build_state(snapshot, self.pools)  # a bad first snapshot is fatal
+        self.health = HealthMonitor(self.stats)
+        self.stats.upstream_states = lambda: describe_upstreams(self.state.balancers, time.monotonic())
         self.stats.config_applied(snapshot.revision)
         self.listeners = [Listener("https", True, *https_address, self.stats.listener("https"))]
         if http_address is not None:
@@ -121,6 +127,7 @@ class ProxyNode:
         self.stopping = False
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -143,6 +150,15 @@ class ProxyNode:
             sock = listener.server.sockets[0]
             listener.port = sock.getsockname()[1]
             log.info("listening on %s://%s:%d", listener.name, listener.host, listener.port)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    def sweep(self) -> None:
+        """Act on passed connection deadlines (head, idle, upstream read): no timer per request."""
+        now = self.loop.time()
+        for conn in self._all_connections():
+            conn.check_deadlines(now)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+        self.adopt_upstreams()
 
     def reload(self, snapshot: Snapshot) -> bool:
         """Serve ``snapshot`` to new connections; keep the old one if it cannot be built."""
@@ -156,6 +172,8 @@ class ProxyNode:
             return False
         self.state = state
         self.pools.retire_all_but(state.pools)
+        if self._loop is not None and not self.stopping:
+            self.adopt_upstreams()
         self.stats.config_applied(snapshot.revision)
         log.info("config revision %d applied (%d hosts)", snapshot.revision, len(snapshot.hosts))
         return True
@@ -174,10 +192,21 @@ class ProxyNode:
             await asyncio.sleep(0.05)
         for conn in self._all_connections():
             conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in list(self.tasks):
             task.cancel()
+        self.health.stop()
         self.pools.close()
         log.info("stopped")
+
+    def adopt_upstreams(self) -> None:
+        """Drain the pools no upstream sends new requests to; run the current state's checks."""
+        state = self.state
+        taking = {id(p) for balancer in state.balancers.values() for p in balancer.pools}
+        for pool in state.pools:
+            pool.drain(id(pool) not in taking)
+        self.health.replan(plan_checks(state.snapshot, state.balancers), state.pools)
 
     def _all_connections(self) -> list[Stoppable]:
         return [c for listener in self.listeners for c in listener.connections]

@@ -166,6 +166,8 @@ class Command(BaseCommand):
         poller.cancel()
         if link is not None:
             link.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await link.task
         log.info("stopping: finishing in-flight requests (up to %.0f s)", limits.stop_deadline)
         await node.stop()
         if metrics_server is not None:
