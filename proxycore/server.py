@@ -151,6 +151,7 @@ class ProxyNode:
             listener.port = sock.getsockname()[1]
             log.info("listening on %s://%s:%d", listener.name, listener.host, listener.port)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+        self.adopt_upstreams()  # health checkers and draining for the first snapshot
 
     def sweep(self) -> None:
         """Act on passed connection deadlines (head, idle, upstream read): no timer per request."""
@@ -158,7 +159,6 @@ class ProxyNode:
         for conn in self._all_connections():
             conn.check_deadlines(now)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
-        self.adopt_upstreams()
 
     def reload(self, snapshot: Snapshot) -> bool:
         """Serve ``snapshot`` to new connections; keep the old one if it cannot be built."""

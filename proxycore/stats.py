@@ -3,6 +3,10 @@
 One event loop owns a ``Stats``; every connection of a host increments that
 host's ``HostStats`` directly. ``Stats.as_dict()`` is the plain snapshot the
 dashboard, the agent link and ``/metrics`` read (totals since start).
+
+Upstream target states are not counters: the node gives ``Stats`` a provider
+(``upstream_states``) that reads them from its current state when ``as_dict()``
+runs, so the hot path never maintains them.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +80,18 @@ class ListenerStats:
         }
 
 
+@dataclass(slots=True)
+class UpstreamStats:
+    """Counters of one upstream (by name): target state changes and retried requests."""
+
+    went_down: int = 0  # a target left the rotation (failed checks or passive cool-down)
+    came_up: int = 0  # a target came back
+    retries: int = 0  # requests retried on another target after a connect failure
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"went_down": self.went_down, "came_up": self.came_up, "retries": self.retries}
+
+
 # Traffic that matched no host (unknown SNI, unknown Host header) is counted here.
 UNMATCHED = "-"
 
@@ -88,6 +105,9 @@ class Stats:
         self.listeners: dict[str, ListenerStats] = {}
         self.config_revision = 0
         self.config_rejected: tuple[int, str] | None = None  # (revision, error)
+        self.upstreams: dict[str, UpstreamStats] = {}
+        # name -> {"targets": [...], "healthy": n, "available": n, "total": m}, read at as_dict()
+        self.upstream_states: Callable[[], dict[str, dict[str, Any]]] | None = None
 
     def host(self, name: str) -> HostStats:
         stats = self.hosts.get(name)
@@ -100,6 +120,20 @@ class Stats:
         if stats is None:
             stats = self.listeners[name] = ListenerStats()
         return stats
+
+    def upstream(self, name: str) -> UpstreamStats:
+        stats = self.upstreams.get(name)
+        if stats is None:
+            stats = self.upstreams[name] = UpstreamStats()
+        return stats
+
+    def upstreams_as_dict(self) -> dict[str, dict[str, Any]]:
+        states = self.upstream_states() if self.upstream_states is not None else {}
+        empty = {"targets": [], "healthy": 0, "available": 0, "total": 0}
+        return {
+            name: {**states.get(name, empty), **self.upstreams.get(name, UpstreamStats()).as_dict()}
+            for name in (*states, *(n for n in self.upstreams if n not in states))
+        }
 
     def config_applied(self, revision: int) -> None:
         self.config_revision = revision
@@ -117,4 +151,5 @@ class Stats:
             ),
             "hosts": {name: s.as_dict() for name, s in self.hosts.items()},
             "listeners": {name: s.as_dict() for name, s in self.listeners.items()},
+            "upstreams": self.upstreams_as_dict(),
         }

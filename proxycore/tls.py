@@ -291,9 +291,14 @@ def build_sni_table(snapshot: Snapshot) -> SNITable:
 # --- why handshakes fail ------------------------------------------------------------
 
 HANDSHAKE_FAILURE_REASONS = (
-    "unknown_sni", "no_client_cert", "bad_client_cert", "cert_rejected_by_client", "protocol_version",
-    "no_shared_cipher", "http_request", "not_tls", "timeout", "eof", "other",
+    "unknown_sni", "no_client_cert", "bad_client_cert", "expired_client_cert", "cert_rejected_by_client",
+    "protocol_version", "no_shared_cipher", "http_request", "not_tls", "timeout", "eof", "other",
 )
+
+# OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED: a client
+# certificate outside its validity period is told apart from one nobody trusts, because
+# the operator's fix differs (renew it vs. add its CA).
+_OUTSIDE_VALIDITY = frozenset({9, 10})
 
 _SSL_REASONS = {
     "TLSV1_ALERT_UNRECOGNIZED_NAME": "unknown_sni",
@@ -317,6 +322,28 @@ _SSL_REASONS = {
 }
 
 
+def upstream_connect_failure(exc: BaseException) -> str:
+    """The ``upstream_errors`` key for a connect to an upstream that failed with ``exc``.
+
+    A certificate the proxy refused and a handshake that broke off are told apart from a
+    refused TCP connection: the operator looks at the CA bundle or TLS settings, not at
+    whether the upstream is up.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "tls_verify_failed"
+    if isinstance(exc, ssl.SSLError):
+        return "tls_handshake_failed"
+    return "connect_refused"
+
+
+def closed_during_handshake() -> ssl.SSLEOFError:
+    """What a TLS peer that hung up mid-handshake raises, in words; the event loops raise a
+    bare ``ConnectionResetError`` that would log as an empty reason."""
+    exc = ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the upstream closed the connection during the TLS handshake")
+    exc.library, exc.reason = "SSL", "UNEXPECTED_EOF_WHILE_READING"  # as OpenSSL's own EOF has
+    return exc
+
+
 def handshake_failure_reason(exc: BaseException | type[BaseException]) -> str:
     """A short stable key (one of ``HANDSHAKE_FAILURE_REASONS``) for the stats.
 
@@ -325,6 +352,8 @@ def handshake_failure_reason(exc: BaseException | type[BaseException]) -> str:
     """
     kind = exc if isinstance(exc, type) else type(exc)
     reason = getattr(exc, "reason", None)  # set by OpenSSL, absent when built by hand
+    if getattr(exc, "verify_code", None) in _OUTSIDE_VALIDITY:
+        return "expired_client_cert"
     if isinstance(exc, ssl.SSLError) and reason in _SSL_REASONS:
         return _SSL_REASONS[reason]
     if issubclass(kind, ssl.SSLCertVerificationError):

@@ -1,8 +1,10 @@
 """Connections to upstream servers: keep-alive pools per target and target choice.
 
-A ``TargetPool`` holds the idle keep-alive connections to one target. Pools
-outlive snapshots: a reload keeps the pools of targets that stay and retires
-the others (their idle connections close, busy ones are not reused). An
+A ``TargetPool`` holds the idle keep-alive connections to one target and its
+health (``proxycore.health``). Pools outlive snapshots: a reload keeps the pools
+of targets that stay, with their health, and retires the others (their idle
+connections close, busy ones are not reused). A pool no upstream sends new
+requests to (draining or disabled everywhere) drains the same way. An
 ``UpstreamConnection`` belongs to at most one request at a time, its *owner*,
 which gets every byte and event through the ``UpstreamOwner`` methods.
 """
@@ -11,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Sequence
 from typing import Protocol, cast
 
-from proxycore.config import Target, Upstream
+from proxycore import tls
+from proxycore.config import Balancing, Target, Upstream
+from proxycore.health import TargetHealth, takes_requests
 
 IDLE_UPSTREAM_TIMEOUT = 30.0  # seconds an unused keep-alive connection is kept
 MAX_IDLE_PER_TARGET = 64
@@ -97,6 +102,8 @@ class TargetPool:
         self.idle: list[UpstreamConnection] = []
         self.active = 0  # connections lent out to requests (least-connections counts these)
         self.retired = False
+        self.draining = False  # no upstream sends it new requests: keep no idle connection
+        self.health = TargetHealth()
 
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
@@ -112,14 +119,22 @@ class TargetPool:
     async def connect(self, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         host, port = self.target.address
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: UpstreamConnection(self), host, port,
-                ssl=self.ssl_context,
-                server_hostname=(self.server_name or host) if self.ssl_context else None,
-            ),
-            timeout,
-        )
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(self), host, port,
+                    ssl=self.ssl_context,
+                    server_hostname=(self.server_name or host) if self.ssl_context else None,
+                ),
+                timeout,
+            )
+        except ConnectionResetError as exc:
+            # Both event loops report an upstream that hangs up mid-handshake (say, one that
+            # wants a client certificate we lack) as a bare ConnectionResetError, which
+            # would log as an empty reason and count as a refused connection.
+            if self.ssl_context is None or exc.args:
+                raise
+            raise tls.closed_during_handshake() from exc
         self.active += 1
         return conn
 
@@ -127,7 +142,8 @@ class TargetPool:
         """A request is done with ``conn``; keep it for the next one if it can serve it."""
         self.active -= 1
         conn.owner = None
-        if not reusable or self.retired or conn.closed or len(self.idle) >= MAX_IDLE_PER_TARGET:
+        if (not reusable or self.retired or self.draining or conn.closed
+                or len(self.idle) >= MAX_IDLE_PER_TARGET):
             conn.close()
             return
         conn.requests += 1
@@ -140,8 +156,20 @@ class TargetPool:
 
     def retire(self) -> None:
         self.retired = True
+        self.close_idle()
+
+    def drain(self, draining: bool) -> None:
+        """Take new requests (False) or let the busy connections finish and keep none (True)."""
+        self.draining = draining
+        if draining:
+            self.close_idle()
+
+    def close_idle(self) -> None:
         idle, self.idle = self.idle, []
         for conn in idle:
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
             conn.close()
 
 
@@ -179,26 +207,67 @@ class Pools:
 
 
 class Balancer:
-    """Smooth weighted round robin over the targets that take new requests.
+    """Target choice for one upstream of one snapshot, among the targets that take new requests.
 
-    Each pick adds every target's weight to its current score and takes the
-    highest, then lowers it by the total: weights 1/1/2 give a, c, b, c, ...
+    A target takes new requests when it is enabled, not draining, and its health
+    allows it (``health.takes_requests``); the health part is read at each pick.
+
+    Round robin is smooth weighted round robin (nginx's): each pick adds every
+    candidate's weight to its score, takes the highest and lowers it by the sum of
+    the candidates' weights: weights 1/1/2 for a/b/c give c, a, b, c, ... Least connections
+    takes the lowest ``active / weight`` (this node's requests in flight on the
+    target), ties going round robin.
     """
 
-    def __init__(self, pools: Sequence[TargetPool]) -> None:
-        self.pools = [p for p in pools if p.target.enabled and not p.target.draining]
+    def __init__(
+        self, pools: Sequence[TargetPool], balancing: Balancing = Balancing.ROUND_ROBIN,
+        targets: Sequence[Target] | None = None,
+    ) -> None:
+        # A pool shared by two upstreams carries one of their targets; each balancer
+        # keeps its own upstream's weights and flags.
+        self.members = list(zip(pools, targets if targets is not None else [p.target for p in pools],
+                                strict=True))
+        chosen = [(p, t) for p, t in self.members if t.enabled and not t.draining and t.weight > 0]
+        self.pools = [p for p, _ in chosen]
+        self.weights = [t.weight for _, t in chosen]
         self.current = [0] * len(self.pools)
-        self.total = sum(p.target.weight for p in self.pools)
+        self.least = balancing is Balancing.LEAST_CONNECTIONS
+        self.next = 0  # where least-connections starts looking: ties go round robin
 
     def pick(self, exclude: TargetPool | None = None) -> TargetPool | None:
+        now = time.monotonic()
+        if self.least:
+            return self._least_connections(exclude, now)
+        return self._round_robin(exclude, now)
+
+    def _round_robin(self, exclude: TargetPool | None, now: float) -> TargetPool | None:
         best = -1
+        total = 0
+        current, weights = self.current, self.weights
         for i, pool in enumerate(self.pools):
-            if pool is exclude:
+            if pool is exclude or not takes_requests(pool.health, now):
                 continue
-            self.current[i] += pool.target.weight
-            if best < 0 or self.current[i] > self.current[best]:
+            current[i] += weights[i]
+            total += weights[i]
+            if best < 0 or current[i] > current[best]:
                 best = i
         if best < 0:
             return None
-        self.current[best] -= self.total
+        current[best] -= total
+        return self.pools[best]
+
+    def _least_connections(self, exclude: TargetPool | None, now: float) -> TargetPool | None:
+        best = -1
+        n = len(self.pools)
+        for k in range(n):
+            i = (self.next + k) % n
+            pool = self.pools[i]
+            if pool is exclude or not takes_requests(pool.health, now):
+                continue
+            # active/weight < best.active/best.weight, without division
+            if best < 0 or pool.active * self.weights[best] < self.pools[best].active * self.weights[i]:
+                best = i
+        if best < 0:
+            return None
+        self.next = (best + 1) % n
         return self.pools[best]
