@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-from proxycore import health, http1, proxyproto, responses, routing
+from proxycore import health, http1, proxyproto, responses, routing, tls
 from proxycore.config import HostRoute, Mode, ProxyProtocol
 from proxycore.http1 import BodyData, Framing, MessageEnd, ParseError, RequestHead, ResponseHead, Upgraded
 from proxycore.stats import UNMATCHED, HostStats
@@ -301,7 +301,8 @@ class ClientConnection(asyncio.Protocol):
         except OSError as exc:
             if self.request is request and not self.closed:
                 self.node.log_upstream_error(pool, exc)
-                self.connect_failed(pool, "connect_refused", 502, health.describe_error(exc))
+                kind = tls.upstream_connect_failure(exc)
+                self.connect_failed(pool, kind, 502, health.describe_error(exc))
             return
         if self.request is not request or self.closed:
             pool.give_back(conn, reusable=not self.closed)

@@ -139,9 +139,9 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate: {exc.verify_message or exc.reason}"
+        return f"TLS certificate: {exc.verify_message or getattr(exc, 'reason', None) or exc}"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
+        return f"TLS: {getattr(exc, 'reason', None) or exc}"
     if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
         return "connection refused"
     if isinstance(exc, ConnectionResetError):

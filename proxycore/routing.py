@@ -100,7 +100,11 @@ def upstream_request_headers(
     """The request headers for the upstream: hop-by-hop and untrusted ones replaced."""
     headers = tuple(headers)
     drop = HOP_BY_HOP | UNTRUSTED_REQUEST_HEADERS | connection_tokens(headers)
-    out: Headers = [(n, v) for n, v in headers if n not in drop]
+    # CGI-style backends read Client_Cert as HTTP_CLIENT_CERT: underscores are no way around.
+    out: Headers = [
+        (n, v) for n, v in headers
+        if n not in drop and (b"_" not in n or n.replace(b"_", b"-") not in UNTRUSTED_REQUEST_HEADERS)
+    ]
     proto = b"https" if https else b"http"
     ip = client_ip.encode("ascii")
     out += [

@@ -74,7 +74,10 @@ def build_state(snapshot: Snapshot, pools: Pools) -> NodeState:
         upstream = route.upstream
         if upstream.name in balancers:
             continue
-        context = tls.upstream_context(upstream.tls) if upstream.tls is not None else None
+        context = (
+            tls.upstream_context(upstream.tls, label=f"upstream '{upstream.name}'")
+            if upstream.tls is not None else None
+        )
         target_pools = [pools.pool(t, upstream, context) for t in upstream.targets]
         used += target_pools
         balancers[upstream.name] = Balancer(target_pools, upstream.balancing, upstream.targets)
@@ -308,7 +311,7 @@ class ProxyNode:
 
     def log_upstream_error(self, pool: TargetPool, exc: BaseException) -> None:
         host, port = pool.target.address
-        log.warning("upstream %s:%d: %s", host, port, exc)
+        log.warning("upstream %s:%d: %s", host, port, str(exc) or type(exc).__name__)
 
     def access(self, conn: ClientConnection, status: int) -> None:
         if self.access_log is None:

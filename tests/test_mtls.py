@@ -245,9 +245,6 @@ def test_client_sent_client_cert_headers_are_never_passed_on(
     assert b"Zm9yZ2Vk" not in upstream.raw and b"YWdhaW4" not in upstream.raw
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "routing.upstream_request_headers drops Client-Cert but passes Client_Cert on; CGI/WSGI "
-    "backends read both as HTTP_CLIENT_CERT. Fix in routing.py, then drop this marker."))
 @pytest.mark.parametrize("name", ["a.example", "o.example"])
 def test_client_cert_with_an_underscore_is_not_passed_on_either(
     ca: trustme.CA, client_ca: trustme.CA, upstream: Upstream, name: str

@@ -38,10 +38,10 @@ from tests.proxyharness import (
 )
 
 BACKEND = "backend.internal"
-# The upstream_errors keys of a handshake the proxy refused or that broke off. The TCP path
-# counts them by tls.upstream_connect_failure; the HTTP path (client.py) still files both
-# under "connect_refused" and should use the same function, then these become the TCP ones.
-HTTP_VERIFY_FAILED = HTTP_HANDSHAKE_FAILED = "connect_refused"
+# The upstream_errors keys of a handshake the proxy refused or that broke off (HTTP and TCP
+# paths both count them by tls.upstream_connect_failure).
+HTTP_VERIFY_FAILED = "tls_verify_failed"
+HTTP_HANDSHAKE_FAILED = "tls_handshake_failed"
 
 
 # ---- TLS upstreams ---------------------------------------------------------------------
