@@ -90,6 +90,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.closed:  # lost while the handshake task was still resuming
+            return
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
@@ -117,6 +119,8 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.transport is None:  # a failed TLS handshake: connection_made never ran
+            return
         self.conn_stats.active_connections -= 1
         self.node.forget(self)
         self.cancel_timers()

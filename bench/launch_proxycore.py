@@ -1,0 +1,116 @@
+"""Run one proxycore node for the benchmark, without Django: a Snapshot built from files.
+
+    python bench/launch_proxycore.py --cert C --key K --https-port P --backend-port B \
+        [--access-log FILE]
+
+One host (``localhost``) with the bench certificate (also the default certificate),
+an HSTS policy, one upstream target on 127.0.0.1:B, the HTTP listener on an
+ephemeral port, the product's default limits, uvloop. The access log, when asked
+for, is written the way ``manage.py runproxy --access-log FILE`` writes it: one
+line per request to a line-buffered file. Prints ``ready <https port>`` once
+listening; stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import TextIO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import uvloop
+from cryptography import x509
+
+from proxycore import config as core
+from proxycore.server import ProxyNode
+
+HSTS_MAX_AGE = 31536000
+
+
+def certificate_bundle(cert_path: Path, key_path: Path) -> core.CertificateBundle:
+    chain_pem = cert_path.read_bytes()
+    cert = x509.load_pem_x509_certificate(chain_pem)
+    return core.CertificateBundle(
+        name="bench", chain_pem=chain_pem, key_pem=key_path.read_bytes(),
+        fingerprint_sha256=hashlib.sha256(chain_pem).hexdigest(),
+        serial=f"{cert.serial_number:x}", sans=("localhost",),
+        not_after=cert.not_valid_after_utc.astimezone(dt.UTC),
+    )
+
+
+def bench_snapshot(bundle: core.CertificateBundle, backend_port: int) -> core.Snapshot:
+    upstream = core.Upstream(name="backend", targets=(core.Target("127.0.0.1", backend_port),))
+    host = core.HostRoute(
+        name="bench", names=("localhost",), mode=core.Mode.HTTP, upstream=upstream,
+        certificate=bundle,
+        hsts=core.HSTS(max_age=HSTS_MAX_AGE, include_subdomains=True, preload=False,
+                       override_upstream=True),
+    )
+    return core.Snapshot(revision=1, hosts=(host,), default_certificate=bundle)
+
+
+def no_session_resumption(node: ProxyNode) -> None:
+    """Bench only: issue no TLS 1.3 session tickets, so every connection is a full handshake.
+
+    What nginx's ``ssl_session_cache off; ssl_session_tickets off`` and HAProxy's
+    ``no-tls-tickets`` with ``tune.ssl.cachesize 0`` do in the same run.
+    """
+    sni = node.state.sni
+    contexts = [ctx for _, ctx in (*sni.exact.values(), *sni.wildcard.values())]
+    for ctx in [*contexts, sni.default]:
+        if ctx is not None:
+            ctx.num_tickets = 0
+            ctx.options |= ssl.OP_NO_TICKET
+
+
+async def serve(snapshot: core.Snapshot, https_port: int, access: TextIO | None,
+                resumption: bool = True) -> None:
+    def write_line(line: str) -> None:
+        assert access is not None
+        access.write(line + "\n")
+
+    node = ProxyNode(snapshot, https_address=("127.0.0.1", https_port),
+                     http_address=("127.0.0.1", 0),
+                     access_log=write_line if access is not None else None)
+    await node.start()
+    if not resumption:
+        no_session_resumption(node)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    print(f"ready {node.https_port}", flush=True)
+    await stop.wait()
+    await node.stop(1.0)
+    print("stats " + json.dumps(node.stats.as_dict()), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cert", type=Path, required=True)
+    parser.add_argument("--key", type=Path, required=True)
+    parser.add_argument("--https-port", type=int, required=True)
+    parser.add_argument("--backend-port", type=int, required=True)
+    parser.add_argument("--access-log", type=Path, help="file for the access log; none: no log")
+    parser.add_argument("--no-resumption", action="store_true",
+                        help="issue no session tickets (full-handshake measurement)")
+    args = parser.parse_args()
+    snapshot = bench_snapshot(certificate_bundle(args.cert, args.key), args.backend_port)
+    access = open(args.access_log, "a", buffering=1) if args.access_log else None  # noqa: SIM115
+    try:
+        uvloop.run(serve(snapshot, args.https_port, access, not args.no_resumption))
+    finally:
+        if access is not None:
+            access.close()
+
+
+if __name__ == "__main__":
+    main()
