@@ -5,9 +5,11 @@ Private keys are write-only here: no form, list, history entry or export shows o
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import URLPattern, path, reverse
@@ -138,12 +140,74 @@ class UpstreamTargetInline(admin.TabularInline):
     min_num = 1
 
 
+# -- target health as the nodes report it (read-only) -------------------------
+
+REPORTING = (m.ProxyNode.Status.ONLINE.value, m.ProxyNode.Status.STALE.value)
+
+
+def reporting_nodes() -> list[tuple[m.ProxyNode, str]]:
+    """Online and stale nodes with their status, freshest first: whose targets are worth showing."""
+    now = timezone.now()
+    nodes = m.ProxyNode.objects.filter(
+        last_seen__gte=now - dt.timedelta(seconds=m.ProxyNode.STALE_SECONDS),
+    ).order_by("-last_seen")
+    return [(node, status) for node in nodes if (status := node.status_at(now)) in REPORTING]
+
+
+def reported_upstream(node: m.ProxyNode, name: str) -> dict[str, Any] | None:
+    """The upstream's state in the node's latest stats (validated by the agent link), if any."""
+    stored = node.last_stats if isinstance(node.last_stats, dict) else {}
+    totals = stored.get("totals")
+    upstreams = totals.get("upstreams") if isinstance(totals, dict) else None
+    state = upstreams.get(name) if isinstance(upstreams, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def target_state(target: dict[str, Any]) -> str:
+    if target.get("enabled") is False:
+        return "disabled"
+    if target.get("draining"):
+        return "draining"
+    if target.get("healthy"):
+        return "healthy"
+    return "cooling down" if target.get("cooling_down") else "down"
+
+
+def target_health_table(state: dict[str, Any]) -> str:
+    targets = [t for t in state.get("targets", []) if isinstance(t, dict)]
+    rows = format_html_join(
+        "", '<tr><td>{}</td><td style="color:{}">{}</td><td>{}</td><td>{}</td></tr>',
+        (
+            (t.get("address", "?"), "inherit" if target_state(t) == "healthy" else "#ba2121",
+             target_state(t), t.get("active", 0), t.get("last_error") or "—")
+            for t in targets
+        ),
+    )
+    return format_html(
+        "<table><thead><tr><th>target</th><th>state</th><th>active connections</th>"
+        "<th>last error</th></tr></thead><tbody>{}</tbody></table>",
+        rows,
+    )
+
+
+class UpstreamChangeList(ChangeList):
+    """Reads the reporting nodes once per page for the "healthy" column, not once per row."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        nodes = reporting_nodes()
+        for upstream in self.result_list:
+            upstream.reporting_nodes = nodes
+
+
 @admin.register(m.Upstream)
 class UpstreamAdmin(admin.ModelAdmin):
     form = forms.UpstreamForm
     inlines = [UpstreamTargetInline]
-    list_display = ["name", "targets_display", "balancing", "tls_display", "health_check_enabled"]
-    readonly_fields = ["tls_warning"]
+    list_display = [
+        "name", "targets_display", "healthy_display", "balancing", "tls_display", "health_check_enabled",
+    ]
+    readonly_fields = ["tls_warning", "target_health"]
     fieldsets = [
         (None, {"fields": ["name", "balancing", "connect_timeout", "read_timeout"]}),
         ("TLS to the upstream", {"fields": [
@@ -155,6 +219,11 @@ class UpstreamAdmin(admin.ModelAdmin):
             "health_check_timeout", "healthy_threshold", "unhealthy_threshold",
             "passive_failures", "passive_cooldown",
         ]}),
+        ("Target health", {
+            "fields": ["target_health"],
+            "description": "As each online or stale proxy node last reported it; nodes check "
+                           "their targets each for itself.",
+        }),
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[m.Upstream]:
@@ -163,6 +232,34 @@ class UpstreamAdmin(admin.ModelAdmin):
     @admin.display(description="targets")
     def targets_display(self, obj: m.Upstream) -> str:
         return ", ".join(str(t) for t in obj.targets.all()) or "—"
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return UpstreamChangeList
+
+    @admin.display(description="healthy")
+    def healthy_display(self, obj: m.Upstream) -> str:
+        nodes = getattr(obj, "reporting_nodes", None)
+        for node, _status in nodes if nodes is not None else reporting_nodes():
+            state = reported_upstream(node, obj.name)
+            if state is not None:  # the freshest node that reports it
+                healthy, total = state.get("healthy", 0), state.get("total", 0)
+                colour = "#ba2121" if healthy < total else "inherit"
+                return format_html('<span style="color:{}" title="{}">{} / {}</span>',
+                                   colour, f"as node {node.name} reports it", healthy, total)
+        return "—"
+
+    @admin.display(description="target health")
+    def target_health(self, obj: m.Upstream) -> str:
+        if obj.pk is None:
+            return "Shown after saving, once a proxy node reports this upstream."
+        sections = [
+            (node.name, status, target_health_table(state))
+            for node, status in reporting_nodes()
+            if (state := reported_upstream(node, obj.name)) is not None
+        ]
+        if not sections:
+            return "No node reports this upstream yet."
+        return format_html_join("", "<h3>{} ({})</h3>{}", sections)
 
     @admin.display(description="TLS")
     def tls_display(self, obj: m.Upstream) -> str:

@@ -2,10 +2,10 @@
 
 Nodes report counters since they started (``proxycore.stats``). The control plane
 subtracts each node's previous report (``stats_delta``, pure), sends the difference
-to dashboards as a ``tick`` (``tick_message``, pure), and adds it into one
-``TrafficRollup`` row per host and minute (``add_to_rollup``), which several
-daphne processes may do at once. ``history_series`` turns the rollup into the
-dashboard's per-minute chart.
+to dashboards as a ``tick`` (``tick_message``, pure) with the node's current upstream
+target states, and adds it into one ``TrafficRollup`` row per host and minute
+(``add_to_rollup``), which several daphne processes may do at once.
+``history_series`` turns the rollup into the dashboard's per-minute chart.
 """
 
 from __future__ import annotations
@@ -127,6 +127,40 @@ class StatsDelta:
     hosts: dict[str, HostDelta]
     tls_versions: dict[str, int]
     ciphers: dict[str, int]
+    # Current state from the latest report (not differences), but for ``retries``.
+    upstreams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    host_upstreams: dict[str, str] = field(default_factory=dict)
+
+    def host_targets(self, host: str) -> dict[str, Any]:
+        """The upstream a host uses on this node and how many of its targets are healthy."""
+        name = self.host_upstreams.get(host)
+        state = self.upstreams.get(name) if name is not None else None
+        return {
+            "upstream": name,
+            "targets_healthy": state["healthy"] if state is not None else None,
+            "targets_total": state["total"] if state is not None else None,
+        }
+
+
+def _retries(state: object) -> object:
+    return state.get("retries") if isinstance(state, dict) else 0
+
+
+def upstream_states(now: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each upstream's current targets, and the requests it retried since ``before``."""
+    # A report stored before upstreams were validated may hold anything here.
+    before_upstreams = before.get("upstreams")
+    before_upstreams = before_upstreams if isinstance(before_upstreams, dict) else {}
+    return {
+        name: {
+            "healthy": state.get("healthy", 0),
+            "available": state.get("available", 0),
+            "total": state.get("total", 0),
+            "targets": state.get("targets", []),
+            "retries": _minus(state.get("retries"), _retries(before_upstreams.get(name))),
+        }
+        for name, state in now.get("upstreams", {}).items()
+    }
 
 
 def _minus(now: object, before: object) -> int:
@@ -196,6 +230,8 @@ def stats_delta(previous: StatsSample | None, current: StatsSample) -> StatsDelt
         tls_versions=_map_minus(_listener_sums(current.totals, "tls_versions"),
                                 _listener_sums(before, "tls_versions")),
         ciphers=_map_minus(_listener_sums(current.totals, "ciphers"), _listener_sums(before, "ciphers")),
+        upstreams=upstream_states(current.totals, before),
+        host_upstreams=dict(current.totals.get("host_upstreams", {})),
     )
 
 
@@ -206,11 +242,12 @@ def tick_message(node: str, delta: StatsDelta) -> dict[str, Any]:
         "time": delta.time,
         "node": node,
         "hosts": {
-            name: host.tick_entry(delta.elapsed)
+            name: {**host.tick_entry(delta.elapsed), **delta.host_targets(name)}
             for name, host in delta.hosts.items() if host.worth_showing()
         },
         "tls_versions": delta.tls_versions,
         "ciphers": delta.ciphers,
+        "upstreams": delta.upstreams,
     }
 
 

@@ -23,6 +23,15 @@ node → control plane
         ``totals["started_at"]``. The control plane keeps the previous totals of
         each node and works with the differences; a new ``started_at`` means the
         node restarted and its totals start from zero again.
+        Two entries of ``totals`` are current state, not counters:
+        ``upstreams`` maps an upstream's name to ``{"targets": [{"address": str,
+        "healthy": bool, "cooling_down": bool, "active": int, "weight": int,
+        "draining": bool, "enabled": bool, "last_error": str | null}, ...],
+        "healthy": int, "available": int, "total": int}`` plus its counters
+        ``went_down``, ``came_up`` and ``retries``; ``host_upstreams`` maps a
+        host's name to its upstream's name. Both are optional, and an entry of
+        either that does not follow this shape is dropped, not the report: a
+        node's traffic still counts when one upstream's description is odd.
     ``{"type": "config.applied", "revision": int}``
     ``{"type": "config.rejected", "revision": int, "error": str}``
         After every reload attempt: the revision now served, or the revision
@@ -65,6 +74,10 @@ HOST_COUNTERS = (
 HOST_COUNTER_MAPS = ("handshakes_failed", "responses", "upstream_errors")
 LISTENER_COUNTERS = ("connections", "rejected_connections")
 LISTENER_COUNTER_MAPS = ("tls_versions", "ciphers")
+UPSTREAM_LEVELS = ("healthy", "available", "total")
+UPSTREAM_COUNTERS = ("went_down", "came_up", "retries")
+TARGET_FLAGS = ("healthy", "cooling_down", "draining", "enabled")
+TARGET_LEVELS = ("active", "weight")
 
 
 class ProtocolError(ValueError):
@@ -200,6 +213,59 @@ def _validate_host_stats(stats: object, what: str) -> None:
         raise ProtocolError(f"{what}: latency must have buckets and one more count than buckets")
 
 
+def _target(value: object) -> dict[str, Any]:
+    target = _object(value, "stats upstream target")
+    last_error = target.get("last_error")
+    if last_error is not None and not isinstance(last_error, str):
+        raise ProtocolError("stats upstream target: 'last_error' must be a string or null")
+    for key in TARGET_FLAGS:
+        if not isinstance(target.get(key), bool):
+            raise ProtocolError(f"stats upstream target: {key!r} must be true or false")
+    return {
+        "address": _str(target, "address", "stats upstream target"),
+        **{key: target[key] for key in TARGET_FLAGS},
+        **{key: _int(target, key, "stats upstream target", default=0) for key in TARGET_LEVELS},
+        "last_error": None if last_error is None else last_error.replace("\x00", "")[:MAX_ERROR_LENGTH],
+    }
+
+
+def _upstream(value: object) -> dict[str, Any]:
+    upstream = _object(value, "stats upstream")
+    targets = upstream.get("targets", [])
+    if not isinstance(targets, list):
+        raise ProtocolError("stats upstream: 'targets' must be a list")
+    return {
+        "targets": [_target(t) for t in targets],
+        **{key: _int(upstream, key, "stats upstream", default=0)
+           for key in (*UPSTREAM_LEVELS, *UPSTREAM_COUNTERS)},
+    }
+
+
+def _valid_name(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH and "\x00" not in name
+
+
+def _upstreams(value: object) -> dict[str, dict[str, Any]]:
+    """The well-formed upstream states of a report (a copy); a malformed one is left out."""
+    if not isinstance(value, dict):
+        return {}
+    found = {}
+    for name, upstream in value.items():
+        if not _valid_name(name):
+            continue
+        try:
+            found[name] = _upstream(upstream)
+        except ProtocolError:
+            continue
+    return found
+
+
+def _host_upstreams(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {host: name for host, name in value.items() if _valid_name(host) and _valid_name(name)}
+
+
 def validate_totals(totals: object) -> dict[str, Any]:
     """Check the shape of ``Stats.as_dict()`` deeply enough that arithmetic on it cannot fail."""
     checked = _object(totals, "stats totals")
@@ -216,6 +282,10 @@ def validate_totals(totals: object) -> dict[str, Any]:
             _int(entry, key, "stats listener", default=0)
         for key in LISTENER_COUNTER_MAPS:
             _counter_map(entry.get(key, {}), f"stats listener {key}")
+    # State, not counters: what is malformed is dropped rather than the whole report.
+    for key, clean in (("upstreams", _upstreams), ("host_upstreams", _host_upstreams)):
+        if key in checked:
+            checked = {**checked, key: clean(checked[key])}
     return checked
 
 

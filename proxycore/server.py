@@ -123,6 +123,7 @@ class ProxyNode:
         self.state = build_state(snapshot, self.pools)  # a bad first snapshot is fatal
         self.health = HealthMonitor(self.stats)
         self.stats.upstream_states = lambda: describe_upstreams(self.state.balancers, time.monotonic())
+        self.stats.host_upstreams = lambda: {r.name: r.upstream.name for r in self.state.snapshot.hosts}
         self.stats.config_applied(snapshot.revision)
         self.listeners = [Listener("https", True, *https_address, self.stats.listener("https"))]
         if http_address is not None:

@@ -5,8 +5,9 @@ host's ``HostStats`` directly. ``Stats.as_dict()`` is the plain snapshot the
 dashboard, the agent link and ``/metrics`` read (totals since start).
 
 Upstream target states are not counters: the node gives ``Stats`` a provider
-(``upstream_states``) that reads them from its current state when ``as_dict()``
-runs, so the hot path never maintains them.
+(``upstream_states``, and ``host_upstreams``: which upstream each host uses) that
+reads them from its current state when ``as_dict()`` runs, so the hot path never
+maintains them.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class Stats:
         self.upstreams: dict[str, UpstreamStats] = {}
         # name -> {"targets": [...], "healthy": n, "available": n, "total": m}, read at as_dict()
         self.upstream_states: Callable[[], dict[str, dict[str, Any]]] | None = None
+        # host name -> its upstream's name, set by the node next to upstream_states
+        self.host_upstreams: Callable[[], dict[str, str]] | None = None
 
     def host(self, name: str) -> HostStats:
         stats = self.hosts.get(name)
@@ -152,4 +155,5 @@ class Stats:
             "hosts": {name: s.as_dict() for name, s in self.hosts.items()},
             "listeners": {name: s.as_dict() for name, s in self.listeners.items()},
             "upstreams": self.upstreams_as_dict(),
+            "host_upstreams": self.host_upstreams() if self.host_upstreams is not None else {},
         }

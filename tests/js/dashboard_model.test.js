@@ -111,3 +111,45 @@ test("the 24-hour history takes the state, then live ticks into the current minu
 test("stacking keeps gaps", () => {
   assert.deepEqual(stack([[1, null, 2], [3, null, null]]), [[1, null, 2], [4, null, 2]]);
 });
+
+function app(healthyFlags, extra) {
+  const targets = healthyFlags.map((healthy, i) => ({
+    address: "10.0.0." + (i + 1) + ":80", healthy, cooling_down: false, active: 0, weight: 1,
+    draining: false, enabled: true, last_error: healthy ? null : "connection refused",
+  }));
+  const healthy = healthyFlags.filter(Boolean).length;
+  return { app: { targets, healthy, available: healthy, total: targets.length, retries: 0, ...extra } };
+}
+
+test("a host's targets are the worst current node's healthy over the total, with the down ones", () => {
+  const model = new LiveModel({ staleAfter: 5 });
+  const web = (fields) => host({ upstream: "app", targets_healthy: 0, targets_total: 3, ...fields });
+  model.addTick(tick("a", 500, { web: web({ requests: 1 }) }, { upstreams: app([true, true, true]) }), 500);
+  model.addTick(tick("b", 500.2, { web: web({ requests: 1 }) }, { upstreams: app([true, false, true]) }), 500.2);
+  let [row] = model.hosts(500.5);
+  assert.equal(row.targets.upstream, "app");
+  assert.equal(row.targets.healthy, 2);
+  assert.equal(row.targets.total, 3);
+  assert.deepEqual(row.targets.down, [
+    { node: "b", address: "10.0.0.2:80", state: "down", lastError: "connection refused" },
+  ]);
+  // An idle host keeps its upstream; once b goes quiet, only a counts.
+  model.addTick(tick("a", 504, {}, { upstreams: app([true, true, true]) }), 504);
+  [row] = model.hosts(506);
+  assert.equal(row.targets.healthy, 3);
+  assert.deepEqual(row.targets.down, []);
+});
+
+test("the upstream table lists targets per node and sums retries over the window", () => {
+  const model = new LiveModel({ staleAfter: 5 });
+  model.addTick(tick("b", 600, {}, { upstreams: app([true, false], { retries: 2 }) }), 600);
+  model.addTick(tick("a", 600.5, {}, { upstreams: app([true, true], { retries: 1 }) }), 600.5);
+  model.addTick(tick("a", 601.5, {}, { upstreams: app([true, true], { retries: 4 }) }), 601.5);
+  const [row] = model.upstreams(602);
+  assert.equal(row.name, "app");
+  assert.deepEqual(row.nodes, [{ node: "a", healthy: 2, total: 2 }, { node: "b", healthy: 1, total: 2 }]);
+  assert.equal(row.retries, 7);
+  assert.equal(row.down.length, 1);
+  assert.equal(row.down[0].lastError, "connection refused");
+  assert.deepEqual(new LiveModel().upstreams(0), []);
+});

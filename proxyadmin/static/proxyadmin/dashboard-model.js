@@ -8,6 +8,10 @@
  * at unrelated fractions of a second, add up per second without gaps or double
  * seconds. Gauges (active connections) are the last value each node reported.
  *
+ * Upstream targets are state, not counts: each tick carries its node's current
+ * targets, and a target's health is per node (each node checks for itself), so
+ * they are shown per node or as the worst current node, never summed.
+ *
  * No DOM here: tests/js/ runs this file under node.
  */
 (function (root, factory) {
@@ -37,6 +41,44 @@
 
   function plainObject(value) {
     return value !== null && typeof value === "object" && !Array.isArray(value) ? value : {};
+  }
+
+  function optionalString(value) {
+    return typeof value === "string" && value ? value : null;
+  }
+
+  /** What the dashboard calls a target that takes no requests from this node. */
+  function targetState(target) {
+    return target.coolingDown ? "cooling down" : "down";
+  }
+
+  function readTarget(raw) {
+    const target = plainObject(raw);
+    return {
+      address: String(target.address === undefined ? "?" : target.address),
+      healthy: target.healthy === true,
+      coolingDown: target.cooling_down === true,
+      draining: target.draining === true,
+      enabled: target.enabled !== false,
+      active: number(target.active),
+      lastError: optionalString(target.last_error),
+    };
+  }
+
+  /** A tick's upstreams: name -> {healthy, total, targets, retries} (retries: since the previous tick). */
+  function readUpstreams(raw) {
+    const upstreams = new Map();
+    for (const [name, value] of Object.entries(plainObject(raw))) {
+      const state = plainObject(value);
+      upstreams.set(name, {
+        healthy: number(state.healthy),
+        available: number(state.available),
+        total: number(state.total),
+        retries: number(state.retries),
+        targets: Array.isArray(state.targets) ? state.targets.map(readTarget) : [],
+      });
+    }
+    return upstreams;
   }
 
   function zeroCounts() {
@@ -72,9 +114,16 @@
         rps: optionalNumber(figures.rps),
         p50: optionalNumber(figures.p50_ms),
         p95: optionalNumber(figures.p95_ms),
+        upstream: optionalString(figures.upstream),
       });
     }
-    return { totals, active, hosts };
+    return { totals, active, hosts, upstreams: readUpstreams(tick.upstreams) };
+  }
+
+  function downTargets(node, state) {
+    return state.targets.filter((t) => !t.healthy).map((t) => ({
+      node, address: t.address, state: targetState(t), lastError: t.lastError,
+    }));
   }
 
   /** The live window: per-second buckets summed over nodes, and each node's latest tick. */
@@ -88,6 +137,8 @@
       this.tlsSeconds = new Map(); // epoch second -> {versions, ciphers}
       this.latency = new Map(); // host -> Map(node -> {p50, p95, weight, time})
       this.nodes = new Map(); // node -> {time, received, interval, tick}
+      this.hostUpstreams = new Map(); // node -> Map(host -> upstream), kept while the host is idle
+      this.retrySeconds = new Map(); // upstream -> Map(epoch second -> retried requests)
       this.clockOffset = null; // server time minus local time, from the latest tick
       this.end = null; // last second shown on the charts (never moves back)
       this.tickCount = 0;
@@ -112,7 +163,16 @@
         this.bucket(second).active.set(message.node, tick.active);
       }
       const second = Math.floor(time);
+      let hostUpstreams = this.hostUpstreams.get(message.node);
+      if (!hostUpstreams) this.hostUpstreams.set(message.node, (hostUpstreams = new Map()));
+      for (const [name, state] of tick.upstreams) {
+        if (!state.retries) continue;
+        let perSecond = this.retrySeconds.get(name);
+        if (!perSecond) this.retrySeconds.set(name, (perSecond = new Map()));
+        perSecond.set(second, (perSecond.get(second) || 0) + state.retries);
+      }
       for (const [host, figures] of tick.hosts) {
+        if (figures.upstream !== null) hostUpstreams.set(host, figures.upstream);
         let perSecond = this.hostSeconds.get(host);
         if (!perSecond) this.hostSeconds.set(host, (perSecond = new Map()));
         const counts = perSecond.get(second) || zeroCounts();
@@ -156,6 +216,10 @@
       for (const [host, perSecond] of this.hostSeconds) {
         for (const second of perSecond.keys()) if (second < oldest) perSecond.delete(second);
         if (perSecond.size === 0) this.hostSeconds.delete(host);
+      }
+      for (const [name, perSecond] of this.retrySeconds) {
+        for (const second of perSecond.keys()) if (second < oldest) perSecond.delete(second);
+        if (perSecond.size === 0) this.retrySeconds.delete(name);
       }
       for (const [host, byNode] of this.latency) {
         for (const [node, entry] of byNode) if (entry.time < oldest) byNode.delete(node);
@@ -272,7 +336,48 @@
         r.p50 = weights ? weighted / weights : null;
         r.p95 = worst;
       }
+      for (const r of rows.values()) r.targets = this.hostTargets(r.host, now);
       return [...rows.values()].sort((a, b) => b.counts.requests - a.counts.requests || (a.host < b.host ? -1 : 1));
+    }
+
+    /**
+     * A host's upstream targets over the current nodes: the fewest healthy on any
+     * node, the most targets, and every target some node finds down; null when no
+     * current node has said which upstream the host uses.
+     */
+    hostTargets(host, now) {
+      let found = null;
+      for (const [node, entry] of this.currentNodes(now)) {
+        const name = (this.hostUpstreams.get(node) || new Map()).get(host);
+        const state = name === undefined ? undefined : entry.tick.upstreams.get(name);
+        if (!state) continue;
+        if (!found) found = { upstream: name, healthy: state.healthy, total: state.total, down: [] };
+        found.healthy = Math.min(found.healthy, state.healthy);
+        found.total = Math.max(found.total, state.total);
+        found.down.push(...downTargets(node, state));
+      }
+      return found;
+    }
+
+    /** One row per upstream the current nodes report: targets per node, retries over the window. */
+    upstreams(now) {
+      const since = this.windowStart(now);
+      const rows = new Map();
+      const row = (name) => {
+        if (!rows.has(name)) rows.set(name, { name, nodes: [], retries: 0, down: [] });
+        return rows.get(name);
+      };
+      for (const [node, entry] of this.currentNodes(now).sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
+        for (const [name, state] of entry.tick.upstreams) {
+          const r = row(name);
+          r.nodes.push({ node, healthy: state.healthy, total: state.total });
+          r.down.push(...downTargets(node, state));
+        }
+      }
+      for (const [name, perSecond] of this.retrySeconds) {
+        for (const [second, n] of perSecond) if (second >= since) row(name).retries += n;
+      }
+      return [...rows.values()].sort((a, b) => (a.name < b.name ? -1 : 1));
     }
 
     /** TLS versions and ciphers seen in the live window, most frequent first. */

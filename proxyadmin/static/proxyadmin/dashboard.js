@@ -283,10 +283,48 @@
         { text: formatBytes(row.counts.bytes_out), className: "num" },
         { text: formatCount(row.counts.handshake_failures),
           className: row.counts.handshake_failures > 0 ? "num is-bad" : "num" },
+        targetsCell(row.targets),
       ],
     }));
     fillTable(byId("hosts-table").tBodies[0], rows);
     showEmpty("hosts-empty", rows.length === 0);
+  }
+
+  /** "address on node: cooling down (last error)", one line per target some node finds down. */
+  function downText(down) {
+    return down.map((t) => t.address + " on " + t.node + ": " + t.state + (t.lastError ? " (" + t.lastError + ")" : ""))
+      .join("\n");
+  }
+
+  function targetsCell(targets) {
+    if (!targets) return { text: "–", className: "num quiet" };
+    return {
+      text: formatCount(targets.healthy) + " / " + formatCount(targets.total),
+      className: targets.healthy < targets.total ? "num is-bad" : "num",
+      title: targets.down.length ? downText(targets.down) : "upstream " + targets.upstream,
+    };
+  }
+
+  function drawUpstreams(at) {
+    const rows = live.upstreams(at).map((row) => ({
+      key: row.name,
+      cells: [
+        { text: row.name, className: "upstream-name" },
+        {
+          text: row.nodes.map((n) => n.node + " " + n.healthy + " / " + n.total).join(", "),
+          className: row.nodes.some((n) => n.healthy < n.total) ? "is-bad" : "",
+        },
+        { text: formatCount(row.retries), className: row.retries > 0 ? "num is-bad" : "num" },
+        row.down.length
+          ? { text: downText(row.down), className: "error-text",
+            build: () => el("ul", "dash-down", ...row.down.map((t) => el("li", null,
+              el("strong", null, t.address), " on " + t.node + ": " + t.state,
+              t.lastError ? el("span", "quiet", " — " + t.lastError) : null))) }
+          : { text: "–", className: "quiet" },
+      ],
+    }));
+    fillTable(byId("upstreams-table").tBodies[0], rows);
+    showEmpty("upstreams-empty", rows.length === 0);
   }
 
   function revisionCell(node) {
@@ -416,6 +454,7 @@
     drawConnection();
     drawTotals(at);
     drawHosts(at);
+    drawUpstreams(at);
     drawNodes();
     drawTls(at);
     drawLists();
