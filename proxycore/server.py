@@ -132,6 +132,9 @@ class ProxyNode:
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeps = 0
+        self._log_second = -1
+        self._log_prefix = ""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -162,6 +165,9 @@ class ProxyNode:
         now = self.loop.time()
         for conn in self._all_connections():
             conn.check_deadlines(now)
+        self._sweeps += 1
+        if self._sweeps % 4 == 0:
+            self.pools.sweep()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def reload(self, snapshot: Snapshot) -> bool:
@@ -314,11 +320,20 @@ class ProxyNode:
         host, port = pool.target.address
         log.warning("upstream %s:%d: %s", host, port, str(exc) or type(exc).__name__)
 
+    def _log_time(self) -> str:
+        """UTC timestamp with milliseconds; the formatted second is made once per second."""
+        now = time.time()
+        second = int(now)
+        if second != self._log_second:
+            self._log_second = second
+            self._log_prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._log_prefix}.{int((now - second) * 1000):03d}Z"
+
     def access(self, conn: ClientConnection, status: int) -> None:
         if self.access_log is None:
             return
         request = conn.request
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        now = self._log_time()
         if request is None:
             line = f'{now} {conn.client_ip} {conn.listener.name} - "-" {status} 0 0.0ms -'
         else:

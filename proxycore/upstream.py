@@ -42,7 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner: UpstreamOwner | None = None
         self.closed = False
         self.requests = 0  # served so far: a reused connection may be stale
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # time.monotonic() when it went back to the pool
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -108,9 +108,9 @@ class TargetPool:
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
             conn = self.idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
+            if time.monotonic() - conn.idle_since > IDLE_UPSTREAM_TIMEOUT:
+                conn.close()  # the upstream may be about to close it: do not race that
+                continue
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 self.active += 1
                 return conn
@@ -147,7 +147,7 @@ class TargetPool:
             conn.close()
             return
         conn.requests += 1
-        conn.idle_timer = asyncio.get_running_loop().call_later(IDLE_UPSTREAM_TIMEOUT, conn.close)
+        conn.idle_since = time.monotonic()  # no timer per request: Pools.sweep closes stale ones
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -167,10 +167,16 @@ class TargetPool:
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []
         for conn in idle:
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
             conn.close()
+
+    def close_stale(self, now: float) -> None:
+        """Close the idle connections kept longer than IDLE_UPSTREAM_TIMEOUT."""
+        if self.idle and now - self.idle[0].idle_since > IDLE_UPSTREAM_TIMEOUT:
+            keep = [c for c in self.idle if now - c.idle_since <= IDLE_UPSTREAM_TIMEOUT]
+            for conn in self.idle:
+                if conn not in keep:
+                    conn.close()
+            self.idle = keep
 
 
 PoolKey = tuple[str, int, object]
@@ -199,6 +205,11 @@ class Pools:
             if id(pool) not in kept:
                 pool.retire()
                 del self.pools[key]
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for pool in self.pools.values():
+            pool.close_stale(now)
 
     def close(self) -> None:
         for pool in self.pools.values():
