@@ -4,8 +4,6 @@ endpoint on the node's loop, and ``runproxy --metrics`` as a real process."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import socket
 import subprocess
@@ -25,6 +23,7 @@ from proxycore import config as core
 from proxycore.metrics import metrics_registry, scrape_response, start_metrics_server
 from proxycore.stats import LATENCY_BUCKETS, UNMATCHED, Stats
 from tests.proxyharness import Upstream, bundle, read_response, route, running_node, tls_connect
+from tests.test_runproxy_command import Project, config, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,44 +218,6 @@ def test_node_serves_its_counters_at_metrics(ca: trustme.CA, upstream: Upstream)
 # ---- runproxy --metrics, as a process ---------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Project:
-    """A control-plane database in a temp dir, driven through manage.py commands."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXYADMIN_", "DATABASE_URL"))}
-        env["PROXYADMIN_VAR_DIR"] = str(tmp_path / "var")
-        self.env = env
-
-    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env,
-                             capture_output=True, text=True, timeout=120)
-        if check:
-            assert out.returncode == 0, out.stdout + out.stderr
-        return out
-
-    def import_host(self, ca: trustme.CA, name: str, upstream_port: int) -> None:
-        leaf = ca.issue_cert(f"{name}.example")
-        chain = b"".join(b.bytes() for b in leaf.cert_chain_pems) + ca.cert_pem.bytes()
-        config = {
-            "format": "proxyadmin-config", "version": 1,
-            "certificates": [{"name": name, "chain_pem": chain.decode(),
-                              "key_pem": leaf.private_key_pem.bytes().decode()}],
-            "hsts_policies": [],
-            "upstreams": [{"name": "app", "targets": [{"host": "127.0.0.1", "port": upstream_port}]}],
-            "hosts": [{"name": name, "names": [f"{name}.example"], "certificate": name, "upstream": "app"}],
-        }
-        path = self.tmp / "config.json"
-        path.write_text(json.dumps(config))
-        self.manage("importconfig", str(path))
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     p = Project(tmp_path)
@@ -266,7 +227,7 @@ def project(tmp_path: Path) -> Project:
 
 @pytest.fixture
 def metrics_node(project: Project, ca: trustme.CA, upstream: Upstream) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
-    project.import_host(ca, "a", upstream.port)
+    project.import_config(config(ca, upstream.port, ["a"]))
     https, metrics = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "runproxy", "--https", f"127.0.0.1:{https}", "--http", "off",
