@@ -110,8 +110,8 @@ class CertificateAdmin(admin.ModelAdmin):
 @admin.register(m.ClientCA)
 class ClientCAAdmin(admin.ModelAdmin):
     form = forms.ClientCAForm
-    list_display = ["name", "subjects_display", "not_after"]
-    readonly_fields = ["subjects_display", "not_after"]
+    list_display = ["name", "subjects_display", "not_after", "crl_next_update"]
+    readonly_fields = ["subjects_display", "not_after", "crl_next_update"]
 
     @admin.display(description="CAs")
     def subjects_display(self, obj: m.ClientCA) -> str:

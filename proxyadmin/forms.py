@@ -156,13 +156,17 @@ class ClientCAForm(forms.ModelForm):
 
     class Meta:
         model = m.ClientCA
-        fields = ["name", "bundle_pem"]
-        widgets = {"bundle_pem": forms.Textarea(attrs={"rows": 10, "spellcheck": "false"})}
+        fields = ["name", "bundle_pem", "crl_pem"]
+        widgets = {
+            "bundle_pem": forms.Textarea(attrs={"rows": 10, "spellcheck": "false"}),
+            "crl_pem": forms.Textarea(attrs={"rows": 6, "spellcheck": "false"}),
+        }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["bundle_pem"].required = False
         self.certs: list[Any] = []
+        self.crls: list[Any] = []
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or self.cleaned_data
@@ -180,10 +184,19 @@ class ClientCAForm(forms.ModelForm):
             self.certs = pki.inspect_ca_bundle(bundle, timezone.now())
         except pki.CertificateProblem as exc:
             self.add_error("bundle_pem", exc.message)
+            return data
+        crl = (data.get("crl_pem") or "").strip()
+        self.crls = []
+        if crl:
+            try:
+                self.crls = pki.inspect_crls(crl.encode(), self.certs, timezone.now())
+            except pki.CertificateProblem as exc:
+                self.add_error("crl_pem", exc.message)
         return data
 
     def save(self, commit: bool = True) -> m.ClientCA:
         self.instance.set_bundle(self.certs)
+        self.instance.set_crls(self.crls)
         return super().save(commit)
 
 

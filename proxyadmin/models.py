@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -87,8 +88,14 @@ class ClientCA(models.Model):
 
     name = models.CharField(max_length=200, unique=True)
     bundle_pem = models.TextField(help_text="One or more CA certificates in PEM.")
+    crl_pem = models.TextField(
+        "certificate revocation lists", blank=True,
+        help_text="Optional CRLs (PEM) of the CAs above. With a CRL, a revoked client certificate "
+        "is refused; every client certificate must then come from a CA that has a CRL here.",
+    )
     subjects = models.JSONField(default=list, editable=False)
     not_after = models.DateTimeField(null=True, editable=False)
+    crl_next_update = models.DateTimeField(null=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -103,6 +110,13 @@ class ClientCA(models.Model):
         self.bundle_pem = pki.to_pem(certs)
         self.subjects = [pki.describe(c) for c in certs]
         self.not_after = min(c.not_valid_after_utc for c in certs)
+
+    def set_crls(self, crls: list[x509.CertificateRevocationList]) -> None:
+        self.crl_pem = "".join(
+            c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in crls
+        )
+        updates = [c.next_update_utc for c in crls if c.next_update_utc is not None]
+        self.crl_next_update = min(updates) if updates else None
 
 
 class HSTSPolicy(models.Model):

@@ -373,3 +373,39 @@ def inspect_ca_bundle(data: bytes, now: dt.datetime) -> list[x509.Certificate]:
                 "bundle_pem",
             )
     return certs
+
+
+def inspect_crls(
+    data: bytes, cas: Sequence[x509.Certificate], now: dt.datetime
+) -> list[x509.CertificateRevocationList]:
+    """Validate CRLs: PEM, issued and signed by a CA of the bundle, not past their next update."""
+    blocks = [m.group(0) for m in _PEM_BLOCK.finditer(data) if m.group(1) == b"X509 CRL"]
+    if not blocks:
+        raise CertificateProblem(
+            "The revocation list is not PEM: paste blocks that start with '-----BEGIN X509 CRL-----'.",
+            "crl_pem",
+        )
+    crls = []
+    for number, block in enumerate(blocks, start=1):
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError:
+            raise CertificateProblem(
+                f"CRL number {number} is damaged and cannot be read.", "crl_pem"
+            ) from None
+        issuer = next((ca for ca in cas if ca.subject == crl.issuer), None)
+        if issuer is None or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+            raise CertificateProblem(
+                f"CRL number {number} was not issued by a CA of this bundle "
+                f"(its issuer is '{crl.issuer.rfc4514_string()}').",
+                "crl_pem",
+            )
+        next_update = crl.next_update_utc
+        if next_update is not None and next_update < now:
+            raise CertificateProblem(
+                f"CRL number {number} expired on {next_update:%Y-%m-%d %H:%M} UTC: "
+                "upload a fresh one from its CA.",
+                "crl_pem",
+            )
+        crls.append(crl)
+    return crls

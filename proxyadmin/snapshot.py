@@ -102,6 +102,7 @@ def _client_auth(host: m.Host) -> core.ClientAuth:
     return core.ClientAuth(
         mode=mode,
         ca_pem=host.client_ca.bundle_pem.encode("ascii"),
+        crl_pem=host.client_ca.crl_pem.encode("ascii"),
         forward_cert=host.forward_client_cert,
         forward_chain=host.forward_client_cert_chain,
     )

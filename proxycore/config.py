@@ -83,6 +83,7 @@ class ClientAuth:
     ca_pem: bytes = b""
     forward_cert: bool = True
     forward_chain: bool = False
+    crl_pem: bytes = b""  # when set, revoked client certificates are refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,6 +177,13 @@ def server_context(
         if not client_auth.ca_pem.strip():
             raise TLSConfigError(f"{label}: client certificates are {mode} but no CA bundle is set")
         _load_ca(ctx, client_auth.ca_pem, label)
+        if client_auth.crl_pem.strip():
+            try:  # cadata takes certificates only; a file path takes CRLs too
+                with _in_memory_file(client_auth.crl_pem) as crl:
+                    ctx.load_verify_locations(cafile=crl)
+            except (ssl.SSLError, ValueError):
+                raise TLSConfigError(f"{label}: certificate revocation list is not valid PEM") from None
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         ctx.verify_mode = ssl.CERT_REQUIRED if mode is ClientAuthMode.REQUIRED else ssl.CERT_OPTIONAL
     return ctx
 
@@ -259,7 +266,8 @@ def build_sni_table(snapshot: Snapshot) -> SNITable:
         bundle: CertificateBundle, alpn: tuple[str, ...], auth: ClientAuth | None, label: str
     ) -> ssl.SSLContext:
         key = (bundle.fingerprint_sha256, bundle.chain_pem, bundle.key_pem, alpn,
-               auth.mode if auth else None, auth.ca_pem if auth else None)
+               auth.mode if auth else None, auth.ca_pem if auth else None,
+               auth.crl_pem if auth else None)
         if key not in built:
             built[key] = server_context(bundle, alpn=alpn, client_auth=auth, label=label)
         return built[key]
@@ -291,7 +299,8 @@ def build_sni_table(snapshot: Snapshot) -> SNITable:
 # --- why handshakes fail ------------------------------------------------------------
 
 HANDSHAKE_FAILURE_REASONS = (
-    "unknown_sni", "no_client_cert", "bad_client_cert", "expired_client_cert", "cert_rejected_by_client",
+    "unknown_sni", "no_client_cert", "bad_client_cert", "expired_client_cert", "revoked_client_cert",
+    "cert_rejected_by_client",
     "protocol_version", "no_shared_cipher", "http_request", "not_tls", "timeout", "eof", "other",
 )
 
@@ -344,6 +353,9 @@ def closed_during_handshake() -> ssl.SSLEOFError:
     return exc
 
 
+X509_V_ERR_CERT_REVOKED = 23
+
+
 def handshake_failure_reason(exc: BaseException | type[BaseException]) -> str:
     """A short stable key (one of ``HANDSHAKE_FAILURE_REASONS``) for the stats.
 
@@ -354,6 +366,8 @@ def handshake_failure_reason(exc: BaseException | type[BaseException]) -> str:
     reason = getattr(exc, "reason", None)  # set by OpenSSL, absent when built by hand
     if getattr(exc, "verify_code", None) in _OUTSIDE_VALIDITY:
         return "expired_client_cert"
+    if getattr(exc, "verify_code", None) == X509_V_ERR_CERT_REVOKED:
+        return "revoked_client_cert"
     if isinstance(exc, ssl.SSLError) and reason in _SSL_REASONS:
         return _SSL_REASONS[reason]
     if issubclass(kind, ssl.SSLCertVerificationError):
