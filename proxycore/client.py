@@ -31,6 +31,20 @@ if TYPE_CHECKING:
 ACME_PREFIX = b"/.well-known/acme-challenge/"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
+# Enum members and module functions bound once: the hot path runs per request.
+_TCP = Mode.TCP
+_PP_OFF = ProxyProtocol.OFF
+_F_NONE, _F_LENGTH, _F_CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
+_F_UNTIL_CLOSE = Framing.UNTIL_CLOSE
+_monotonic = time.monotonic
+_encode_chunk = http1.encode_chunk
+_LAST_CHUNK = http1.LAST_CHUNK
+_CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
+_CLOSE_LINE = b"connection: close\r\n"
+
+# What a connection is doing, as the node's sweep sees it (see check_deadlines).
+_IDLE, _HEAD, _UPSTREAM = range(3)
+
 
 class ClientConnection(asyncio.BufferedProtocol):
     def __init__(
@@ -45,9 +59,15 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.sni_route = sni_route  # the host chosen by SNI (None: the default certificate)
-        self.client_cert_headers: tuple[tuple[bytes, bytes], ...] = ()  # RFC 9440, once verified
+        self.client_cert_lines = b""  # RFC 9440 field lines (CRLF-ended), once verified
         self.conn_stats: HostStats = node.stats.host(UNMATCHED)
         self.parser = http1.RequestParser(node.limits.max_head_size, node.limits.max_request_line)
+        self.read_buffer = node.read_buffer
+        # The last Host of this connection and what it led to: clients repeat it.
+        self.last_host: bytes | None = None
+        self.last_route: HostRoute | None = None
+        self.last_stats: HostStats = self.conn_stats
+        self.forwarding = b""  # the X-Forwarded-*/Forwarded lines for last_host
         self.events: deque[object] = deque()
         self.read_paused: set[str] = set()
         self.closing = False  # close once the current response is done
@@ -56,7 +76,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         # After a TLS handshake, start_tls hands decrypted bytes over before the node calls
         # connection_made; they wait here.
         self.early: list[bytes] | None = []
-        self.out: list[bytes] | None = None  # writes held back while one batch is processed
 
         # per-request
         self.request: RequestHead | None = None
@@ -65,12 +84,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.upstream: UpstreamConnection | None = None
         self.pool: TargetPool | None = None
         self.upstream_head = b""
+        self.awaiting_upstream = False  # a request went upstream and its response is not over
         self.pending_body: list[bytes] = []
         self.pending_size = 0
         self.body_received = 0
         self.request_done = False
         self.response: ResponseHead | None = None
-        self.response_parser: http1.ResponseParser | None = None
+        self.response_parser: http1.ResponseParser | None = None  # the upstream connection's
         self.response_chunked = False
         self.response_close = False
         self.response_bytes = 0
@@ -80,12 +100,14 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.retried = False
         self.tunnel = False
         self.discard_request = False
-        # timers
-        # Deadlines, checked by the node's sweep a few times a second: no timer per request.
-        self.idle_deadline = 0.0  # while no request is in progress (0: none)
-        self.head_deadline = 0.0  # from the first byte of a request head to its end
-        self.upstream_deadline = 0.0  # while waiting on the upstream (0: none)
-        self.head_started = False
+        # timeouts
+        # No timer and no clock read per request: the node's sweep looks at each connection
+        # a few times a second, and a timeout runs from the first sweep that saw the
+        # connection in the same phase with the same progress count (check_deadlines).
+        self.exchanges = 0  # requests finished on this connection
+        self.upstream_reads = 0  # reads from the upstream (and attaches) for this connection
+        self.watch: tuple[int, int] | None = None  # (phase, progress) at the last sweep
+        self.watch_since = 0.0
 
     # ---- connection lifecycle (event loop) --------------------------------------------
 
@@ -110,8 +132,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                     return
         self.conn_stats.active_connections += 1
         self.conn_stats.total_connections += 1
-        self.stats = self.conn_stats
-        self.idle_deadline = self.node.loop.time() + self.node.limits.idle_timeout
+        self.stats = self.last_stats = self.conn_stats
         early, self.early = self.early, None
         for data in early or ():
             self.data_received(data)
@@ -124,15 +145,11 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         self.conn_stats.active_connections -= 1
         self.node.forget(self)
-        self.cancel_timers()
+        self.awaiting_upstream = False
         if self.upstream is not None:
             self.release_upstream(reusable=False)
 
-    def cancel_timers(self) -> None:
-        self.idle_deadline = self.head_deadline = self.upstream_deadline = 0.0
-
     def close(self) -> None:
-        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -169,11 +186,11 @@ class ClientConnection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         """Called by the event loop: where to read into. A buffered protocol lets uvloop's
         TLS layer decrypt into this buffer instead of allocating 256 KiB per read."""
-        return self.node.read_buffer
+        return self.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         """Called by the event loop: ``nbytes`` were read into the buffer."""
-        self.data_received(self.node.read_buffer[:nbytes].tobytes())
+        self.data_received(self.read_buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if self.early is not None:
@@ -186,10 +203,6 @@ class ClientConnection(asyncio.BufferedProtocol):
             if self.upstream is not None:
                 self.upstream.write(data)
             return
-        if self.request is None and not self.head_started:
-            self.head_started = True
-            self.idle_deadline = 0.0
-            self.head_deadline = self.node.loop.time() + self.node.limits.head_timeout
         try:
             self.events.extend(self.parser.feed(data))
         except ParseError as exc:
@@ -204,16 +217,17 @@ class ClientConnection(asyncio.BufferedProtocol):
         events = self.events
         while events and not self.closed:
             event = events[0]
-            if isinstance(event, RequestHead):
+            kind = type(event)
+            if kind is RequestHead:
                 if self.request is not None:  # pipelined: wait for the current response
                     self.pause_reading("pipeline")
                     return
                 events.popleft()
-                self.start_request(event)
-            elif isinstance(event, BodyData):
+                self.start_request(cast(RequestHead, event))
+            elif kind is BodyData:
                 events.popleft()
-                self.request_body(event.data)
-            elif isinstance(event, MessageEnd):
+                self.request_body(cast(BodyData, event).data)
+            elif kind is MessageEnd:
                 events.popleft()
                 self.request_end()
             elif isinstance(event, Upgraded):
@@ -243,25 +257,30 @@ class ClientConnection(asyncio.BufferedProtocol):
     # ---- one request ----------------------------------------------------------------
 
     def start_request(self, head: RequestHead) -> None:
-        self.head_deadline = 0.0
-        self.head_started = False
         self.request = head
-        self.started_at = time.monotonic()
+        self.started_at = _monotonic()
         self.request_done = False
-        state = self.state
-        route = routing.lookup_route(state.routes, routing.host_name(head.host))
+        host = head.host
+        if host == self.last_host:  # the usual case: the same host as the last request
+            route = self.last_route
+            self.stats = stats = self.last_stats
+        else:
+            route = routing.lookup_route(self.state.routes, routing.host_name(host))
+            stats = self.node.stats.host(route.name) if route is not None else self.conn_stats
+            self.last_host, self.last_route, self.last_stats, self.stats = host, route, stats, stats
+            self.forwarding = routing.forwarding_lines(self.client_ip, host, https=self.https)
         self.route = route
-        self.stats = self.node.stats.host(route.name) if route is not None else self.conn_stats
-        self.stats.requests += 1
+        stats.requests += 1
         if self.https:
-            if route is None or routing.is_misdirected(self.sni_route, route) or route.mode is Mode.TCP:
-                self.local_response(421, self.sni_route)
+            sni_route = self.sni_route
+            if route is None or (sni_route is not None and route is not sni_route) or route.mode is _TCP:
+                self.local_response(421, sni_route)
                 return
         else:
             if head.target.startswith(ACME_PREFIX):
                 self.acme_response(head.target[len(ACME_PREFIX):])
                 return
-            if route is None or route.mode is Mode.TCP:
+            if route is None or route.mode is _TCP:
                 self.local_response(421, None)
                 return
             if route.redirect.enabled:
@@ -269,34 +288,21 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.local_response(route.redirect.status, None, extra=[(b"location", location)])
                 return
         limit = route.max_body_size
-        if limit and head.framing is Framing.LENGTH and head.content_length > limit:
+        if limit and head.framing is _F_LENGTH and head.content_length > limit:
             self.local_response(413, route)
             return
-        balancer = state.balancers[route.upstream.name]
-        pool = balancer.pick()
+        pool = self.state.balancers[route.upstream.name].pick()
         if pool is None:
             self.local_response(503, route)
             return
-        self.upstream_head = self.build_upstream_head(head, route)
+        added = self.forwarding + self.client_cert_lines if route is self.sni_route else self.forwarding
+        self.upstream_head = routing.upstream_request_head(head, added)
         self.pool = pool
         self.connect_upstream(pool)
 
-    def build_upstream_head(self, head: RequestHead, route: HostRoute) -> bytes:
-        headers = routing.upstream_request_headers(
-            head.headers, host=head.host, client_ip=self.client_ip, https=self.https,
-            extra=self.client_cert_headers if route is self.sni_route else (),
-        )
-        if head.framing is Framing.LENGTH:
-            headers.append((b"content-length", b"%d" % head.content_length))
-        elif head.framing is Framing.CHUNKED:
-            headers.append((b"transfer-encoding", b"chunked"))
-        if head.upgrade is not None:
-            headers += [(b"connection", b"upgrade"), (b"upgrade", head.upgrade)]
-        return http1.serialize_request_head(head.method, head.target, headers)
-
     def connect_upstream(self, pool: TargetPool) -> None:
         # A connection that starts with a PROXY header speaks for one client only: never shared.
-        private = self.route is not None and self.route.proxy_protocol is not ProxyProtocol.OFF
+        private = self.route is not None and self.route.proxy_protocol is not _PP_OFF
         conn = None if private else pool.take_idle()
         if conn is not None:
             self.attach(conn, reused=True)
@@ -350,18 +356,20 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.upstream = conn
         self.reused_upstream = reused
         conn.owner = self
-        self.response_parser = http1.ResponseParser()
-        self.response_parser.expect(self.request.method)
+        parser = self.response_parser = conn.parser
+        parser.expect(self.request.method)
         data = self.upstream_head
-        if not reused and self.route is not None and self.route.proxy_protocol is not ProxyProtocol.OFF:
+        if not reused and self.route is not None and self.route.proxy_protocol is not _PP_OFF:
             data = self.proxy_header() + data
         if self.pending_body:
             data += b"".join(self.pending_body)
             self.pending_body.clear()
             self.pending_size = 0
         conn.write(data)
-        self.resume_reading("connect")
-        self.arm_upstream_timer()
+        if self.read_paused:
+            self.resume_reading("connect")
+        self.awaiting_upstream = True
+        self.upstream_reads += 1
 
     def proxy_header(self) -> bytes:
         assert self.transport is not None and self.route is not None
@@ -383,8 +391,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             else:
                 self.abort()
             return
-        if self.request.framing is Framing.CHUNKED:
-            data = http1.encode_chunk(data)
+        if self.request.framing is _F_CHUNKED:
+            data = _encode_chunk(data)
         if self.upstream is not None:
             self.upstream.write(data)
         else:
@@ -401,7 +409,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.finish_exchange()
             return
         self.request_done = True
-        if self.request.framing is Framing.CHUNKED:
+        if self.request.framing is _F_CHUNKED:
             if self.upstream is not None:
                 self.upstream.write(http1.LAST_CHUNK)
             else:
@@ -425,7 +433,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.tunnel:
             self.write(data)
             return
-        self.arm_upstream_timer()
+        self.upstream_reads += 1
         parser = self.response_parser
         if parser is None:
             return
@@ -434,71 +442,85 @@ class ClientConnection(asyncio.BufferedProtocol):
         except ParseError:
             self.upstream_failed("bad_response", 502)
             return
-        # A head and its body in one read go out as one write: one TLS record, one syscall.
-        self.out = []
-        try:
-            self.response_events(events)
-        finally:
-            self.flush()
+        self.response_events(events)
 
     def response_events(self, events: Sequence[object]) -> None:
+        # A head and its body in one read go out as one write: one TLS record, one syscall.
+        out: list[bytes] = []
         for event in events:
-            if self.closed:
-                return
-            if isinstance(event, ResponseHead):
-                self.response_head(event)
-            elif isinstance(event, BodyData):
-                self.response_bytes += len(event.data)
-                self.write(http1.encode_chunk(event.data) if self.response_chunked else event.data)
-            elif isinstance(event, MessageEnd):
+            kind = type(event)
+            if kind is BodyData:
+                data = cast(BodyData, event).data
+                self.response_bytes += len(data)
+                out.append(_encode_chunk(data) if self.response_chunked else data)
+            elif kind is ResponseHead:
+                head = self.response_head(cast(ResponseHead, event))
+                if head:
+                    out.append(head)
+            elif kind is MessageEnd:
                 if self.response_chunked:
-                    self.write(http1.LAST_CHUNK)
+                    out.append(_LAST_CHUNK)
+                if out:
+                    self.write(out[0] if len(out) == 1 else b"".join(out))
+                    out = []
                 self.response_end()
+                if self.closed:
+                    return
             elif isinstance(event, Upgraded):
+                if out:
+                    self.write(b"".join(out))
+                    out = []
                 self.start_tunnel(event.rest)
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def response_head(self, head: ResponseHead) -> None:
+    def response_head(self, head: ResponseHead) -> bytes:
+        """The head to send the client for ``head`` (b"": none, for a 100 nobody expects)."""
         request = self.request
         assert request is not None
         route = self.route
         hsts = route.hsts if route is not None else None
-        headers = routing.client_response_headers(head.headers, hsts=hsts, https=self.https)
-        if head.status < 200:
-            if head.status == 101 and request.upgrade is not None:
-                headers += [(b"connection", b"upgrade"), (b"upgrade", request.upgrade)]
+        status = head.status
+        if status < 200:
+            if status == 101 and request.upgrade is not None:
                 self.status = 101
-                self.write(http1.serialize_response_head(101, head.reason, headers))
-            elif head.status != 100 or request.expect_continue:
-                self.write(http1.serialize_response_head(head.status, head.reason, headers))
-            return
+                added = b"connection: upgrade\r\nupgrade: %s\r\n" % request.upgrade
+                return routing.client_response_head(head, hsts, https=self.https, added=added)
+            if status != 100 or request.expect_continue:
+                return routing.client_response_head(head, hsts, https=self.https)
+            return b""
         self.response = head
-        self.status = head.status
-        if self.pool is not None:
-            if head.status >= 500:
-                self.target_failed(f"status {head.status}")
+        self.status = status
+        pool = self.pool
+        if pool is not None:
+            if status >= 500:
+                self.target_failed(f"status {status}")
             else:
-                health.record_passive_success(self.pool.health)
-        self.response_close = (
+                pool.health.passive_failures = 0  # health.record_passive_success, inlined
+        close = (
             not head.keep_alive or not request.keep_alive or self.closing or self.node.stopping
             or request.upgrade is not None  # a declined upgrade: the parser gave the rest away
         )
+        added = b""
         self.response_chunked = False
-        if head.framing is Framing.CHUNKED or head.framing is Framing.UNTIL_CLOSE:
+        framing = head.framing
+        if framing is _F_CHUNKED or framing is _F_UNTIL_CLOSE:
             if request.version == b"1.1":
                 self.response_chunked = True
-                headers.append((b"transfer-encoding", b"chunked"))
+                added = _CHUNKED_LINE
             else:
-                self.response_close = True
-        if self.response_close:
-            headers.append((b"connection", b"close"))
-        self.write(http1.serialize_response_head(head.status, head.reason, headers))
+                close = True
+        self.response_close = close
+        if close:
+            added += _CLOSE_LINE
+        return routing.client_response_head(head, hsts, https=self.https, added=added)
 
     def response_end(self) -> None:
         self.response_parser = None
-        self.upstream_deadline = 0.0
+        self.awaiting_upstream = False
         reusable = (
             self.response is not None and self.response.keep_alive and self.request_done
-            and self.route is not None and self.route.proxy_protocol is ProxyProtocol.OFF
+            and self.route is not None and self.route.proxy_protocol is _PP_OFF
         )
         self.release_upstream(reusable=reusable)
         if not self.request_done:
@@ -509,7 +531,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         """After a 101: bytes flow both ways untouched until either side closes."""
         self.tunnel = True
         self.response_parser = None
-        self.upstream_deadline = 0.0
+        self.awaiting_upstream = False
         self.stats.response(101)
         self.node.access(self, 101)
         if rest:
@@ -565,13 +587,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         task = self.node.loop.create_task(self.open_upstream(pool, self.request))
         self.node.track(task)
 
-    def arm_upstream_timer(self) -> None:
-        """Push the upstream read deadline back (the node's sweep watches it)."""
-        timeout = self.route.upstream.read_timeout if self.route is not None else 60.0
-        self.upstream_deadline = self.node.loop.time() + timeout
-
     def upstream_timed_out(self) -> None:
-        self.upstream_deadline = 0.0
+        self.awaiting_upstream = False
         if self.response is None:
             self.upstream_failed("read_timeout", 504)
         else:
@@ -597,7 +614,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.upstream is not None:
             self.release_upstream(reusable=False)
         self.response_parser = None
-        self.upstream_deadline = 0.0
+        self.awaiting_upstream = False
 
     def release_upstream(self, reusable: bool) -> None:
         conn, self.upstream = self.upstream, None
@@ -613,7 +630,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         """Answer the current request ourselves; its body, if any, is read and dropped."""
         request = self.request
         close = request is None or not request.keep_alive or self.closing or self.node.stopping
-        if request is not None and not self.request_done and request.framing is not Framing.NONE:
+        if request is not None and not self.request_done and request.framing is not _F_NONE:
             close = True  # do not read a body we will not use
         if request is not None and request.upgrade is not None:
             close = True
@@ -639,8 +656,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         is_head = self.request is not None and self.request.method == b"HEAD"
         self.write(http1.serialize_response_head(status, responses.reason(status), headers)
                    + (b"" if is_head else body))
-        self.response = ResponseHead(status, responses.reason(status), b"1.1", (), Framing.LENGTH,
-                                     len(body), not close)
+        self.response = ResponseHead(status, responses.reason(status), b"1.1", b"", Framing.LENGTH,
+                                     len(body), not close, {})
         if close:
             self.finish_exchange()
         elif not self.discard_request or self.request_done:
@@ -664,18 +681,22 @@ class ClientConnection(asyncio.BufferedProtocol):
     def finish_exchange(self) -> None:
         status = self.status
         if self.response is not None or status:
-            self.stats.response(status)
+            stats = self.stats
+            stats.responses[status // 100 if status < 600 else 5] += 1
             if self.response is not None and self.pool is not None:
-                self.stats.latency(time.monotonic() - self.started_at)
-            self.node.access(self, status)
+                stats.latency(_monotonic() - self.started_at)
+            if self.node.access_log is not None:
+                self.node.access(self, status)
         close = self.response_close or self.closing or self.node.stopping
         self.reset_request()
+        self.exchanges += 1
         if close:
             self.close()
             return
-        self.idle_deadline = self.node.loop.time() + self.node.limits.idle_timeout
-        self.resume_reading("pipeline")
-        self.process_events()
+        if self.read_paused:
+            self.resume_reading("pipeline")
+        if self.events:
+            self.process_events()
 
     def reset_request(self) -> None:
         self.request = None
@@ -699,30 +720,43 @@ class ClientConnection(asyncio.BufferedProtocol):
     # ---- timers and helpers ---------------------------------------------------------
 
     def check_deadlines(self, now: float) -> None:
-        """Called by the node's sweep: act on whichever deadline has passed."""
-        if self.closed:
+        """Called by the node's sweep: act on a timeout that has run out.
+
+        A connection is idle (no request, no byte of one), reading a head, or waiting
+        for its upstream. Each phase has its timeout, counted from the first sweep that
+        saw the connection in that phase with the same progress (requests finished, or
+        upstream reads): so a timeout fires up to two sweep intervals late, and nothing
+        on the hot path reads a clock for it.
+        """
+        if self.closed or self.transport is None:
             return
-        if self.head_deadline and now >= self.head_deadline and self.request is None:
-            self.head_deadline = 0.0
-            self.send_local(408, self.sni_route, close=True)
-        elif self.idle_deadline and now >= self.idle_deadline and self.request is None:
-            self.idle_deadline = 0.0
-            self.close()
-        elif self.upstream_deadline and now >= self.upstream_deadline:
+        if self.request is None:
+            watch = (_HEAD if self.parser.in_head else _IDLE, self.exchanges)
+        elif self.awaiting_upstream:
+            watch = (_UPSTREAM, self.upstream_reads)
+        else:
+            self.watch = None
+            return
+        if watch != self.watch:
+            self.watch, self.watch_since = watch, now
+            return
+        waited = now - self.watch_since
+        phase = watch[0]
+        limits = self.node.limits
+        if phase == _IDLE:
+            if waited >= limits.idle_timeout:
+                self.close()
+        elif phase == _HEAD:
+            if waited >= limits.head_timeout:
+                self.send_local(408, self.sni_route, close=True)
+        elif self.route is not None and waited >= self.route.upstream.read_timeout:
             self.upstream_timed_out()
 
     def write(self, data: bytes) -> None:
-        if self.out is not None:  # inside one batch of upstream bytes: one TLS record later
-            self.out.append(data)
-            return
-        if self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             self.stats.bytes_out += len(data)
-            self.transport.write(data)
-
-    def flush(self) -> None:
-        out, self.out = self.out, None
-        if out:
-            self.write(out[0] if len(out) == 1 else b"".join(out))
+            transport.write(data)
 
     def abort(self) -> None:
         self.drop_upstream()

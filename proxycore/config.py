@@ -57,9 +57,11 @@ class HSTS:
     override_upstream: bool
     # The header value, made once per snapshot rather than once per response.
     header: bytes = field(init=False, repr=False, compare=False)
+    line: bytes = field(init=False, repr=False, compare=False)  # the whole field line, CRLF-ended
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "header", self.header_value.encode("ascii"))
+        object.__setattr__(self, "line", b"strict-transport-security: %s\r\n" % self.header)
 
     @property
     def header_value(self) -> str:

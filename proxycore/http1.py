@@ -43,10 +43,13 @@ import httptools
 from proxycore.http1_checks import (
     HOP_BY_HOP,
     MAX_CHUNK_LINE,
+    REQUEST_NOTED,
+    RESPONSE_NOTED,
     Fields,
     Framing,
-    HeadTokens,
+    HeadSeen,
     ParseError,
+    all_fields,
     body_framing,
     chunk_size,
     connection_options,
@@ -54,10 +57,11 @@ from proxycore.http1_checks import (
     expect_continue,
     hop_by_hop_names,
     keep_alive,
+    noted_fields,
     request_host,
-    request_line_version,
+    request_line,
     resolve_target,
-    status_line_version,
+    status_line,
     strip_hop_by_hop,
     trailer_fields,
 )
@@ -86,32 +90,118 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
 class RequestHead:
-    method: bytes
-    target: bytes  # origin-form (an absolute-form target is reduced to path and query), or b"*"
-    version: bytes  # b"1.1" or b"1.0"
-    headers: Fields  # (lower-cased name, value without surrounding OWS), as received
-    host: bytes  # lower-cased host[:port]; b"" for HTTP/1.0 without Host
-    framing: Framing  # NONE, LENGTH or CHUNKED
-    content_length: int  # meaningful when framing is LENGTH
-    keep_alive: bool
-    upgrade: bytes | None  # lower-cased Upgrade value, set only on a body-less HTTP/1.1 upgrade
-    expect_continue: bool
+    """A checked request head. Plain slots, not a frozen dataclass: one is made per request.
+
+    ``raw`` is the head as received, request line to the empty line; a proxy that
+    changes nothing in it can forward it as it is. ``noted`` holds the fields the
+    proxy acts on (framing, Host, connection options, hop-by-hop and forwarding
+    fields: ``http1_checks.REQUEST_NOTED``), lower-cased name -> values in order;
+    ``headers`` every field, parsed only when asked for.
+    """
+
+    __slots__ = (
+        "_headers", "content_length", "expect_continue", "framing", "host", "keep_alive", "method",
+        "noted", "raw", "target", "upgrade", "version",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,  # origin-form (an absolute-form target is reduced to path and query), or b"*"
+        version: bytes,  # b"1.1" or b"1.0"
+        raw: bytes,
+        host: bytes,  # lower-cased host[:port]; b"" for HTTP/1.0 without Host
+        framing: Framing,  # NONE, LENGTH or CHUNKED
+        content_length: int,  # meaningful when framing is LENGTH
+        keep_alive: bool,
+        upgrade: bytes | None,  # lower-cased Upgrade value, set only on a body-less HTTP/1.1 upgrade
+        expect_continue: bool,
+        noted: dict[bytes, list[bytes]] | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.raw = raw
+        self.host = host
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.expect_continue = expect_continue
+        self.noted = noted if noted is not None else noted_fields(raw, REQUEST_NOTED)
+        self._headers: Fields | None = None
+
+    @property
+    def headers(self) -> Fields:
+        """Every field: (lower-cased name, value without surrounding OWS), as received."""
+        if self._headers is None:
+            self._headers = all_fields(self.raw, request=True)
+        return self._headers
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.method, self.target, self.version, self.raw, self.host, self.framing,
+                self.content_length, self.keep_alive, self.upgrade, self.expect_continue)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RequestHead) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        version = self.version.decode()
+        return f"RequestHead({self.method!r} {self.target!r} HTTP/{version}, host={self.host!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class ResponseHead:
-    status: int
-    reason: bytes
-    version: bytes
-    headers: Fields
-    framing: Framing  # NONE for HEAD, 1xx, 204, 304 whatever the fields say
-    content_length: int
-    keep_alive: bool
+    """A checked response head; ``raw``, ``noted`` (``http1_checks.RESPONSE_NOTED``) and
+    ``headers`` as for :class:`RequestHead`."""
+
+    __slots__ = (
+        "_headers", "content_length", "framing", "keep_alive", "noted", "raw", "reason", "status", "version",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        raw: bytes,
+        framing: Framing,  # NONE for HEAD, 1xx, 204, 304 whatever the fields say
+        content_length: int,
+        keep_alive: bool,
+        noted: dict[bytes, list[bytes]] | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.raw = raw
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.noted = noted if noted is not None else noted_fields(raw, RESPONSE_NOTED)
+        self._headers: Fields | None = None
+
+    @property
+    def headers(self) -> Fields:
+        if self._headers is None:
+            self._headers = all_fields(self.raw, request=False)
+        return self._headers
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.status, self.reason, self.version, self.raw, self.framing, self.content_length,
+                self.keep_alive)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ResponseHead) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status} {self.reason!r} HTTP/{self.version.decode()}, {self.framing})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per piece of body, and frozen dataclasses are slow to make
 class BodyData:
     data: bytes  # de-chunked payload, never empty
 
@@ -121,7 +211,7 @@ class MessageEnd:
     trailers: Fields = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Upgraded:
     rest: bytes  # bytes after the head: the tunnel starts here
 
@@ -161,8 +251,8 @@ class _MessageParser(Generic[H]):
         "_ll",
         "_max_body",
         "_max_head",
+        "_seen",
         "_state",
-        "_tokens",
         "_trailer_size",
         "_trailers",
     )
@@ -178,7 +268,7 @@ class _MessageParser(Generic[H]):
         self._keep_alive = True
         # per-head
         self._buf = bytearray()  # bytes of a head that is not complete yet
-        self._tokens = HeadTokens()
+        self._seen = HeadSeen()  # llhttp reports the end of each head here
         self._ll: HttpParser | None = None
         # per-body
         self._left = 0  # bytes left in the Content-Length body or current chunk
@@ -199,6 +289,11 @@ class _MessageParser(Generic[H]):
         except ParseError as exc:
             raise self._fail(exc, events) from None
         return events
+
+    @property
+    def in_head(self) -> bool:
+        """Part of a head has arrived and the rest has not (what a head timeout watches)."""
+        return self._state == _HEAD and bool(self._buf)
 
     def feed_eof(self) -> list[H | BodyData | MessageEnd | Upgraded]:
         """The peer closed: end an UNTIL_CLOSE body, or raise if a message is cut short."""
@@ -251,11 +346,12 @@ class _MessageParser(Generic[H]):
                 pos += 2
             if pos == len(data):
                 return pos
-            self._tokens = tokens = HeadTokens()
-            self._ll = self._new_llhttp(tokens)
+            self._seen.complete = False
+            self._ll = self._new_llhttp(self._seen)
             end = data.find(b"\r\n\r\n", pos, pos + self._max_head)
             if end != -1:  # the usual case: the whole head is in this piece of data
-                return self._finish_head(data[pos : end + 4], 0, data, end + 4, events)
+                head = data if pos == 0 and end + 4 == len(data) else data[pos : end + 4]
+                return self._finish_head(head, 0, data, end + 4, events)
         old = len(buf)
         piece = data[pos : pos + self._max_head + 4 - old]  # never buffer past the limit
         buf += piece
@@ -278,18 +374,28 @@ class _MessageParser(Generic[H]):
     ) -> int:
         """``head`` is complete, llhttp has seen its first ``fed`` bytes; ``after`` indexes data."""
         self._check_size(head)
-        self._feed_llhttp(head[fed:] if fed else head)
-        if not self._tokens.complete:
+        try:
+            cast("HttpParser", self._ll).feed_data(head[fed:] if fed else head)
+        except httptools.HttpParserUpgrade:
+            pass  # upgrades are decided from the fields, not by llhttp
+        except httptools.HttpParserError as exc:
+            raise ParseError(400, str(exc) or "malformed head") from None
+        if not self._seen.complete:
             raise ParseError(400, "malformed head")
         message, follows = self._make_head(head)
         events.append(message)
-        if follows == _SWITCH:
+        if follows == _BODY:
+            self._keep_alive = keep = message.keep_alive
+            framing = message.framing
+            if framing is _NONE or (framing is _LENGTH_FRAMING and not message.content_length):
+                events.append(_END)  # the usual GET: no body
+                self._state = _HEAD if keep else _CLOSED
+            else:
+                self._start_body(framing, message.content_length, events)
+        elif follows == _SWITCH:
             events.append(Upgraded(data[after:]))
             self._state = _UPGRADED
             return len(data)
-        if follows == _BODY:
-            self._keep_alive = message.keep_alive
-            self._start_body(message.framing, message.content_length, events)
         return after
 
     def _feed_llhttp(self, piece: bytes) -> None:
@@ -425,7 +531,7 @@ class _MessageParser(Generic[H]):
 
     # --- per role -----------------------------------------------------------
 
-    def _new_llhttp(self, tokens: HeadTokens) -> HttpParser:
+    def _new_llhttp(self, seen: HeadSeen) -> HttpParser:
         raise NotImplementedError
 
     def _check_size(self, head: bytes | bytearray) -> None:
@@ -444,16 +550,18 @@ class RequestParser(_MessageParser[RequestHead]):
     as the bytes received show it; a body over ``max_body_size``, when set, 413.
     """
 
-    __slots__ = ("_max_line",)
+    __slots__ = ("_host_checked", "_host_seen", "_max_line")
 
     def __init__(
         self, max_head_size: int = 16384, max_request_line: int = 8192, max_body_size: int | None = None
     ) -> None:
         super().__init__(max_head_size, max_body_size)
         self._max_line = max_request_line
+        self._host_seen: bytes | None = None  # the last Host value and what check_host made of it
+        self._host_checked = b""
 
-    def _new_llhttp(self, tokens: HeadTokens) -> HttpParser:
-        return httptools.HttpRequestParser(tokens)
+    def _new_llhttp(self, seen: HeadSeen) -> HttpParser:
+        return httptools.HttpRequestParser(seen)
 
     def _check_size(self, head: bytes | bytearray) -> None:
         line_end = head.find(b"\r\n")
@@ -463,25 +571,31 @@ class RequestParser(_MessageParser[RequestHead]):
             raise ParseError(431, "head too large")
 
     def _make_head(self, head: bytes) -> tuple[RequestHead, int]:
-        tokens = self._tokens
         ll = cast("httptools.HttpRequestParser", self._ll)
-        method = ll.get_method()
-        version = request_line_version(head, method, tokens.start)
-        special = tokens.special
-        framing, length = body_framing(special)
+        method, target, version = request_line(head, ll.get_method())
+        noted = noted_fields(head, REQUEST_NOTED)
+        framing, length = body_framing(noted)
         if self._max_body is not None and length > self._max_body:
             raise ParseError(413, "body too large")
-        target, host = resolve_target(method, tokens.start, request_host(special.get(b"host"), version))
-        options = connection_options(special)
+        host_values = noted.get(b"host")
+        if host_values is not None and len(host_values) == 1 and host_values[0] == self._host_seen:
+            host = self._host_checked  # the same Host as the last request: checked already
+        else:
+            host = request_host(host_values, version)
+            if host_values is not None:
+                self._host_seen, self._host_checked = host_values[0], host
+        if target[:1] != b"/":
+            target, host = resolve_target(method, target, host)
+        options = connection_options(noted)
         upgrade = None
         if b"upgrade" in options and version == b"1.1" and framing is not _CHUNKED and not length:
-            values = special.get(b"upgrade")
+            values = noted.get(b"upgrade")
             if values:
                 upgrade = b", ".join(values).lower()
-        expect = b"expect" in special and version == b"1.1" and expect_continue(special[b"expect"])
+        expect = b"expect" in noted and version == b"1.1" and expect_continue(noted[b"expect"])
         message = RequestHead(
-            method, target, version, tuple(tokens.fields), host, framing, length,
-            keep_alive(version, options), upgrade, expect,
+            method, target, version, head, host, framing, length, keep_alive(version, options), upgrade,
+            expect, noted,
         )  # fmt: skip
         return message, _BODY if upgrade is None else _SWITCH
 
@@ -505,30 +619,27 @@ class ResponseParser(_MessageParser[ResponseHead]):
         """A request was sent whose final response has not started yet."""
         return bool(self._methods)
 
-    def _new_llhttp(self, tokens: HeadTokens) -> HttpParser:
-        return httptools.HttpResponseParser(tokens)
+    def _new_llhttp(self, seen: HeadSeen) -> HttpParser:
+        return httptools.HttpResponseParser(seen)
 
     def _make_head(self, head: bytes) -> tuple[ResponseHead, int]:
-        tokens = self._tokens
-        ll = cast("httptools.HttpResponseParser", self._ll)
-        status = ll.get_status_code()
-        version = status_line_version(head, status, tokens.start)
-        special = tokens.special
-        framing, length = body_framing(special)
+        status = cast("httptools.HttpResponseParser", self._ll).get_status_code()
+        version, reason = status_line(head, status)
+        noted = noted_fields(head, RESPONSE_NOTED)
+        framing, length = body_framing(noted)
         if not self._methods:
             raise ParseError(502, "response without a request")
-        fields = tuple(tokens.fields)
         if status < 200 and status != 101:
-            return ResponseHead(status, tokens.start, version, fields, _NONE, 0, True), _INTERIM
+            return ResponseHead(status, reason, version, head, _NONE, 0, True, noted), _INTERIM
         method = self._methods.popleft()
         if status == 101:
-            return ResponseHead(status, tokens.start, version, fields, _NONE, 0, False), _SWITCH
+            return ResponseHead(status, reason, version, head, _NONE, 0, False, noted), _SWITCH
         if method == b"HEAD" or status == 204 or status == 304:
             framing, length = _NONE, 0
         elif framing is _NONE:
             framing = _UNTIL_CLOSE_FRAMING
-        alive = framing is not _UNTIL_CLOSE_FRAMING and keep_alive(version, connection_options(special))
-        return ResponseHead(status, tokens.start, version, fields, framing, length, alive), _BODY
+        alive = framing is not _UNTIL_CLOSE_FRAMING and keep_alive(version, connection_options(noted))
+        return ResponseHead(status, reason, version, head, framing, length, alive, noted), _BODY
 
 
 # --- serialisation ------------------------------------------------------------

@@ -16,8 +16,10 @@ turns it into 502.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
+import re
 from collections.abc import Iterable
 
 import httptools
@@ -84,6 +86,29 @@ class HeadTokens:
         self.complete = True
 
 
+class HeadSeen:
+    """The callback object of an llhttp parser that only checks a head: the proxy reads the
+    fields it acts on itself (``noted_fields``), so llhttp calls no Python per field."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self) -> None:
+        self.complete = False
+
+    def on_headers_complete(self) -> None:
+        """Called by llhttp at the empty line that ends the head."""
+        self.complete = True
+
+
+def all_fields(head: bytes, *, request: bool) -> Fields:
+    """Every field of a head llhttp has accepted: (lower-cased name, value without OWS)."""
+    tokens = HeadTokens()
+    parser = httptools.HttpRequestParser(tokens) if request else httptools.HttpResponseParser(tokens)
+    with contextlib.suppress(httptools.HttpParserUpgrade):  # upgrades are not llhttp's to decide
+        parser.feed_data(head)
+    return tuple(tokens.fields)
+
+
 def _bad(reason: str) -> ParseError:
     return ParseError(400, reason)
 
@@ -100,38 +125,107 @@ def has_ctl(value: bytes) -> bool:
     return len(value.translate(None, _CTL)) != len(value)
 
 
-def request_line_version(head: bytes, method: bytes, target: bytes) -> bytes:
-    """Check that the request line is exactly ``METHOD SP target SP HTTP/1.x CRLF``; return 1.x.
+_REQUEST_VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 
-    llhttp tolerates several spaces between method and target, RTSP/ICE
-    protocol names and versions 0.9 and 2.0; rebuilding the line from what it
-    reported and comparing refuses them all, and yields the version without
-    asking llhttp to format one.
+
+def request_line(head: bytes, method: bytes) -> tuple[bytes, bytes, bytes]:
+    """Check that the request line is exactly ``METHOD SP target SP HTTP/1.x``; return its parts.
+
+    llhttp has tokenised the line (``method`` is what it read) and checked the
+    target's bytes; it tolerates several spaces between method and target,
+    RTSP/ICE protocol names and versions 0.9 and 2.0, which splitting the line on
+    single spaces and comparing refuses. The version comes back as ``1.1``/``1.0``.
     """
-    prefix = b"%s %s HTTP/" % (method, target)
-    if not head.startswith(prefix):
+    parts = head[: head.find(b"\r\n")].split(b" ")
+    if len(parts) != 3 or parts[0] != method or not parts[1]:
         raise _bad("malformed request line")
-    version = head[len(prefix) : head.find(b"\r\n")]
-    if version not in _VERSIONS:
+    version = _REQUEST_VERSIONS.get(parts[2])
+    if version is None:
         raise _bad("unsupported HTTP version")
-    return version
+    return method, parts[1], version
 
 
-def status_line_version(head: bytes, status: int, reason: bytes) -> bytes:
-    """Check ``HTTP/1.x SP 3DIGIT SP reason CRLF`` (the SP before an empty reason may be missing)."""
-    version = head[5:8]
-    if not head.startswith(b"HTTP/") or version not in _VERSIONS:
+def status_line(head: bytes, status: int) -> tuple[bytes, bytes]:
+    """Check ``HTTP/1.x SP 3DIGIT SP reason`` (the SP before an empty reason may be missing).
+
+    Return (version, reason); ``status`` is what llhttp read.
+    """
+    line = head[: head.find(b"\r\n")]
+    version = line[5:8]
+    if not line.startswith(b"HTTP/") or version not in _VERSIONS:
         raise _bad("unsupported HTTP version")
     if not 100 <= status <= 599:
         raise _bad("status code out of range")
-    line = b"HTTP/%s %d" % (version, status)
-    if not (
-        head.startswith(b"%s %s\r\n" % (line, reason)) or (not reason and head.startswith(line + b"\r\n"))
-    ):
+    if line[8:13] != b" %d " % status and line[8:] != b" %d" % status:
         raise _bad("malformed status line")
+    reason = line[13:]
     if has_ctl(reason):  # llhttp accepts control bytes in the reason phrase
         raise _bad("control byte in reason phrase")
-    return version
+    return version, reason
+
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+
+# --- the fields a proxy acts on ------------------------------------------------
+
+# Names a proxy sets itself: what a client sends under them is dropped, never trusted.
+PROXY_SET = frozenset({
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+    b"forwarded", b"x-real-ip", b"client-cert", b"client-cert-chain",
+})
+
+
+def noted_pattern(names: Iterable[bytes], underscored: Iterable[bytes] = ()) -> re.Pattern[bytes]:
+    """A pattern for the field lines of ``names`` (any case) in a head llhttp has accepted.
+
+    After llhttp, a field line is exactly CRLF name ``:`` OWS value, with no CR inside
+    the value, so the name is anchored at a CRLF and ends at the colon, and the value
+    runs to the next CR. Names in ``underscored`` also match with ``_`` for ``-``:
+    CGI-style backends read Client_Cert as HTTP_CLIENT_CERT.
+    """
+    alternatives = sorted(
+        [re.escape(name) for name in names]
+        + [re.escape(name).replace(b"\\-", b"-").replace(b"-", b"[-_]") for name in underscored],
+        key=len, reverse=True,
+    )
+    return re.compile(rb"\r\n(" + b"|".join(alternatives) + rb"):[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+# Framing, routing and connection handling need these; hop-by-hop and proxy-set fields are
+# noted so that the proxy knows at once whether a head can be forwarded as it came.
+_REQUEST_SPECIAL = frozenset({
+    b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect",
+})
+REQUEST_NOTED = noted_pattern(_REQUEST_SPECIAL | HOP_BY_HOP, PROXY_SET)
+_RESPONSE_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade"})
+STS = b"strict-transport-security"
+RESPONSE_NOTED = noted_pattern(_RESPONSE_SPECIAL | HOP_BY_HOP | {STS})
+
+
+def noted_fields(head: bytes, pattern: re.Pattern[bytes]) -> dict[bytes, list[bytes]]:
+    """The fields of ``head`` that ``pattern`` notes: lower-cased name -> values in order."""
+    noted: dict[bytes, list[bytes]] = {}
+    for name, value in pattern.findall(head):
+        name = name.lower()
+        values = noted.get(name)
+        if values is None:
+            noted[name] = [value.rstrip(b" \t")]
+        else:
+            values.append(value.rstrip(b" \t"))
+    return noted
 
 
 # --- framing ---------------------------------------------------------------
@@ -286,19 +380,6 @@ def resolve_target(method: bytes, target: bytes, host: bytes) -> tuple[bytes, by
 
 # --- connection management ------------------------------------------------------
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
 # Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
 _NEVER_HOP_BY_HOP = frozenset({b"host", b"content-length"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
@@ -339,6 +420,20 @@ def expect_continue(values: list[bytes]) -> bool:
     return any(value.lower() == b"100-continue" for value in values)
 
 
+# Connection values seen on nearly every message, tokenised once.
+_COMMON_OPTIONS = {
+    value: tokens_of([value])
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade",
+                  b"keep-alive, Upgrade", b"Keep-Alive, Upgrade")
+}
+
+
 def connection_options(special: dict[bytes, list[bytes]]) -> frozenset[bytes]:
     values = special.get(b"connection")
-    return tokens_of(values) if values else _NO_TOKENS
+    if not values:
+        return _NO_TOKENS
+    if len(values) == 1:
+        common = _COMMON_OPTIONS.get(values[0])
+        if common is not None:
+            return common
+    return tokens_of(values)

@@ -7,23 +7,20 @@ once per snapshot load (``RouteTable``); the functions here do no I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from proxycore import http1_checks
 from proxycore.config import HSTS, HostRoute, Snapshot
+from proxycore.http1 import RequestHead, ResponseHead
 
 Headers = list[tuple[bytes, bytes]]
 
 # Headers a client may send but the proxy alone decides: never passed on.
-UNTRUSTED_REQUEST_HEADERS = frozenset({
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
-    b"forwarded", b"x-real-ip", b"client-cert", b"client-cert-chain",
-})
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-})
+UNTRUSTED_REQUEST_HEADERS = http1_checks.PROXY_SET
+HOP_BY_HOP = http1_checks.HOP_BY_HOP
 STS = b"strict-transport-security"
 
 
@@ -115,6 +112,99 @@ def upstream_request_headers(
     ]
     out += extra
     return out
+
+
+# --- heads as bytes: the hot path --------------------------------------------------
+#
+# A head llhttp accepted is forwarded as the bytes it came as, less the field lines
+# the proxy must drop (cut out by pattern: after llhttp every field line is CRLF name
+# ":" value), plus the lines the proxy adds. Nothing is re-serialised field by field.
+
+# Request fields that may pass as they came: everything else noted is dropped.
+# Transfer-Encoding is hop-by-hop, but the only one accepted is a single "chunked" and
+# the body goes upstream chunked again, so its line stays.
+_REQUEST_KEPT = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+_REQUEST_DROP = http1_checks.noted_pattern(HOP_BY_HOP - {b"transfer-encoding"}, UNTRUSTED_REQUEST_HEADERS)
+# Response fields that may pass as they came (and Strict-Transport-Security, when kept).
+_RESPONSE_KEPT = frozenset({b"content-length"})
+_RESPONSE_KEPT_STS = _RESPONSE_KEPT | {STS}
+_RESPONSE_DROP = http1_checks.noted_pattern(HOP_BY_HOP)
+_RESPONSE_DROP_STS = http1_checks.noted_pattern(HOP_BY_HOP | {STS})
+# Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
+_NEVER_LISTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
+
+
+def forwarding_lines(client_ip: str, host: bytes, *, https: bool) -> bytes:
+    """The X-Forwarded-* and Forwarded field lines (CRLF-ended) the proxy sets on a request."""
+    proto = b"https" if https else b"http"
+    ip = client_ip.encode("ascii")
+    return (
+        b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nx-forwarded-host: %s\r\n"
+        b'forwarded: for=%s;proto=%s;host="%s"\r\n'
+    ) % (ip, proto, host, _forwarded_for(client_ip).encode("ascii"), proto, host)
+
+
+def _listed_pattern(noted: dict[bytes, list[bytes]]) -> re.Pattern[bytes] | None:
+    """A pattern for the fields a Connection header names beyond the fixed hop-by-hop set."""
+    values = noted.get(b"connection")
+    if not values:
+        return None
+    listed = http1_checks.tokens_of(values) - HOP_BY_HOP - _NEVER_LISTED - {b"close"}
+    return http1_checks.noted_pattern(listed) if listed else None
+
+
+def _fields(
+    raw: bytes, line_end: int, drop: re.Pattern[bytes] | None, noted: dict[bytes, list[bytes]]
+) -> bytes:
+    """The field lines of ``raw`` (each CRLF-led, no final CRLF) less those ``drop`` matches
+    and those its Connection header lists."""
+    block = raw[line_end:-4]
+    if drop is not None:
+        block = drop.sub(b"", block)
+    listed = _listed_pattern(noted)
+    if listed is not None:
+        block = listed.sub(b"", block)
+    return block
+
+
+def upstream_request_head(head: RequestHead, added: bytes) -> bytes:
+    """The head to send upstream: ``head`` as it came, less hop-by-hop and client-sent
+    forwarding fields, plus ``added`` (field lines, CRLF-ended: forwarding, Client-Cert)."""
+    raw = head.raw
+    method = head.method
+    # origin-form HTTP/1.1 whose target was not rewritten (absolute-form is reduced to a path)
+    line_as_is = head.version == b"1.1" and raw[len(method) + 1 : len(method) + 2 + len(head.target)] == (
+        head.target + b" ")
+    if line_as_is and head.upgrade is None and head.noted.keys() <= _REQUEST_KEPT:
+        return raw[:-2] + added + b"\r\n"  # the usual request: nothing to take out
+    line_end = raw.find(b"\r\n")
+    line = raw[:line_end] if line_as_is else b"%s %s HTTP/1.1" % (method, head.target)
+    block = _fields(raw, line_end, _REQUEST_DROP, head.noted)
+    if head.upgrade is not None:
+        added += b"connection: upgrade\r\nupgrade: %s\r\n" % head.upgrade
+    return line + block + b"\r\n" + added + b"\r\n"
+
+
+def client_response_head(head: ResponseHead, hsts: HSTS | None, *, https: bool, added: bytes = b"") -> bytes:
+    """The head to send the client: ``head`` as it came (as HTTP/1.1), less hop-by-hop fields,
+    with HSTS applied exactly once (only over HTTPS), plus ``added`` (CRLF-ended lines)."""
+    raw = head.raw
+    noted = head.noted
+    line_end = raw.find(b"\r\n")
+    line = raw[:line_end] if head.version == b"1.1" else b"HTTP/1.1 %d %s" % (head.status, head.reason)
+    upstream_sts = noted.get(STS)
+    if upstream_sts and https and hsts is not None and not hsts.override_upstream:
+        if len(upstream_sts) == 1:  # the policy keeps the upstream's own, where it stands
+            drop, kept = _RESPONSE_DROP, _RESPONSE_KEPT_STS
+        else:  # exactly one: the first
+            drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
+            added = b"strict-transport-security: %s\r\n" % upstream_sts[0] + added
+    else:
+        drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
+        if https and hsts is not None:
+            added = hsts.line + added
+    block = raw[line_end:-4] if noted.keys() <= kept else _fields(raw, line_end, drop, noted)
+    return line + block + b"\r\n" + added + b"\r\n"
 
 
 def client_response_headers(

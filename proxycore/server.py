@@ -299,7 +299,8 @@ class ProxyNode:
         if route is not None and route.client_auth.mode is not ClientAuthMode.OFF and ssl_object:
             # The TLS layer verified it against this host's CA bundle: the only way in.
             der = ssl_object.getpeercert(binary_form=True)
-            conn.client_cert_headers = client_cert_headers(der, route.client_auth)
+            headers = client_cert_headers(der, route.client_auth)
+            conn.client_cert_lines = b"".join(b"%s: %s\r\n" % field for field in headers)
 
     def start_l4(
         self, conn: ClientConnection, transport: asyncio.Transport, route: HostRoute, early: bytes,

@@ -17,12 +17,13 @@ import time
 from collections.abc import Sequence
 from typing import Protocol, cast
 
-from proxycore import tls
+from proxycore import http1, tls
 from proxycore.config import Balancing, Target, Upstream
 from proxycore.health import TargetHealth, takes_requests
 
 IDLE_UPSTREAM_TIMEOUT = 30.0  # seconds an unused keep-alive connection is kept
 MAX_IDLE_PER_TARGET = 64
+_monotonic = time.monotonic
 
 
 class UpstreamOwner(Protocol):
@@ -43,6 +44,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.requests = 0  # served so far: a reused connection may be stale
         self.idle_since = 0.0  # time.monotonic() when it went back to the pool
+        self.parser = http1.ResponseParser()  # responses come in order, one parser for all
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -108,7 +110,7 @@ class TargetPool:
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
             conn = self.idle.pop()
-            if time.monotonic() - conn.idle_since > IDLE_UPSTREAM_TIMEOUT:
+            if _monotonic() - conn.idle_since > IDLE_UPSTREAM_TIMEOUT:
                 conn.close()  # the upstream may be about to close it: do not race that
                 continue
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
@@ -147,7 +149,7 @@ class TargetPool:
             conn.close()
             return
         conn.requests += 1
-        conn.idle_since = time.monotonic()  # no timer per request: Pools.sweep closes stale ones
+        conn.idle_since = _monotonic()  # no timer per request: Pools.sweep closes stale ones
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

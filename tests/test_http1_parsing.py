@@ -115,22 +115,23 @@ PIPELINE = (
 
 
 def test_simple_get_is_one_head_then_end() -> None:
-    events = RequestParser().feed(msg(b"GET /a?b=c HTTP/1.1", b"Host: Example.COM:8443", b"X-Thing: \t v \t"))
-    assert events == [
-        RequestHead(
-            method=b"GET",
-            target=b"/a?b=c",
-            version=b"1.1",
-            headers=((b"host", b"Example.COM:8443"), (b"x-thing", b"v")),
-            host=b"example.com:8443",
-            framing=Framing.NONE,
-            content_length=0,
-            keep_alive=True,
-            upgrade=None,
-            expect_continue=False,
-        ),
-        MessageEnd(),
-    ]
+    raw = msg(b"GET /a?b=c HTTP/1.1", b"Host: Example.COM:8443", b"X-Thing: \t v \t")
+    head, end = RequestParser().feed(raw)
+    assert isinstance(head, RequestHead) and end == MessageEnd()
+    assert (head.method, head.target, head.version, head.raw) == (b"GET", b"/a?b=c", b"1.1", raw)
+    assert head.headers == ((b"host", b"Example.COM:8443"), (b"x-thing", b"v"))
+    assert head.noted == {b"host": [b"Example.COM:8443"]}
+    assert (head.host, head.framing, head.content_length) == (b"example.com:8443", Framing.NONE, 0)
+    assert (head.keep_alive, head.upgrade, head.expect_continue) == (True, None, False)
+
+
+def test_noted_fields_are_the_ones_the_proxy_acts_on_in_any_case() -> None:
+    raw = msg(b"GET / HTTP/1.1", b"HOST: a", b"X-Forwarded-For: 1", b"x_forwarded_for: 2", b"Test: t",
+              b"Connection: keep-alive", b"Te: trailers", b"Accept: */*")
+    assert request_head(raw).noted == {
+        b"host": [b"a"], b"x-forwarded-for": [b"1"], b"x_forwarded_for": [b"2"],
+        b"connection": [b"keep-alive"], b"te": [b"trailers"],
+    }
 
 
 def test_pipelined_requests_come_out_in_order() -> None:
@@ -484,25 +485,22 @@ def test_trailer_section_over_the_head_limit_gets_431() -> None:
 
 
 def test_response_with_content_length() -> None:
-    events = responses(msg(b"HTTP/1.1 200 OK", b"Content-Length: 2", b"Server: x", body=b"hi"), b"GET")
-    assert events == [
-        ResponseHead(
-            200, b"OK", b"1.1", ((b"content-length", b"2"), (b"server", b"x")), Framing.LENGTH, 2, True
-        ),
-        BodyData(b"hi"),
-        MessageEnd(),
-    ]
+    raw = msg(b"HTTP/1.1 200 OK", b"Content-Length: 2", b"Server: x")
+    events = responses(raw + b"hi", b"GET")
+    assert events == [ResponseHead(200, b"OK", b"1.1", raw, Framing.LENGTH, 2, True), BodyData(b"hi"), MessageEnd()]
+    head = events[0]
+    assert isinstance(head, ResponseHead)
+    assert head.headers == ((b"content-length", b"2"), (b"server", b"x"))
+    assert head.noted == {b"content-length": [b"2"]}
 
 
 def test_head_response_has_no_body_whatever_its_content_length() -> None:
-    raw = msg(b"HTTP/1.1 200 OK", b"Content-Length: 5") + msg(
-        b"HTTP/1.1 200 OK", b"Content-Length: 2", body=b"hi"
-    )
-    events = responses(raw, b"HEAD", b"GET")
+    second = msg(b"HTTP/1.1 200 OK", b"Content-Length: 2")
+    events = responses(msg(b"HTTP/1.1 200 OK", b"Content-Length: 5") + second + b"hi", b"HEAD", b"GET")
     assert isinstance(events[0], ResponseHead)
     assert (events[0].framing, events[1]) == (Framing.NONE, MessageEnd())
     assert events[2:] == [
-        ResponseHead(200, b"OK", b"1.1", ((b"content-length", b"2"),), Framing.LENGTH, 2, True),
+        ResponseHead(200, b"OK", b"1.1", second, Framing.LENGTH, 2, True),
         BodyData(b"hi"),
         MessageEnd(),
     ]
