@@ -7,8 +7,8 @@ One host (``localhost``) with the bench certificate (also the default certificat
 an HSTS policy, one upstream target on 127.0.0.1:B, the HTTP listener on an
 ephemeral port, the product's default limits, uvloop. The access log, when asked
 for, is written the way ``manage.py runproxy --access-log FILE`` writes it: one
-line per request to a line-buffered file. Prints ``ready <https port>`` once
-listening; stops on SIGTERM or SIGINT.
+line per request, through the same once-a-second buffer. Prints ``ready <https port>``
+once listening; stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import uvloop
 from cryptography import x509
 
 from proxycore import config as core
+from proxycore.accesslog import AccessLogWriter
 from proxycore.server import ProxyNode
 
 HSTS_MAX_AGE = 31536000
@@ -73,13 +74,9 @@ def no_session_resumption(node: ProxyNode) -> None:
 
 async def serve(snapshot: core.Snapshot, https_port: int, access: TextIO | None,
                 resumption: bool = True) -> None:
-    def write_line(line: str) -> None:
-        assert access is not None
-        access.write(line + "\n")
-
+    writer = AccessLogWriter(access) if access is not None else None
     node = ProxyNode(snapshot, https_address=("127.0.0.1", https_port),
-                     http_address=("127.0.0.1", 0),
-                     access_log=write_line if access is not None else None)
+                     http_address=("127.0.0.1", 0), access_log=writer)
     await node.start()
     if not resumption:
         no_session_resumption(node)
@@ -88,8 +85,12 @@ async def serve(snapshot: core.Snapshot, https_port: int, access: TextIO | None,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     print(f"ready {node.https_port}", flush=True)
+    flusher = loop.create_task(writer.flush_every_second()) if writer is not None else None
     await stop.wait()
     await node.stop(1.0)
+    if flusher is not None and writer is not None:
+        flusher.cancel()
+        writer.flush()
     print("stats " + json.dumps(node.stats.as_dict()), flush=True)
 
 
@@ -104,7 +105,7 @@ def main() -> None:
                         help="issue no session tickets (full-handshake measurement)")
     args = parser.parse_args()
     snapshot = bench_snapshot(certificate_bundle(args.cert, args.key), args.backend_port)
-    access = open(args.access_log, "a", buffering=1) if args.access_log else None  # noqa: SIM115
+    access = open(args.access_log, "a") if args.access_log else None  # noqa: SIM115
     try:
         uvloop.run(serve(snapshot, args.https_port, access, not args.no_resumption))
     finally:

@@ -15,6 +15,7 @@ than requests/s.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--access-log", action="store_true")
     tool = parser.add_mutually_exclusive_group()
     tool.add_argument("--cprofile", type=Path, help="write cProfile stats here")
-    tool.add_argument("--py-spy", type=Path, help="write a py-spy flame graph (SVG) here")
+    tool.add_argument("--py-spy", type=Path,
+                      help="write a py-spy flame graph here (SVG; a .txt name: collapsed stacks)")
     parser.add_argument("--proxy-command", help="run this instead of launch_proxycore.py "
                         "(gets --cert --key --https-port --backend-port)")
     args = parser.parse_args()
@@ -45,7 +47,8 @@ def main() -> None:
         certs = make_certificates(workdir)
         backend = start_backend(workdir)
         port = free_port()
-        launcher = args.proxy_command.split() if args.proxy_command else [str(BENCH_DIR / "launch_proxycore.py")]
+        default = [str(BENCH_DIR / "launch_proxycore.py")]
+        launcher = args.proxy_command.split() if args.proxy_command else default
         argv = [*launcher, "--cert", str(certs.chain), "--key", str(certs.key),
                 "--https-port", str(port), "--backend-port", str(backend.port)]
         if args.access_log:
@@ -53,9 +56,10 @@ def main() -> None:
         if args.cprofile:
             argv = [sys.executable, "-m", "cProfile", "-o", str(args.cprofile.resolve()), *argv]
         elif args.py_spy:
-            argv = ["py-spy", "record", "--rate", "250", "-o", str(args.py_spy.resolve()), "--",
-                    sys.executable, *argv]
-        else:
+            fmt = "raw" if args.py_spy.suffix == ".txt" else "flamegraph"
+            argv = ["py-spy", "record", "--rate", "500", "--native", "-f", fmt,
+                    "-o", str(args.py_spy.resolve()), "--", sys.executable, *argv]
+        elif argv[0].endswith(".py"):
             argv = [sys.executable, *argv]
         proxy = _start(workdir, "proxy", "proxy", port, argv)
         try:
@@ -66,6 +70,9 @@ def main() -> None:
                       f"{result.cpu_us_per_request:6.1f} us/req  errors {sum(result.errors.values())}"
                       f" non-2xx {result.non_2xx}", flush=True)
         finally:
+            if args.py_spy:  # py-spy writes its output on SIGINT (and passes it on)
+                proxy.proc.send_signal(signal.SIGINT)
+                proxy.proc.wait(30)
             print(proxy.stop()[-2000:] if args.cprofile or args.py_spy else "", end="")
             backend.stop()
 

@@ -257,6 +257,7 @@ class _MessageParser(Generic[H]):
         "_trailers",
     )
     _error_status: int | None = None  # forced on every ParseError (502 for responses)
+    _llhttp: type[HttpParser]  # the llhttp parser class, one per head
 
     def __init__(self, max_head_size: int, max_body_size: int | None) -> None:
         # limits
@@ -285,7 +286,16 @@ class _MessageParser(Generic[H]):
             raise self._error
         events: list[H | BodyData | MessageEnd | Upgraded] = []
         try:
-            self._run(data, events)
+            pos = 0
+            if self._state == _HEAD and not self._buf and not data.startswith(b"\r\n"):
+                # The usual case, one call deep: a whole head at the start of the data.
+                end = data.find(b"\r\n\r\n", 0, self._max_head)
+                if end != -1:
+                    after = end + 4
+                    head = data if after == len(data) else data[:after]
+                    pos = self._finish_head(head, 0, data, after, events)
+            if pos < len(data):
+                self._run(data, pos, events)
         except ParseError as exc:
             raise self._fail(exc, events) from None
         return events
@@ -317,8 +327,7 @@ class _MessageParser(Generic[H]):
         self._error = exc
         return exc
 
-    def _run(self, data: bytes, events: list[H | BodyData | MessageEnd | Upgraded]) -> None:
-        pos = 0
+    def _run(self, data: bytes, pos: int, events: list[H | BodyData | MessageEnd | Upgraded]) -> None:
         end = len(data)
         while pos < end:
             state = self._state
@@ -346,13 +355,14 @@ class _MessageParser(Generic[H]):
                 pos += 2
             if pos == len(data):
                 return pos
-            self._seen.complete = False
-            self._ll = self._new_llhttp(self._seen)
             end = data.find(b"\r\n\r\n", pos, pos + self._max_head)
             if end != -1:  # the usual case: the whole head is in this piece of data
                 head = data if pos == 0 and end + 4 == len(data) else data[pos : end + 4]
                 return self._finish_head(head, 0, data, end + 4, events)
         old = len(buf)
+        if not old:  # the first bytes of a head that did not come whole
+            self._seen.complete = False
+            self._ll = self._llhttp(self._seen)
         piece = data[pos : pos + self._max_head + 4 - old]  # never buffer past the limit
         buf += piece
         end = buf.find(b"\r\n\r\n", max(0, old - 3))
@@ -374,24 +384,39 @@ class _MessageParser(Generic[H]):
     ) -> int:
         """``head`` is complete, llhttp has seen its first ``fed`` bytes; ``after`` indexes data."""
         self._check_size(head)
+        seen = self._seen
+        if fed:
+            ll: HttpParser = self._ll  # type: ignore[assignment]
+            head_left = head[fed:]
+        else:
+            seen.complete = False
+            ll = self._ll = self._llhttp(seen)
+            head_left = head
         try:
-            cast("HttpParser", self._ll).feed_data(head[fed:] if fed else head)
+            ll.feed_data(head_left)
         except httptools.HttpParserUpgrade:
             pass  # upgrades are decided from the fields, not by llhttp
         except httptools.HttpParserError as exc:
             raise ParseError(400, str(exc) or "malformed head") from None
-        if not self._seen.complete:
+        if not seen.complete:
             raise ParseError(400, "malformed head")
-        message, follows = self._make_head(head)
+        message, follows = self._make_head(head, ll)
         events.append(message)
         if follows == _BODY:
             self._keep_alive = keep = message.keep_alive
             framing = message.framing
-            if framing is _NONE or (framing is _LENGTH_FRAMING and not message.content_length):
+            length = message.content_length
+            if framing is _NONE or (framing is _LENGTH_FRAMING and not length):
                 events.append(_END)  # the usual GET: no body
                 self._state = _HEAD if keep else _CLOSED
+            elif framing is _LENGTH_FRAMING and after + length <= len(data):
+                # the usual small response: its whole body came with it
+                events.append(BodyData(data[after : after + length]))
+                events.append(_END)
+                self._state = _HEAD if keep else _CLOSED
+                return after + length
             else:
-                self._start_body(framing, message.content_length, events)
+                self._start_body(framing, length, events)
         elif follows == _SWITCH:
             events.append(Upgraded(data[after:]))
             self._state = _UPGRADED
@@ -531,14 +556,11 @@ class _MessageParser(Generic[H]):
 
     # --- per role -----------------------------------------------------------
 
-    def _new_llhttp(self, seen: HeadSeen) -> HttpParser:
-        raise NotImplementedError
-
     def _check_size(self, head: bytes | bytearray) -> None:
         if len(head) > self._max_head:
             raise ParseError(431, "head too large")
 
-    def _make_head(self, head: bytes) -> tuple[H, int]:
+    def _make_head(self, head: bytes, ll: HttpParser) -> tuple[H, int]:
         raise NotImplementedError
 
 
@@ -560,8 +582,7 @@ class RequestParser(_MessageParser[RequestHead]):
         self._host_seen: bytes | None = None  # the last Host value and what check_host made of it
         self._host_checked = b""
 
-    def _new_llhttp(self, seen: HeadSeen) -> HttpParser:
-        return httptools.HttpRequestParser(seen)
+    _llhttp = httptools.HttpRequestParser
 
     def _check_size(self, head: bytes | bytearray) -> None:
         line_end = head.find(b"\r\n")
@@ -570,9 +591,8 @@ class RequestParser(_MessageParser[RequestHead]):
         if len(head) > self._max_head:
             raise ParseError(431, "head too large")
 
-    def _make_head(self, head: bytes) -> tuple[RequestHead, int]:
-        ll = cast("httptools.HttpRequestParser", self._ll)
-        method, target, version = request_line(head, ll.get_method())
+    def _make_head(self, head: bytes, ll: HttpParser) -> tuple[RequestHead, int]:
+        method, target, version = request_line(head, ll.get_method())  # type: ignore[attr-defined]
         noted = noted_fields(head, REQUEST_NOTED)
         framing, length = body_framing(noted)
         if self._max_body is not None and length > self._max_body:
@@ -619,11 +639,10 @@ class ResponseParser(_MessageParser[ResponseHead]):
         """A request was sent whose final response has not started yet."""
         return bool(self._methods)
 
-    def _new_llhttp(self, seen: HeadSeen) -> HttpParser:
-        return httptools.HttpResponseParser(seen)
+    _llhttp = httptools.HttpResponseParser
 
-    def _make_head(self, head: bytes) -> tuple[ResponseHead, int]:
-        status = cast("httptools.HttpResponseParser", self._ll).get_status_code()
+    def _make_head(self, head: bytes, ll: HttpParser) -> tuple[ResponseHead, int]:
+        status = ll.get_status_code()  # type: ignore[attr-defined]
         version, reason = status_line(head, status)
         noted = noted_fields(head, RESPONSE_NOTED)
         framing, length = body_framing(noted)

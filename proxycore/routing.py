@@ -132,6 +132,7 @@ _RESPONSE_DROP = http1_checks.noted_pattern(HOP_BY_HOP)
 _RESPONSE_DROP_STS = http1_checks.noted_pattern(HOP_BY_HOP | {STS})
 # Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
 _NEVER_LISTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_HOP_OR_CLOSE = HOP_BY_HOP | {b"close"}
 
 
 def forwarding_lines(client_ip: str, host: bytes, *, https: bool) -> bytes:
@@ -146,10 +147,10 @@ def forwarding_lines(client_ip: str, host: bytes, *, https: bool) -> bytes:
 
 def _listed_pattern(noted: dict[bytes, list[bytes]]) -> re.Pattern[bytes] | None:
     """A pattern for the fields a Connection header names beyond the fixed hop-by-hop set."""
-    values = noted.get(b"connection")
-    if not values:
+    options = http1_checks.connection_options(noted)
+    if options <= _HOP_OR_CLOSE:
         return None
-    listed = http1_checks.tokens_of(values) - HOP_BY_HOP - _NEVER_LISTED - {b"close"}
+    listed = options - _HOP_OR_CLOSE - _NEVER_LISTED
     return http1_checks.noted_pattern(listed) if listed else None
 
 

@@ -23,6 +23,7 @@ from django.db import close_old_connections
 
 from proxyadmin.models import ConfigRevision
 from proxyadmin.snapshot import SnapshotError, build_snapshot
+from proxycore.accesslog import AccessLogWriter
 from proxycore.agent import AgentLink
 from proxycore.config import Snapshot
 from proxycore.limits import Limits
@@ -139,13 +140,10 @@ class Command(BaseCommand):
         self, snapshot: Snapshot, https: tuple[str, int], http: tuple[str, int] | None,
         limits: Limits, access: TextIO | None, *, metrics: tuple[str, int] | None = None,
     ) -> None:
-        def write_line(line: str) -> None:
-            assert access is not None
-            access.write(line + "\n")
-
+        writer = AccessLogWriter(access) if access is not None else None
         try:
             node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
-                             access_log=write_line if access is not None else None)
+                             access_log=writer)
             await node.start()
         except TLSConfigError as exc:
             raise CommandError(f"The configuration cannot be served: {exc}") from None
@@ -163,7 +161,7 @@ class Command(BaseCommand):
         loop.add_signal_handler(signal.SIGHUP, reload_now.set)
         link = self.start_agent_link(node, reload_now)
         poller = loop.create_task(self.follow_revisions(node, reload_now, link))
-        flusher = loop.create_task(self.flush_every_second(access)) if access is not None else None
+        flusher = loop.create_task(writer.flush_every_second()) if writer is not None else None
         await stop.wait()
         poller.cancel()
         if link is not None:
@@ -172,9 +170,9 @@ class Command(BaseCommand):
                 await link.task
         log.info("stopping: finishing in-flight requests (up to %.0f s)", limits.stop_deadline)
         await node.stop()
-        if flusher is not None:
+        if flusher is not None and writer is not None:
             flusher.cancel()
-            access.flush()  # type: ignore[union-attr]
+            writer.flush()
         if metrics_server is not None:
             metrics_server.close()
 
@@ -190,12 +188,6 @@ class Command(BaseCommand):
         url_host = f"[{host}]" if ":" in host else host
         self.stdout.write(f"Prometheus metrics at http://{url_host}:{bound_port}/metrics")
         return server
-
-    @staticmethod
-    async def flush_every_second(access: TextIO) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            access.flush()
 
     def start_agent_link(self, node: ProxyNode, reload_now: asyncio.Event) -> RunningLink | None:
         token = getattr(settings, "AGENT_TOKEN", "")
