@@ -22,7 +22,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -72,7 +72,7 @@ def no_session_resumption(node: ProxyNode) -> None:
             ctx.options |= ssl.OP_NO_TICKET
 
 
-async def serve(snapshot: core.Snapshot, https_port: int, access: TextIO | None,
+async def serve(snapshot: core.Snapshot, https_port: int, access: BinaryIO | None,
                 resumption: bool = True) -> None:
     writer = AccessLogWriter(access) if access is not None else None
     node = ProxyNode(snapshot, https_address=("127.0.0.1", https_port),
@@ -105,7 +105,7 @@ def main() -> None:
                         help="issue no session tickets (full-handshake measurement)")
     args = parser.parse_args()
     snapshot = bench_snapshot(certificate_bundle(args.cert, args.key), args.backend_port)
-    access = open(args.access_log, "a") if args.access_log else None  # noqa: SIM115
+    access = open(args.access_log, "ab") if args.access_log else None  # noqa: SIM115
     try:
         uvloop.run(serve(snapshot, args.https_port, access, not args.no_resumption))
     finally:

@@ -9,7 +9,7 @@ runs the node calls ``flush_every_second`` and, when it stops, ``flush``.
 from __future__ import annotations
 
 import asyncio
-from typing import TextIO
+from typing import BinaryIO
 
 # Past this many waiting lines, write at once rather than at the next tick.
 MAX_PENDING_LINES = 10_000
@@ -18,11 +18,11 @@ MAX_PENDING_LINES = 10_000
 class AccessLogWriter:
     """Pass an instance as ``ProxyNode(access_log=...)``: it is called with each line."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.pending: list[str] = []
+        self.pending: list[bytes] = []
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: bytes) -> None:
         self.pending.append(line)
         if len(self.pending) >= MAX_PENDING_LINES:
             self.flush()
@@ -30,8 +30,8 @@ class AccessLogWriter:
     def flush(self) -> None:
         if self.pending:
             lines, self.pending = self.pending, []
-            lines.append("")
-            self.stream.write("\n".join(lines))
+            lines.append(b"")
+            self.stream.write(b"\n".join(lines))
         self.stream.flush()
 
     async def flush_every_second(self) -> None:

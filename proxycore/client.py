@@ -68,6 +68,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.last_route: HostRoute | None = None
         self.last_stats: HostStats = self.conn_stats
         self.forwarding = b""  # the X-Forwarded-*/Forwarded lines for last_host
+        self.route_label = b"-"  # last_route's name, for the access log
+        self.log_prefix = b""  # client address and listener, for the access log
         self.events: deque[object] = deque()
         self.read_paused: set[str] = set()
         self.closing = False  # close once the current response is done
@@ -118,6 +120,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
+        self.log_prefix = b"%s %s" % (self.client_ip.encode("ascii"), self.listener.name.encode("ascii"))
         if not self.node.accept(self):
             transport.abort()
             return
@@ -269,6 +272,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             stats = self.node.stats.host(route.name) if route is not None else self.conn_stats
             self.last_host, self.last_route, self.last_stats, self.stats = host, route, stats, stats
             self.forwarding = routing.forwarding_lines(self.client_ip, host, https=self.https)
+            self.route_label = route.name.encode("utf-8", "replace") if route is not None else b"-"
         self.route = route
         stats.requests += 1
         if self.https:
@@ -533,7 +537,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.response_parser = None
         self.awaiting_upstream = False
         self.stats.response(101)
-        self.node.access(self, 101)
+        if self.node.access_log is not None:
+            self.node.access(self, 101, _monotonic() - self.started_at)
         if rest:
             self.write(rest)
         while self.events:  # client bytes that came after its upgrade request
@@ -683,10 +688,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.response is not None or status:
             stats = self.stats
             stats.responses[status // 100 if status < 600 else 5] += 1
+            elapsed = _monotonic() - self.started_at if self.started_at else 0.0
             if self.response is not None and self.pool is not None:
-                stats.latency(_monotonic() - self.started_at)
+                stats.latency(elapsed)
             if self.node.access_log is not None:
-                self.node.access(self, status)
+                self.node.access(self, status, elapsed)
         close = self.response_close or self.closing or self.node.stopping
         self.reset_request()
         self.exchanges += 1

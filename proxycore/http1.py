@@ -96,7 +96,7 @@ class RequestHead:
     ``raw`` is the head as received, request line to the empty line; a proxy that
     changes nothing in it can forward it as it is. ``noted`` holds the fields the
     proxy acts on (framing, Host, connection options, hop-by-hop and forwarding
-    fields: ``http1_checks.REQUEST_NOTED``), lower-cased name -> values in order;
+    fields: ``http1_checks.REQUEST_NOTED``), name -> values in order, lower-cased;
     ``headers`` every field, parsed only when asked for.
     """
 

@@ -145,6 +145,9 @@ def request_line(head: bytes, method: bytes) -> tuple[bytes, bytes, bytes]:
     return method, parts[1], version
 
 
+_STATUS_CODES = {status: b" %d " % status for status in range(100, 600)}
+
+
 def status_line(head: bytes, status: int) -> tuple[bytes, bytes]:
     """Check ``HTTP/1.x SP 3DIGIT SP reason`` (the SP before an empty reason may be missing).
 
@@ -154,12 +157,13 @@ def status_line(head: bytes, status: int) -> tuple[bytes, bytes]:
     version = line[5:8]
     if not line.startswith(b"HTTP/") or version not in _VERSIONS:
         raise _bad("unsupported HTTP version")
-    if not 100 <= status <= 599:
+    code = _STATUS_CODES.get(status)
+    if code is None:
         raise _bad("status code out of range")
-    if line[8:13] != b" %d " % status and line[8:] != b" %d" % status:
+    if line[8:13] != code and line[8:] != code[:4]:
         raise _bad("malformed status line")
     reason = line[13:]
-    if has_ctl(reason):  # llhttp accepts control bytes in the reason phrase
+    if reason and len(reason.translate(None, _CTL)) != len(reason):  # llhttp lets control bytes by
         raise _bad("control byte in reason phrase")
     return version, reason
 
@@ -188,20 +192,25 @@ PROXY_SET = frozenset({
 })
 
 
-def noted_pattern(names: Iterable[bytes], underscored: Iterable[bytes] = ()) -> re.Pattern[bytes]:
-    """A pattern for the field lines of ``names`` (any case) in a head llhttp has accepted.
+def noted_pattern(
+    names: Iterable[bytes], underscored: Iterable[bytes] = (), *, any_case: bool = False
+) -> re.Pattern[bytes]:
+    """A pattern for the field lines of ``names`` in a head llhttp has accepted.
 
     After llhttp, a field line is exactly CRLF name ``:`` OWS value, with no CR inside
     the value, so the name is anchored at a CRLF and ends at the colon, and the value
     runs to the next CR. Names in ``underscored`` also match with ``_`` for ``-``:
-    CGI-style backends read Client_Cert as HTTP_CLIENT_CERT.
+    CGI-style backends read Client_Cert as HTTP_CLIENT_CERT. The pattern matches
+    lower-case names only unless ``any_case`` (a case-blind pattern is twice as slow:
+    ``noted_fields`` searches a lower-cased copy of the head instead).
     """
     alternatives = sorted(
         [re.escape(name) for name in names]
         + [re.escape(name).replace(b"\\-", b"-").replace(b"-", b"[-_]") for name in underscored],
         key=len, reverse=True,
     )
-    return re.compile(rb"\r\n(" + b"|".join(alternatives) + rb"):[ \t]*([^\r]*)", re.IGNORECASE)
+    flags = re.IGNORECASE if any_case else 0
+    return re.compile(rb"\r\n(" + b"|".join(alternatives) + rb"):[ \t]*([^\r]*)", flags)
 
 
 # Framing, routing and connection handling need these; hop-by-hop and proxy-set fields are
@@ -216,10 +225,10 @@ RESPONSE_NOTED = noted_pattern(_RESPONSE_SPECIAL | HOP_BY_HOP | {STS})
 
 
 def noted_fields(head: bytes, pattern: re.Pattern[bytes]) -> dict[bytes, list[bytes]]:
-    """The fields of ``head`` that ``pattern`` notes: lower-cased name -> values in order."""
+    """The fields of ``head`` that ``pattern`` notes: name -> values in order, both lower-cased
+    (what a proxy decides on is case-blind: framing, Host, connection options)."""
     noted: dict[bytes, list[bytes]] = {}
-    for name, value in pattern.findall(head):
-        name = name.lower()
+    for name, value in pattern.findall(head.lower()):
         values = noted.get(name)
         if values is None:
             noted[name] = [value.rstrip(b" \t")]

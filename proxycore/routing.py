@@ -124,12 +124,13 @@ def upstream_request_headers(
 # Transfer-Encoding is hop-by-hop, but the only one accepted is a single "chunked" and
 # the body goes upstream chunked again, so its line stays.
 _REQUEST_KEPT = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
-_REQUEST_DROP = http1_checks.noted_pattern(HOP_BY_HOP - {b"transfer-encoding"}, UNTRUSTED_REQUEST_HEADERS)
+_REQUEST_DROP = http1_checks.noted_pattern(
+    HOP_BY_HOP - {b"transfer-encoding"}, UNTRUSTED_REQUEST_HEADERS, any_case=True)
 # Response fields that may pass as they came (and Strict-Transport-Security, when kept).
 _RESPONSE_KEPT = frozenset({b"content-length"})
 _RESPONSE_KEPT_STS = _RESPONSE_KEPT | {STS}
-_RESPONSE_DROP = http1_checks.noted_pattern(HOP_BY_HOP)
-_RESPONSE_DROP_STS = http1_checks.noted_pattern(HOP_BY_HOP | {STS})
+_RESPONSE_DROP = http1_checks.noted_pattern(HOP_BY_HOP, any_case=True)
+_RESPONSE_DROP_STS = http1_checks.noted_pattern(HOP_BY_HOP | {STS}, any_case=True)
 # Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
 _NEVER_LISTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _HOP_OR_CLOSE = HOP_BY_HOP | {b"close"}
@@ -151,7 +152,7 @@ def _listed_pattern(noted: dict[bytes, list[bytes]]) -> re.Pattern[bytes] | None
     if options <= _HOP_OR_CLOSE:
         return None
     listed = options - _HOP_OR_CLOSE - _NEVER_LISTED
-    return http1_checks.noted_pattern(listed) if listed else None
+    return http1_checks.noted_pattern(listed, any_case=True) if listed else None
 
 
 def _fields(
@@ -197,9 +198,10 @@ def client_response_head(head: ResponseHead, hsts: HSTS | None, *, https: bool, 
     if upstream_sts and https and hsts is not None and not hsts.override_upstream:
         if len(upstream_sts) == 1:  # the policy keeps the upstream's own, where it stands
             drop, kept = _RESPONSE_DROP, _RESPONSE_KEPT_STS
-        else:  # exactly one: the first
+        else:  # exactly one: the first, as it came (noted values are lower-cased)
             drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
-            added = b"strict-transport-security: %s\r\n" % upstream_sts[0] + added
+            first = next(value for name, value in head.headers if name == STS)
+            added = b"strict-transport-security: %s\r\n" % first + added
     else:
         drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
         if https and hsts is not None:

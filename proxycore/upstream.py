@@ -106,6 +106,7 @@ class TargetPool:
         self.retired = False
         self.draining = False  # no upstream sends it new requests: keep no idle connection
         self.health = TargetHealth()
+        self.label = b"%s:%d" % (target.host.encode("ascii", "replace"), target.port)  # access log
 
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:

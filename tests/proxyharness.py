@@ -96,7 +96,7 @@ def route(
 class RunningNode:
     loop: LoopThread
     node: ProxyNode
-    access_lines: list[str] = field(default_factory=list)
+    access_lines: list[bytes] = field(default_factory=list)
 
     @property
     def https_port(self) -> int:
@@ -119,7 +119,7 @@ class RunningNode:
 @contextlib.contextmanager
 def running_node(snapshot: core.Snapshot, limits: Limits | None = None) -> Iterator[RunningNode]:
     loop = LoopThread()
-    lines: list[str] = []
+    lines: list[bytes] = []
 
     async def start() -> ProxyNode:
         node = ProxyNode(snapshot, https_address=("127.0.0.1", 0), http_address=("127.0.0.1", 0),

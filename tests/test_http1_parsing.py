@@ -120,7 +120,7 @@ def test_simple_get_is_one_head_then_end() -> None:
     assert isinstance(head, RequestHead) and end == MessageEnd()
     assert (head.method, head.target, head.version, head.raw) == (b"GET", b"/a?b=c", b"1.1", raw)
     assert head.headers == ((b"host", b"Example.COM:8443"), (b"x-thing", b"v"))
-    assert head.noted == {b"host": [b"Example.COM:8443"]}
+    assert head.noted == {b"host": [b"example.com:8443"]}  # lower-cased: what the proxy decides on
     assert (head.host, head.framing, head.content_length) == (b"example.com:8443", Framing.NONE, 0)
     assert (head.keep_alive, head.upgrade, head.expect_continue) == (True, None, False)
 

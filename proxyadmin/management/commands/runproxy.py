@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -122,23 +122,23 @@ class Command(BaseCommand):
         try:
             runner(self.serve(snapshot, https, http, limits, access, metrics=metrics))
         finally:
-            if access is not None and access is not sys.stdout:
+            if access is not None and access is not sys.stdout.buffer:
                 access.close()
 
-    def open_access_log(self, options: dict[str, Any]) -> TextIO | None:
+    def open_access_log(self, options: dict[str, Any]) -> BinaryIO | None:
         if options["no_access_log"]:
             return None
         if options["access_log"] == "-":
-            return sys.stdout
+            return sys.stdout.buffer
         try:
             # Block-buffered: flushed every second and at stop, not one write(2) per request.
-            return open(options["access_log"], "a")
+            return open(options["access_log"], "ab")
         except OSError as exc:
             raise CommandError(f"--access-log: cannot open {options['access_log']}: {exc}") from None
 
     async def serve(
         self, snapshot: Snapshot, https: tuple[str, int], http: tuple[str, int] | None,
-        limits: Limits, access: TextIO | None, *, metrics: tuple[str, int] | None = None,
+        limits: Limits, access: BinaryIO | None, *, metrics: tuple[str, int] | None = None,
     ) -> None:
         writer = AccessLogWriter(access) if access is not None else None
         try:
