@@ -14,6 +14,7 @@ Every callback here is called by the event loop (``connection_made``,
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, cast
 from proxycore import health, http1, proxyproto, responses, routing, tls
 from proxycore.config import HostRoute, Mode, ProxyProtocol
 from proxycore.http1 import BodyData, Framing, MessageEnd, ParseError, RequestHead, ResponseHead, Upgraded
-from proxycore.stats import UNMATCHED, HostStats
+from proxycore.stats import LATENCY_BUCKETS, UNMATCHED, HostStats
 from proxycore.upstream import TargetPool, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ _F_NONE, _F_LENGTH, _F_CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
 _F_UNTIL_CLOSE = Framing.UNTIL_CLOSE
 _monotonic = time.monotonic
 _encode_chunk = http1.encode_chunk
+_bisect = bisect.bisect_left
 _LAST_CHUNK = http1.LAST_CHUNK
 _CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
 _CLOSE_LINE = b"connection: close\r\n"
@@ -207,13 +209,23 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.upstream.write(data)
             return
         try:
-            self.events.extend(self.parser.feed(data))
+            events = self.parser.feed(data)
         except ParseError as exc:
             # Pipelined requests ahead of the bad one are served first, in order; the
             # error takes the bad request's place in the queue.
             self.parse_error = exc
             self.events.extend(exc.events)
             self.events.append(exc)
+            self.process_events()
+            return
+        if (not self.events and self.request is None and len(events) == 2
+                and type(events[0]) is RequestHead and type(events[1]) is MessageEnd):
+            # The usual request: one body-less head, nothing queued before it.
+            self.start_request(events[0])  # type: ignore[arg-type]
+            if not self.closed:
+                self.request_end()
+            return
+        self.events.extend(events)
         self.process_events()
 
     def process_events(self) -> None:
@@ -522,11 +534,13 @@ class ClientConnection(asyncio.BufferedProtocol):
     def response_end(self) -> None:
         self.response_parser = None
         self.awaiting_upstream = False
-        reusable = (
-            self.response is not None and self.response.keep_alive and self.request_done
-            and self.route is not None and self.route.proxy_protocol is _PP_OFF
-        )
-        self.release_upstream(reusable=reusable)
+        conn, self.upstream = self.upstream, None
+        if conn is not None and self.pool is not None:
+            conn.owner = None
+            self.pool.give_back(conn, (
+                self.response is not None and self.response.keep_alive and self.request_done
+                and self.route is not None and self.route.proxy_protocol is _PP_OFF
+            ))
         if not self.request_done:
             self.response_close = True  # the client is still sending a body nobody reads
         self.finish_exchange()
@@ -690,7 +704,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             stats.responses[status // 100 if status < 600 else 5] += 1
             elapsed = _monotonic() - self.started_at if self.started_at else 0.0
             if self.response is not None and self.pool is not None:
-                stats.latency(elapsed)
+                stats.latency_buckets[_bisect(LATENCY_BUCKETS, elapsed)] += 1  # stats.latency, inlined
+                stats.latency_sum += elapsed
             if self.node.access_log is not None:
                 self.node.access(self, status, elapsed)
         close = self.response_close or self.closing or self.node.stopping

@@ -56,7 +56,6 @@ from proxycore.http1_checks import (
     connection_tokens,
     expect_continue,
     hop_by_hop_names,
-    keep_alive,
     noted_fields,
     request_host,
     request_line,
@@ -102,7 +101,7 @@ class RequestHead:
 
     __slots__ = (
         "_headers", "content_length", "expect_continue", "framing", "host", "keep_alive", "method",
-        "noted", "raw", "target", "upgrade", "version",
+        "noted", "options", "raw", "target", "upgrade", "version",
     )  # fmt: skip
 
     def __init__(
@@ -118,6 +117,7 @@ class RequestHead:
         upgrade: bytes | None,  # lower-cased Upgrade value, set only on a body-less HTTP/1.1 upgrade
         expect_continue: bool,
         noted: dict[bytes, list[bytes]] | None = None,
+        options: frozenset[bytes] | None = None,  # Connection tokens, lower-cased
     ) -> None:
         self.method = method
         self.target = target
@@ -130,6 +130,7 @@ class RequestHead:
         self.upgrade = upgrade
         self.expect_continue = expect_continue
         self.noted = noted if noted is not None else noted_fields(raw, REQUEST_NOTED)
+        self.options = options if options is not None else connection_options(self.noted)
         self._headers: Fields | None = None
 
     @property
@@ -158,7 +159,8 @@ class ResponseHead:
     ``headers`` as for :class:`RequestHead`."""
 
     __slots__ = (
-        "_headers", "content_length", "framing", "keep_alive", "noted", "raw", "reason", "status", "version",
+        "_headers", "content_length", "framing", "keep_alive", "noted", "options", "raw", "reason", "status",
+        "version",
     )  # fmt: skip
 
     def __init__(
@@ -171,6 +173,7 @@ class ResponseHead:
         content_length: int,
         keep_alive: bool,
         noted: dict[bytes, list[bytes]] | None = None,
+        options: frozenset[bytes] | None = None,  # Connection tokens, lower-cased
     ) -> None:
         self.status = status
         self.reason = reason
@@ -180,6 +183,7 @@ class ResponseHead:
         self.content_length = content_length
         self.keep_alive = keep_alive
         self.noted = noted if noted is not None else noted_fields(raw, RESPONSE_NOTED)
+        self.options = options if options is not None else connection_options(self.noted)
         self._headers: Fields | None = None
 
     @property
@@ -229,6 +233,7 @@ _BODY, _INTERIM, _SWITCH = range(3)
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _CLOSED, _UPGRADED = range(9)
 
 _END = MessageEnd()
+_NO_OPTIONS: frozenset[bytes] = frozenset()
 # Enum members are class attribute look-ups (slow on 3.11); the hot path uses these.
 _NONE, _LENGTH_FRAMING, _CHUNKED, _UNTIL_CLOSE_FRAMING = (
     Framing.NONE,
@@ -594,7 +599,10 @@ class RequestParser(_MessageParser[RequestHead]):
     def _make_head(self, head: bytes, ll: HttpParser) -> tuple[RequestHead, int]:
         method, target, version = request_line(head, ll.get_method())  # type: ignore[attr-defined]
         noted = noted_fields(head, REQUEST_NOTED)
-        framing, length = body_framing(noted)
+        if b"content-length" in noted or b"transfer-encoding" in noted:
+            framing, length = body_framing(noted)
+        else:
+            framing, length = _NONE, 0
         if self._max_body is not None and length > self._max_body:
             raise ParseError(413, "body too large")
         host_values = noted.get(b"host")
@@ -606,16 +614,16 @@ class RequestParser(_MessageParser[RequestHead]):
                 self._host_seen, self._host_checked = host_values[0], host
         if target[:1] != b"/":
             target, host = resolve_target(method, target, host)
-        options = connection_options(noted)
+        options = connection_options(noted) if b"connection" in noted else _NO_OPTIONS
         upgrade = None
         if b"upgrade" in options and version == b"1.1" and framing is not _CHUNKED and not length:
             values = noted.get(b"upgrade")
             if values:
                 upgrade = b", ".join(values).lower()
         expect = b"expect" in noted and version == b"1.1" and expect_continue(noted[b"expect"])
+        alive = b"close" not in options and (version == b"1.1" or b"keep-alive" in options)
         message = RequestHead(
-            method, target, version, head, host, framing, length, keep_alive(version, options), upgrade,
-            expect, noted,
+            method, target, version, head, host, framing, length, alive, upgrade, expect, noted, options,
         )  # fmt: skip
         return message, _BODY if upgrade is None else _SWITCH
 
@@ -648,17 +656,19 @@ class ResponseParser(_MessageParser[ResponseHead]):
         framing, length = body_framing(noted)
         if not self._methods:
             raise ParseError(502, "response without a request")
+        options = connection_options(noted) if b"connection" in noted else _NO_OPTIONS
         if status < 200 and status != 101:
-            return ResponseHead(status, reason, version, head, _NONE, 0, True, noted), _INTERIM
+            return ResponseHead(status, reason, version, head, _NONE, 0, True, noted, options), _INTERIM
         method = self._methods.popleft()
         if status == 101:
-            return ResponseHead(status, reason, version, head, _NONE, 0, False, noted), _SWITCH
+            return ResponseHead(status, reason, version, head, _NONE, 0, False, noted, options), _SWITCH
         if method == b"HEAD" or status == 204 or status == 304:
             framing, length = _NONE, 0
         elif framing is _NONE:
             framing = _UNTIL_CLOSE_FRAMING
-        alive = framing is not _UNTIL_CLOSE_FRAMING and keep_alive(version, connection_options(noted))
-        return ResponseHead(status, reason, version, head, framing, length, alive, noted), _BODY
+        alive = (framing is not _UNTIL_CLOSE_FRAMING and b"close" not in options
+                 and (version == b"1.1" or b"keep-alive" in options))
+        return ResponseHead(status, reason, version, head, framing, length, alive, noted, options), _BODY
 
 
 # --- serialisation ------------------------------------------------------------

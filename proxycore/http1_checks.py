@@ -417,13 +417,6 @@ def strip_hop_by_hop(headers: Fields) -> Fields:
     return tuple(field for field in headers if field[0] not in drop)
 
 
-def keep_alive(version: bytes, options: frozenset[bytes]) -> bool:
-    """HTTP/1.1 persists unless ``close``; HTTP/1.0 only with ``keep-alive``."""
-    if b"close" in options:
-        return False
-    return version == b"1.1" or b"keep-alive" in options
-
-
 def expect_continue(values: list[bytes]) -> bool:
     """Expect holds 100-continue (other expectations are left to the caller)."""
     return any(value.lower() == b"100-continue" for value in values)

@@ -146,24 +146,21 @@ def forwarding_lines(client_ip: str, host: bytes, *, https: bool) -> bytes:
     ) % (ip, proto, host, _forwarded_for(client_ip).encode("ascii"), proto, host)
 
 
-def _listed_pattern(noted: dict[bytes, list[bytes]]) -> re.Pattern[bytes] | None:
+def _listed_pattern(options: frozenset[bytes]) -> re.Pattern[bytes] | None:
     """A pattern for the fields a Connection header names beyond the fixed hop-by-hop set."""
-    options = http1_checks.connection_options(noted)
     if options <= _HOP_OR_CLOSE:
         return None
     listed = options - _HOP_OR_CLOSE - _NEVER_LISTED
     return http1_checks.noted_pattern(listed, any_case=True) if listed else None
 
 
-def _fields(
-    raw: bytes, line_end: int, drop: re.Pattern[bytes] | None, noted: dict[bytes, list[bytes]]
-) -> bytes:
+def _fields(raw: bytes, line_end: int, drop: re.Pattern[bytes] | None, options: frozenset[bytes]) -> bytes:
     """The field lines of ``raw`` (each CRLF-led, no final CRLF) less those ``drop`` matches
     and those its Connection header lists."""
     block = raw[line_end:-4]
     if drop is not None:
         block = drop.sub(b"", block)
-    listed = _listed_pattern(noted)
+    listed = _listed_pattern(options)
     if listed is not None:
         block = listed.sub(b"", block)
     return block
@@ -181,7 +178,7 @@ def upstream_request_head(head: RequestHead, added: bytes) -> bytes:
         return raw[:-2] + added + b"\r\n"  # the usual request: nothing to take out
     line_end = raw.find(b"\r\n")
     line = raw[:line_end] if line_as_is else b"%s %s HTTP/1.1" % (method, head.target)
-    block = _fields(raw, line_end, _REQUEST_DROP, head.noted)
+    block = _fields(raw, line_end, _REQUEST_DROP, head.options)
     if head.upgrade is not None:
         added += b"connection: upgrade\r\nupgrade: %s\r\n" % head.upgrade
     return line + block + b"\r\n" + added + b"\r\n"
@@ -206,7 +203,7 @@ def client_response_head(head: ResponseHead, hsts: HSTS | None, *, https: bool, 
         drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
         if https and hsts is not None:
             added = hsts.line + added
-    block = raw[line_end:-4] if noted.keys() <= kept else _fields(raw, line_end, drop, noted)
+    block = raw[line_end:-4] if noted.keys() <= kept else _fields(raw, line_end, drop, head.options)
     return line + block + b"\r\n" + added + b"\r\n"
 
 

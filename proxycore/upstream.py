@@ -247,9 +247,16 @@ class Balancer:
         self.current = [0] * len(self.pools)
         self.least = balancing is Balancing.LEAST_CONNECTIONS
         self.next = 0  # where least-connections starts looking: ties go round robin
+        self.single = self.pools[0] if len(self.pools) == 1 else None  # no choice to make
 
     def pick(self, exclude: TargetPool | None = None) -> TargetPool | None:
-        now = time.monotonic()
+        single = self.single
+        if single is not None:
+            health = single.health
+            if single is exclude or not health.healthy:
+                return None
+            return single if not health.down_until or health.down_until <= _monotonic() else None
+        now = _monotonic()
         if self.least:
             return self._least_connections(exclude, now)
         return self._round_robin(exclude, now)
