@@ -221,7 +221,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if (not self.events and self.request is None and len(events) == 2
                 and type(events[0]) is RequestHead and type(events[1]) is MessageEnd):
             # The usual request: one body-less head, nothing queued before it.
-            self.start_request(events[0])  # type: ignore[arg-type]
+            self.start_request(events[0])
             if not self.closed:
                 self.request_end()
             return
