@@ -48,7 +48,7 @@ _CLOSE_LINE = b"connection: close\r\n"
 _IDLE, _HEAD, _UPSTREAM = range(3)
 
 
-class ClientConnection(asyncio.BufferedProtocol):
+class ClientConnection(asyncio.Protocol):
     def __init__(
         self, node: ProxyNode, listener: Listener, *,
         state: NodeState | None = None, sni_route: HostRoute | None = None,
@@ -64,7 +64,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.client_cert_lines = b""  # RFC 9440 field lines (CRLF-ended), once verified
         self.conn_stats: HostStats = node.stats.host(UNMATCHED)
         self.parser = http1.RequestParser(node.limits.max_head_size, node.limits.max_request_line)
-        self.read_buffer = node.read_buffer
         # The last Host of this connection and what it led to: clients repeat it.
         self.last_host: bytes | None = None
         self.last_route: HostRoute | None = None
@@ -187,15 +186,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.resume_reading("upstream")
 
     # ---- bytes from the client ------------------------------------------------------
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        """Called by the event loop: where to read into. A buffered protocol lets uvloop's
-        TLS layer decrypt into this buffer instead of allocating 256 KiB per read."""
-        return self.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        """Called by the event loop: ``nbytes`` were read into the buffer."""
-        self.data_received(self.read_buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if self.early is not None:

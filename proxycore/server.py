@@ -40,7 +40,6 @@ from proxycore.upstream import Balancer, Pools, TargetPool
 
 log = logging.getLogger("proxycore")
 
-READ_BUFFER_SIZE = 64 * 1024
 # How often connection deadlines are checked; timeouts are this much late at most.
 SWEEP_INTERVAL = 0.25
 # How long a closing TLS connection waits for the client's close_notify.
@@ -134,9 +133,6 @@ class ProxyNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
-        # Every client connection reads into this one buffer and copies out at once: the
-        # loop is single-threaded, so it is never shared by two reads at a time.
-        self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         self._log_second = -1
         self._log_prefix = b""
 
