@@ -254,6 +254,7 @@ class _MessageParser(Generic[H]):
         "_left",
         "_line",
         "_ll",
+        "_ll_ready",
         "_max_body",
         "_max_head",
         "_seen",
@@ -262,7 +263,10 @@ class _MessageParser(Generic[H]):
         "_trailers",
     )
     _error_status: int | None = None  # forced on every ParseError (502 for responses)
-    _llhttp: type[HttpParser]  # the llhttp parser class, one per head
+    _llhttp: type[HttpParser]  # the llhttp parser class
+    # A message without Content-Length or Transfer-Encoding has no body for llhttp too: true
+    # of requests, not of responses (a response to HEAD may announce a length).
+    _bodiless_agrees = False
 
     def __init__(self, max_head_size: int, max_body_size: int | None) -> None:
         # limits
@@ -275,6 +279,7 @@ class _MessageParser(Generic[H]):
         # per-head
         self._buf = bytearray()  # bytes of a head that is not complete yet
         self._seen = HeadSeen()  # llhttp reports the end of each head here
+        self._ll_ready = False  # self._ll stands between two messages: reuse it for the next head
         self._ll: HttpParser | None = None
         # per-body
         self._left = 0  # bytes left in the Content-Length body or current chunk
@@ -367,7 +372,9 @@ class _MessageParser(Generic[H]):
         old = len(buf)
         if not old:  # the first bytes of a head that did not come whole
             self._seen.complete = False
-            self._ll = self._llhttp(self._seen)
+            if not self._ll_ready:
+                self._ll = self._llhttp(self._seen)
+            self._ll_ready = False
         piece = data[pos : pos + self._max_head + 4 - old]  # never buffer past the limit
         buf += piece
         end = buf.find(b"\r\n\r\n", max(0, old - 3))
@@ -395,12 +402,17 @@ class _MessageParser(Generic[H]):
             head_left = head[fed:]
         else:
             seen.complete = False
-            ll = self._ll = self._llhttp(seen)
+            if self._ll_ready:  # llhttp ended the last message where we did: it takes the next
+                ll = self._ll  # type: ignore[assignment]
+                self._ll_ready = False
+            else:
+                ll = self._ll = self._llhttp(seen)
             head_left = head
+        reusable = True  # llhttp will be between messages once it has seen this one whole
         try:
             ll.feed_data(head_left)
         except httptools.HttpParserUpgrade:
-            pass  # upgrades are decided from the fields, not by llhttp
+            reusable = False  # upgrades are decided from the fields, not by llhttp
         except httptools.HttpParserError as exc:
             raise ParseError(400, str(exc) or "malformed head") from None
         if not seen.complete:
@@ -414,11 +426,18 @@ class _MessageParser(Generic[H]):
             if framing is _NONE or (framing is _LENGTH_FRAMING and not length):
                 events.append(_END)  # the usual GET: no body
                 self._state = _HEAD if keep else _CLOSED
+                # llhttp ended the message too unless it expects a body we know is not there
+                # (a response to HEAD); a parser is cheap, but not free.
+                self._ll_ready = reusable and keep and (framing is _LENGTH_FRAMING or self._bodiless_agrees)
             elif framing is _LENGTH_FRAMING and after + length <= len(data):
                 # the usual small response: its whole body came with it
-                events.append(BodyData(data[after : after + length]))
+                body = data[after : after + length]
+                events.append(BodyData(body))
                 events.append(_END)
                 self._state = _HEAD if keep else _CLOSED
+                if keep and reusable:  # let llhttp count the body too, so that it can take the next head
+                    ll.feed_data(body)
+                    self._ll_ready = True
                 return after + length
             else:
                 self._start_body(framing, length, events)
@@ -588,6 +607,7 @@ class RequestParser(_MessageParser[RequestHead]):
         self._host_checked = b""
 
     _llhttp = httptools.HttpRequestParser
+    _bodiless_agrees = True
 
     def _check_size(self, head: bytes | bytearray) -> None:
         line_end = head.find(b"\r\n")

@@ -203,8 +203,32 @@ def client_response_head(head: ResponseHead, hsts: HSTS | None, *, https: bool, 
         drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
         if https and hsts is not None:
             added = hsts.line + added
-    block = raw[line_end:-4] if noted.keys() <= kept else _fields(raw, line_end, drop, head.options)
+    if noted.keys() <= kept:
+        block = raw[line_end:-4]
+    elif noted.keys() <= kept | _CONNECTION and len(noted[b"connection"]) == 1:
+        block = _without_connection(raw, line_end) or _fields(raw, line_end, drop, head.options)
+    else:
+        block = _fields(raw, line_end, drop, head.options)
     return line + block + b"\r\n" + added + b"\r\n"
+
+
+# How servers spell the Connection field of a keep-alive or closing response.
+_CONNECTION = frozenset({b"connection"})
+_CONNECTION_LINES = tuple(
+    b"\r\n%s: %s\r\n" % (name, value)
+    for value in (b"keep-alive", b"close", b"Keep-Alive", b"Close")
+    for name in (b"Connection", b"connection")
+)
+
+
+def _without_connection(raw: bytes, line_end: int) -> bytes:
+    """The field lines of a head whose only field to drop is one Connection field, cut out
+    where it is spelt the usual way (a search, no pattern); b"" if it is spelt otherwise."""
+    for spelling in _CONNECTION_LINES:
+        at = raw.find(spelling, line_end)
+        if at != -1:
+            return raw[line_end:at] + raw[at + len(spelling) - 2 : -4]
+    return b""
 
 
 def client_response_headers(
