@@ -129,6 +129,7 @@ _REQUEST_DROP = http1_checks.noted_pattern(
 # Response fields that may pass as they came (and Strict-Transport-Security, when kept).
 _RESPONSE_KEPT = frozenset({b"content-length"})
 _RESPONSE_KEPT_STS = _RESPONSE_KEPT | {STS}
+_STS_LINE = http1_checks.noted_pattern({STS}, any_case=True)
 _RESPONSE_DROP = http1_checks.noted_pattern(HOP_BY_HOP, any_case=True)
 _RESPONSE_DROP_STS = http1_checks.noted_pattern(HOP_BY_HOP | {STS}, any_case=True)
 # Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
@@ -179,6 +180,8 @@ def upstream_request_head(head: RequestHead, added: bytes) -> bytes:
     line_end = raw.find(b"\r\n")
     line = raw[:line_end] if line_as_is else b"%s %s HTTP/1.1" % (method, head.target)
     block = _fields(raw, line_end, _REQUEST_DROP, head.options)
+    if b"host" not in head.noted and head.host:  # HTTP/1.0, absolute-form: 1.1 needs a Host
+        block += b"\r\nhost: %s" % head.host
     if head.upgrade is not None:
         added += b"connection: upgrade\r\nupgrade: %s\r\n" % head.upgrade
     return line + block + b"\r\n" + added + b"\r\n"
@@ -192,13 +195,16 @@ def client_response_head(head: ResponseHead, hsts: HSTS | None, *, https: bool, 
     line_end = raw.find(b"\r\n")
     line = raw[:line_end] if head.version == b"1.1" else b"HTTP/1.1 %d %s" % (head.status, head.reason)
     upstream_sts = noted.get(STS)
-    if upstream_sts and https and hsts is not None and not hsts.override_upstream:
-        if len(upstream_sts) == 1:  # the policy keeps the upstream's own, where it stands
-            drop, kept = _RESPONSE_DROP, _RESPONSE_KEPT_STS
-        else:  # exactly one: the first, as it came (noted values are lower-cased)
-            drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
-            first = next(value for name, value in head.headers if name == STS)
-            added = b"strict-transport-security: %s\r\n" % first + added
+    if (upstream_sts and https and hsts is not None and not hsts.override_upstream
+            and STS not in head.options):  # (a Connection that names it makes it hop-by-hop)
+        # The policy keeps the upstream's own, where it stands; exactly one: the first.
+        drop, kept = _RESPONSE_DROP, _RESPONSE_KEPT_STS
+        if len(upstream_sts) > 1:
+            block = _fields(raw, line_end, drop, head.options)
+            first = _STS_LINE.search(block)
+            assert first is not None
+            block = block[: first.end()] + _STS_LINE.sub(b"", block[first.end() :])
+            return line + block + b"\r\n" + added + b"\r\n"
     else:
         drop, kept = _RESPONSE_DROP_STS, _RESPONSE_KEPT
         if https and hsts is not None:
