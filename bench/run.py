@@ -33,6 +33,7 @@ from bench import check, load, servers, tools
 from bench.certs import CertFiles, make_certificates
 from bench.load import LOADS, Load, Result
 from bench.servers import Server
+from proxycore import compiled
 
 FULL = Load("full", "new TLS conn/s, full handshakes", "/small", 50, close=True)
 RESULTS_DIR = servers.BENCH_DIR / "results"
@@ -288,7 +289,7 @@ def main() -> None:
     background = wait_for_quiet(args.wait_quiet)
     started = time.monotonic()
     report: dict[str, object] = {
-        "command": command, "machine": machine(), "notes": notes,
+        "command": command, "machine": machine(), "notes": notes, "core": compiled.state(),
         "background_cpu_at_start": round(background, 2),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
                      "wrk_threads": 1,
@@ -299,6 +300,7 @@ def main() -> None:
     all_results: dict[str, dict[str, Result]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="proxyadmin-bench-"))
     workdir.chmod(0o755)  # nginx workers (not root) read the static files under it
+    print(f"bench: proxycore's sans-I/O core runs {compiled.state()} (setup.py, mypyc)")
     print(f"bench: work dir {workdir}; {os.cpu_count()} CPUs; wrk -t1; {args.rounds} rounds of "
           f"{args.duration:g} s runs, each after {args.warmup:g} s warm-up", flush=True)
     certs = make_certificates(workdir)

@@ -478,7 +478,7 @@ class _MessageParser(Generic[H]):
     def _feed_counted(self, data: bytes, pos: int, events: list[H | BodyData | MessageEnd | Upgraded]) -> int:
         """Content-Length body or chunk data: one slice (none when data is all body)."""
         take = min(self._left, len(data) - pos)
-        events.append(BodyData(data[pos : pos + take]))
+        events.append(BodyData(data if take == len(data) else data[pos : pos + take]))
         self._left -= take
         if not self._left:
             if self._state == _LENGTH:
@@ -652,7 +652,7 @@ class ResponseParser(_MessageParser[ResponseHead]):
     """Responses of one upstream connection; call expect() for every request sent."""
 
     __slots__ = ("_methods",)
-    _error_status = 502
+    _error_status: int | None = 502
 
     def __init__(self, max_head_size: int = 65536) -> None:
         super().__init__(max_head_size, None)

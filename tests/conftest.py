@@ -14,7 +14,16 @@ from cryptography.x509.oid import NameOID
 from django.contrib.auth.models import User
 from django.test import Client
 
+from proxycore import compiled
 from tests.proxyharness import LoopThread, Upstream
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Never test a compiled module older than its source (setup.py compiles in place)."""
+    stale = compiled.stale_modules()
+    if stale:
+        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; "
+                    "run .venv/bin/pip install -e . again (or delete proxycore/*.so)", returncode=2)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from django.db import close_old_connections
 
 from proxyadmin.models import ConfigRevision
 from proxyadmin.snapshot import SnapshotError, build_snapshot
+from proxycore import compiled
 from proxycore.accesslog import AccessLogWriter
 from proxycore.agent import AgentLink
 from proxycore.config import Snapshot
@@ -151,6 +152,7 @@ class Command(BaseCommand):
             raise CommandError(f"Cannot listen: {exc}") from None
         ports = ", ".join(f"{lst.name}://{lst.host}:{lst.port}" for lst in node.listeners)
         self.stdout.write(f"Proxy node serving revision {snapshot.revision} on {ports}")
+        log.info("data plane core: %s", compiled.state())
         metrics_server = await self.start_metrics(node, metrics) if metrics is not None else None
         self.stdout.flush()
         stop = asyncio.Event()
