@@ -1,10 +1,10 @@
 """Build hook: the sans-I/O core of the data plane, compiled with mypyc.
 
-``proxycore.http1``, ``proxycore.http1_checks`` and ``proxycore.routing`` are plain,
-fully typed Python. mypyc (part of mypy) compiles them to C extension modules that
-Python imports in place of the .py files; nothing else changes. They are the half of
-the per-request Python time that is not event-loop plumbing, and compiled they take
-a third of it (README, "Speed"). Everything else in setup is in pyproject.toml.
+The modules of the per-request path (``proxycore.http1``, ``http1_checks``,
+``routing``, ``client``, ``upstream``, ``stats``) are plain, fully typed Python. mypyc
+(part of mypy) compiles them to C extension modules that Python imports in place of
+the .py files; nothing else changes, and their per-request Python time roughly
+halves (README, "Speed"). Everything else in setup is in pyproject.toml.
 
 The extensions are optional: without a C compiler, with PROXYADMIN_PURE_PYTHON=1 at
 install time, or when mypyc is not importable, the same modules run as Python.
@@ -22,7 +22,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-COMPILED = ("proxycore/http1.py", "proxycore/http1_checks.py", "proxycore/routing.py")
+# The hot path: parsing and head rewriting, the client and upstream protocols, the counters.
+MODULES = ("http1", "http1_checks", "routing", "client", "upstream", "stats")  # as proxycore.COMPILED
+COMPILED = tuple(f"proxycore/{name}.py" for name in MODULES)
 
 
 def compiled_extensions() -> list:  # type: ignore[type-arg]

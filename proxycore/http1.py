@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar, cast
 
 import httptools
 
@@ -262,11 +262,11 @@ class _MessageParser(Generic[H]):
         "_trailer_size",
         "_trailers",
     )
-    _error_status: int | None = None  # forced on every ParseError (502 for responses)
-    _llhttp: type[HttpParser]  # the llhttp parser class
+    _error_status: ClassVar[int | None] = None  # forced on every ParseError (502 for responses)
+    _llhttp: ClassVar[type[HttpParser]]  # the llhttp parser class
     # A message without Content-Length or Transfer-Encoding has no body for llhttp too: true
     # of requests, not of responses (a response to HEAD may announce a length).
-    _bodiless_agrees = False
+    _bodiless_agrees: ClassVar[bool] = False
 
     def __init__(self, max_head_size: int, max_body_size: int | None) -> None:
         # limits
@@ -606,8 +606,8 @@ class RequestParser(_MessageParser[RequestHead]):
         self._host_seen: bytes | None = None  # the last Host value and what check_host made of it
         self._host_checked = b""
 
-    _llhttp = httptools.HttpRequestParser
-    _bodiless_agrees = True
+    _llhttp: ClassVar[type[HttpParser]] = httptools.HttpRequestParser
+    _bodiless_agrees: ClassVar[bool] = True
 
     def _check_size(self, head: bytes | bytearray) -> None:
         line_end = head.find(b"\r\n")
@@ -652,7 +652,7 @@ class ResponseParser(_MessageParser[ResponseHead]):
     """Responses of one upstream connection; call expect() for every request sent."""
 
     __slots__ = ("_methods",)
-    _error_status: int | None = 502
+    _error_status: ClassVar[int | None] = 502
 
     def __init__(self, max_head_size: int = 65536) -> None:
         super().__init__(max_head_size, None)
@@ -667,7 +667,7 @@ class ResponseParser(_MessageParser[ResponseHead]):
         """A request was sent whose final response has not started yet."""
         return bool(self._methods)
 
-    _llhttp = httptools.HttpResponseParser
+    _llhttp: ClassVar[type[HttpParser]] = httptools.HttpResponseParser
 
     def _make_head(self, head: bytes, ll: HttpParser) -> tuple[ResponseHead, int]:
         status = ll.get_status_code()  # type: ignore[attr-defined]

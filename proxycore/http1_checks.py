@@ -57,21 +57,14 @@ _SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"connec
 
 
 class HeadTokens:
-    """What llhttp reports about one head; handed to httptools as its callback object."""
+    """Every field llhttp reports of a head (or trailer section); its callback object."""
 
-    __slots__ = ("complete", "fields", "special", "start")
+    __slots__ = ("complete", "fields", "special")
 
     def __init__(self) -> None:
-        self.start = b""  # request target or reason phrase
         self.fields: list[tuple[bytes, bytes]] = []
         self.special: dict[bytes, list[bytes]] = {}
         self.complete = False
-
-    def on_url(self, part: bytes) -> None:
-        """Called by llhttp with each span of the request target (split across feeds)."""
-        self.start += part
-
-    on_status = on_url  # the reason phrase of a status line, likewise
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Called by httptools once per complete field; llhttp has stripped leading OWS."""
