@@ -15,6 +15,7 @@ than requests/s.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -57,7 +58,8 @@ def main() -> None:
             argv = [sys.executable, "-m", "cProfile", "-o", str(args.cprofile.resolve()), *argv]
         elif args.py_spy:
             fmt = "raw" if args.py_spy.suffix == ".txt" else "flamegraph"
-            argv = ["py-spy", "record", "--rate", "500", "--native", "-f", fmt,
+            native = [] if os.environ.get("PROFILE_NO_NATIVE") else ["--native"]
+            argv = ["py-spy", "record", "--rate", "500", *native, "-f", fmt,
                     "-o", str(args.py_spy.resolve()), "--", sys.executable, *argv]
         elif argv[0].endswith(".py"):
             argv = [sys.executable, *argv]
