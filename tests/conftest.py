@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+import html
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -15,6 +20,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 
 from proxycore import compiled
+from tests.processes import Project
 from tests.proxyharness import LoopThread, Upstream
 
 
@@ -80,6 +86,12 @@ def small_rsa_key() -> rsa.RSAPrivateKey:
 
 
 @pytest.fixture
+def fast_password_hashing(settings: Any) -> None:
+    """The superuser's login need not cost a second of PBKDF2 per test (modules opt in by ``pytestmark``)."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
 def admin_client_logged_in(db: None) -> Client:
     User.objects.create_superuser("admin", "admin@example.com", "correct horse battery")
     client = Client()
@@ -101,3 +113,36 @@ def upstream(loop_thread: LoopThread) -> Iterator[Upstream]:
     server = Upstream(loop_thread).start()
     yield server
     server.stop()
+
+
+def page_text(response: Any) -> str:
+    """A response's HTML with its character references unescaped."""
+    return html.unescape(response.content.decode())
+
+
+# ---- channels -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def empty_channel_layer() -> Iterator[None]:
+    """The channel layer flushed before and after the test (modules opt in by ``pytestmark``)."""
+    layer = get_channel_layer()
+    async_to_sync(layer.flush)()
+    yield
+    async_to_sync(layer.flush)()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    """Runs an async test scenario to its end from a sync test."""
+    async_to_sync(scenario)()
+
+
+# ---- processes ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    """A migrated control-plane database in the test's temp dir."""
+    p = Project(tmp_path)
+    p.manage("migrate", "--verbosity", "0")
+    return p

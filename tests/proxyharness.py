@@ -14,10 +14,12 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
+import pytest
 import trustme
 import uvloop
 
@@ -26,6 +28,12 @@ from proxycore.limits import Limits
 from proxycore.server import ProxyNode
 
 T = TypeVar("T")
+
+# A year of HSTS that replaces whatever the upstream sends: the usual policy of a test host.
+HSTS = core.HSTS(max_age=31536000, include_subdomains=False, preload=False, override_upstream=True)
+# The TLS versions a client may end up on, as ids for parametrized tests.
+TLS_VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3"),
+                pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2")]
 
 
 class LoopThread:
@@ -116,6 +124,21 @@ class RunningNode:
         self.loop.run(self.node.stop(deadline), timeout=deadline + 10)
 
 
+def host_counts(node: RunningNode, host: str, counter: str, expected: dict[str, int]) -> dict[str, int]:
+    """The host's ``counter`` counts, once they reach ``expected`` (or after 3 s)."""
+    end = time.monotonic() + 3
+    while True:
+        seen: dict[str, int] = node.stats()["hosts"].get(host, {}).get(counter, {})
+        if seen == expected or time.monotonic() > end:
+            return seen
+        time.sleep(0.02)
+
+
+def handshake_failures(node: RunningNode, host: str, expected: dict[str, int]) -> dict[str, int]:
+    """The host's failed-handshake counts, once they reach ``expected`` (or after 3 s)."""
+    return host_counts(node, host, "handshakes_failed", expected)
+
+
 @contextlib.contextmanager
 def running_node(snapshot: core.Snapshot, limits: Limits | None = None) -> Iterator[RunningNode]:
     loop = LoopThread()
@@ -141,9 +164,15 @@ def running_node(snapshot: core.Snapshot, limits: Limits | None = None) -> Itera
 # ---- clients -----------------------------------------------------------------------
 
 
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
+def client_context(ca: trustme.CA, cert: trustme.LeafCert | None = None,
+                   version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A client trusting ``ca``, presenting ``cert`` when given, at most TLS ``version`` when given."""
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
+    if version is not None:
+        ctx.maximum_version = version
+    if cert is not None:
+        cert.configure_cert(ctx)
     return ctx
 
 
@@ -154,6 +183,17 @@ def tls_connect(port: int, ca: trustme.CA, server_name: str | None,
         ctx.check_hostname = False
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     return ctx.wrap_socket(raw, server_hostname=server_name)
+
+
+def https_get(port: int, ca: trustme.CA, host: str,
+              path: str = "/") -> tuple[int, dict[bytes, list[bytes]], bytes]:
+    """One GET of ``path`` from ``host`` on a new TLS connection, and its response."""
+    sock = tls_connect(port, ca, host)
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        return read_response(sock)
+    finally:
+        sock.close()
 
 
 def read_response(sock: socket.socket, *, head_only: bool = False) -> tuple[int, dict[bytes, list[bytes]], bytes]:
@@ -204,6 +244,46 @@ def read_response(sock: socket.socket, *, head_only: bool = False) -> tuple[int,
         rest += chunk
 
 
+class TrafficThread:
+    """Sends a round of requests (``send_round``) every 0.2 s from a daemon thread while in ``with``."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def send_round(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.send_round()
+            self.done.wait(0.2)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: for a process to take, or as a dead target."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Polls ``condition`` until it holds (failing after ``timeout`` s); the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
 # ---- upstreams ---------------------------------------------------------------------
 
 
@@ -240,30 +320,44 @@ async def echo_handler(ex: Exchange) -> None:
     ex.respond(200, body, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
 
 
-class Upstream:
-    """A recording HTTP/1.1 upstream on 127.0.0.1 (asyncio streams: test code, not the proxy)."""
+class LoopServer:
+    """A server on a free 127.0.0.1 port on a LoopThread (TLS with ``ssl_context``); ``_serve`` serves."""
 
-    def __init__(self, loop: LoopThread, handler: Handler = echo_handler) -> None:
+    ssl_context: ssl.SSLContext | None = None
+
+    def __init__(self, loop: LoopThread) -> None:
         self.loop = loop
-        self.handler = handler
-        self.connections = 0
-        self.raw = bytearray()
-        self.requests: list[Exchange] = []
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    def start(self) -> Upstream:
+    def start(self) -> Self:
+        """Starts listening; the port is then in ``port``."""
         async def start() -> None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
             self.port = self.server.sockets[0].getsockname()[1]
         self.loop.run(start())
         return self
 
     def stop(self) -> None:
+        """Stops listening (connections already open go on)."""
         async def stop() -> None:
             if self.server is not None:
                 self.server.close()
         self.loop.run(stop())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class Upstream(LoopServer):
+    """A recording HTTP/1.1 upstream on 127.0.0.1 (asyncio streams: test code, not the proxy)."""
+
+    def __init__(self, loop: LoopThread, handler: Handler = echo_handler) -> None:
+        super().__init__(loop)
+        self.handler = handler
+        self.connections = 0
+        self.raw = bytearray()
+        self.requests: list[Exchange] = []
 
     async def _read_head(self, reader: asyncio.StreamReader) -> bytes:
         head = await reader.readuntil(b"\r\n\r\n")

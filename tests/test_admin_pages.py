@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import html
 import re
 from io import StringIO
 from typing import Any
@@ -19,7 +18,7 @@ from django.utils import timezone
 
 from proxyadmin import crypto, localca, pki
 from proxyadmin.models import Certificate, ClientCA, Host, Upstream
-from tests.conftest import make_cert, pem_chain_with_root
+from tests.conftest import make_cert, page_text, pem_chain_with_root
 from tests.test_host_names import host_post
 
 CERT_ADD_URL = "/admin/proxyadmin/certificate/add/"
@@ -27,14 +26,7 @@ UPSTREAM_ADD_URL = "/admin/proxyadmin/upstream/add/"
 PRIVATE_KEY_PEM = re.compile(r"BEGIN[A-Z ]*PRIVATE KEY")
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """The superuser's login need not cost a second of PBKDF2 per test."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def page_text(response: Any) -> str:
-    return html.unescape(response.content.decode())
+pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 
 def key_body_lines(key_pem: bytes) -> list[str]:

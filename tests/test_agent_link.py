@@ -10,14 +10,12 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -28,20 +26,12 @@ from proxyadmin.asgi import application
 from proxyadmin.models import ConfigRevision, HSTSPolicy, ProxyNode
 from proxycore import agentproto
 from proxycore.stats import Stats
+from tests.conftest import run
 
 TIMEOUT = 5
 
 
-@pytest.fixture(autouse=True)
-def empty_channel_layer() -> Iterator[None]:
-    layer = get_channel_layer()
-    async_to_sync(layer.flush)()
-    yield
-    async_to_sync(layer.flush)()
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    async_to_sync(scenario)()
+pytestmark = pytest.mark.usefixtures("empty_channel_layer")
 
 
 def agent(token: str | None = None, *, scheme: str = "Bearer",

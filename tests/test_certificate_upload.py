@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import html
 from typing import Any
 
 import pytest
@@ -18,16 +17,13 @@ from django.test import Client
 from proxyadmin import crypto
 from proxyadmin.forms import CertificateForm
 from proxyadmin.models import Certificate, Host, HostName, Upstream
-from tests.conftest import make_cert, pem_chain_with_root
+from tests.conftest import make_cert, page_text, pem_chain_with_root
 
 ADD_URL = "/admin/proxyadmin/certificate/add/"
 UTC = dt.UTC
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """The superuser's login need not cost a second of PBKDF2 per test."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 
 def certificate_form(
@@ -72,10 +68,6 @@ def leaf_objects(leaf: trustme.LeafCert) -> tuple[x509.Certificate, Any]:
     cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
     key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
     return cert, key
-
-
-def page_text(response: Any) -> str:
-    return html.unescape(response.content.decode())
 
 
 def admin_upload(client: Client, follow: bool = False, **fields: Any) -> Any:

@@ -29,7 +29,7 @@ from proxycore.clienthello import (
     parse_client_hello,
 )
 from proxycore.limits import Limits
-from tests.proxyharness import RunningNode, Upstream, bundle, route, running_node, tls_connect
+from tests.proxyharness import Upstream, bundle, handshake_failures, route, running_node, tls_connect
 
 TLS12 = pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2")
 TLS13 = pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3")
@@ -306,22 +306,12 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return data
 
 
-def failures(node: RunningNode, host: str, expected: dict[str, int]) -> dict[str, int]:
-    """The host's failed-handshake counts, once they reach ``expected`` (or after 3 s)."""
-    end = time.monotonic() + 3
-    while True:
-        seen: dict[str, int] = node.stats()["hosts"].get(host, {}).get("handshakes_failed", {})
-        if seen == expected or time.monotonic() > end:
-            return seen
-        time.sleep(0.02)
-
-
 def test_plain_http_on_the_https_port_gets_a_plain_400(ca: trustme.CA, upstream: Upstream) -> None:
     with running_node(snapshot(ca, upstream.port)) as node:
         with socket.create_connection(("127.0.0.1", node.https_port), timeout=10) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
             reply = read_until_closed(sock)
-        assert failures(node, "-", {"http_request": 1}) == {"http_request": 1}
+        assert handshake_failures(node, "-", {"http_request": 1}) == {"http_request": 1}
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert b"HTTPS" in body
@@ -333,7 +323,7 @@ def test_bytes_that_are_not_tls_get_a_decode_error_alert(ca: trustme.CA, upstrea
         with socket.create_connection(("127.0.0.1", node.https_port), timeout=10) as sock:
             sock.sendall(b"\x00" * 32)
             assert read_until_closed(sock) == ALERT_DECODE_ERROR
-        assert failures(node, "-", {"not_tls": 1}) == {"not_tls": 1}
+        assert handshake_failures(node, "-", {"not_tls": 1}) == {"not_tls": 1}
 
 
 def test_unknown_sni_in_strict_mode_gets_unrecognized_name_in_clear(
@@ -345,7 +335,7 @@ def test_unknown_sni_in_strict_mode_gets_unrecognized_name_in_clear(
         with socket.create_connection(("127.0.0.1", node.https_port), timeout=10) as sock:
             sock.sendall(client_hello("nobody.example"))
             assert read_until_closed(sock) == ALERT_UNRECOGNIZED_NAME  # a plaintext alert record
-        assert failures(node, "-", {"unknown_sni": 2}) == {"unknown_sni": 2}
+        assert handshake_failures(node, "-", {"unknown_sni": 2}) == {"unknown_sni": 2}
         with tls_connect(node.https_port, ca, "a.example") as ok:
             assert ok.version() == "TLSv1.3"
 
@@ -358,7 +348,7 @@ def test_a_silent_client_is_closed_after_the_handshake_timeout(
             started = time.monotonic()
             assert read_until_closed(sock) == b""
             waited = time.monotonic() - started
-        assert failures(node, "-", {"timeout": 1}) == {"timeout": 1}
+        assert handshake_failures(node, "-", {"timeout": 1}) == {"timeout": 1}
     assert 0.4 < waited < 3
 
 
@@ -371,7 +361,7 @@ def test_a_client_stalling_after_its_client_hello_times_out_on_its_host(
             sock.sendall(client_hello("a.example"))
             assert read_until_closed(sock)[:1] == b"\x16"  # the ServerHello, then nothing
             waited = time.monotonic() - started
-        assert failures(node, "a", {"timeout": 1}) == {"timeout": 1}
+        assert handshake_failures(node, "a", {"timeout": 1}) == {"timeout": 1}
     assert 0.4 < waited < 3
 
 

@@ -10,23 +10,15 @@ import contextlib
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import threading
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
 
-from tests.proxyharness import Upstream, read_response, tls_connect
-from tests.test_runproxy_command import Project, config, free_port
+from tests.processes import ROOT, Project, config, daphne, process, terminate, wait_for_http, wait_for_port
+from tests.proxyharness import TrafficThread, Upstream, free_port, read_response, tls_connect
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -54,83 +46,28 @@ def chromium() -> str:
     pytest.skip("Chromium not found (Debian: apt-get install chromium); .ci/run installs it")
 
 
-@contextlib.contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def daphne(project: Project, port: int) -> Any:
-    argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "proxyadmin.asgi:application"]
-    return process(argv, project.env, project.tmp / "daphne.log")
-
-
-def wait_for_http(url: str, timeout: float = 40) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):  # noqa: S310 (loopback)
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer in time")
-
-
-def wait_for_port(port: int, timeout: float = 40) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on port {port}")
-
-
-class Traffic:
+class Traffic(TrafficThread):
     """Requests through the proxy from a background thread until stopped."""
 
     def __init__(self, port: int, ca: trustme.CA) -> None:
         self.port, self.ca = port, ca
         self.ok = 0
         self.failed_handshakes = 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
 
-    def run(self) -> None:
-        while not self.done.is_set():
-            for _ in range(5):
-                sock = tls_connect(self.port, self.ca, "a.example")
-                try:
-                    sock.sendall(b"GET /dashboard-test HTTP/1.1\r\nHost: a.example\r\n\r\n")
-                    if read_response(sock)[0] == 200:
-                        self.ok += 1
-                finally:
-                    sock.close()
-            # An unknown name: no default certificate, so the handshake fails (host "-").
-            with contextlib.suppress(OSError):
-                tls_connect(self.port, self.ca, "nobody.example").close()
-            self.failed_handshakes += 1
-            self.done.wait(0.2)
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join(10)
+    def send_round(self) -> None:
+        for _ in range(5):
+            sock = tls_connect(self.port, self.ca, "a.example")
+            try:
+                sock.sendall(b"GET /dashboard-test HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                if read_response(sock)[0] == 200:
+                    self.ok += 1
+            finally:
+                sock.close()
+        # An unknown name: no default certificate, so the handshake fails (host "-").
+        with contextlib.suppress(OSError):
+            tls_connect(self.port, self.ca, "nobody.example").close()
+        self.failed_handshakes += 1
 
 
 def number(text: str) -> float:
@@ -210,7 +147,7 @@ def test_dashboard_shows_live_traffic_in_a_browser(tmp_path: Path, ca: trustme.C
                 assert "ms" in host_row.locator("td").nth(7).inner_text()  # p50 latency
 
                 # The control plane goes away: the page says so, then reconnects by itself.
-                stop(control)
+                terminate(control)
                 expect(page.locator("#connection-status")).to_contain_text("Disconnected", timeout=15_000)
                 page.screenshot(path=str(ARTIFACTS / "dashboard-disconnected.png"))
                 with daphne(project, admin_port):

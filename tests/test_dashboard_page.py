@@ -7,7 +7,6 @@ import io
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
@@ -20,9 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NPM_HINT = "run `npm ci --no-audit --no-fund` in the project folder (the README's test command does)"
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 
 def static_body(client: Client, path: str) -> bytes:

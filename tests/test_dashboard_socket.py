@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -19,21 +16,13 @@ from proxyadmin.asgi import application
 from proxyadmin.models import Certificate, ConfigRevision, TrafficRollup, Upstream
 from proxycore import agentproto
 from proxycore.stats import LATENCY_BUCKETS, Stats
+from tests.conftest import run
 
 TIMEOUT = 5
 ALLOWED_ORIGIN = (b"origin", b"http://127.0.0.1:8000")
 
 
-@pytest.fixture(autouse=True)
-def empty_channel_layer() -> Iterator[None]:
-    layer = get_channel_layer()
-    async_to_sync(layer.flush)()
-    yield
-    async_to_sync(layer.flush)()
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    async_to_sync(scenario)()
+pytestmark = pytest.mark.usefixtures("empty_channel_layer")
 
 
 def session_cookie(user: User) -> tuple[bytes, bytes]:
@@ -63,6 +52,19 @@ async def next_of_type(socket: WebsocketCommunicator, kind: str) -> dict[str, An
         if message["type"] == kind:
             return message
     raise AssertionError(f"no {kind!r} message")
+
+
+async def dashboard_and_node(
+    cookie: tuple[bytes, bytes],
+) -> tuple[WebsocketCommunicator, WebsocketCommunicator, dict[str, Any]]:
+    """A staff dashboard past its state, then node edge-1 past its hello; the ``nodes`` update it caused."""
+    browser = dashboard(ALLOWED_ORIGIN, cookie)
+    assert (await browser.connect(timeout=TIMEOUT))[0]
+    assert (await browser.receive_json_from(timeout=TIMEOUT))["type"] == "state"
+    node = agent()
+    assert (await node.connect(timeout=TIMEOUT))[0]
+    await node.send_json_to(agentproto.Hello("edge-1", "0.1.0", 99, 0).to_message())
+    return browser, node, await next_of_type(browser, "nodes")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -175,14 +177,7 @@ def test_agent_stats_reach_the_dashboard_as_ticks_of_deltas() -> None:
         https.ciphers["TLS_AES_128_GCM_SHA256"] += 1
 
     async def scenario() -> None:
-        browser = dashboard(ALLOWED_ORIGIN, cookie)
-        assert (await browser.connect(timeout=TIMEOUT))[0]
-        assert (await browser.receive_json_from(timeout=TIMEOUT))["type"] == "state"
-
-        node = agent()
-        assert (await node.connect(timeout=TIMEOUT))[0]
-        await node.send_json_to(agentproto.Hello("edge-1", "0.1.0", 99, 0).to_message())
-        nodes = await next_of_type(browser, "nodes")
+        browser, node, nodes = await dashboard_and_node(cookie)
         assert [(n["name"], n["status"]) for n in nodes["nodes"]] == [("edge-1", "online")]
 
         traffic(10, 200, 0.002, 100)

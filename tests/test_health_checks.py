@@ -8,7 +8,6 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -20,18 +19,20 @@ from proxycore.healthcheck import plan_checks
 from proxycore.server import build_state
 from proxycore.upstream import Pools
 from tests.proxyharness import (
+    HSTS,
     Exchange,
     LoopThread,
     RunningNode,
     Upstream,
     bundle,
+    free_port,
     read_response,
     route,
     running_node,
     tls_connect,
+    wait_until,
 )
 
-HSTS = core.HSTS(max_age=31536000, include_subdomains=False, preload=False, override_upstream=True)
 FAST = core.HealthCheck(enabled=True, path="/healthz", interval=0.2, timeout=0.5,
                         healthy_threshold=2, unhealthy_threshold=2)
 PASSIVE_ONLY = core.HealthCheck(enabled=False, passive_failures=3, passive_cooldown=2.0)
@@ -47,24 +48,10 @@ def host(ca: trustme.CA, name: str, upstream: core.Upstream, **fields: object) -
     return route(name, (f"{name}.example",), 0, bundle(ca, f"{name}.example"), upstream=upstream, **fields)
 
 
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def get(sock: socket.socket, name: str = "a") -> tuple[int, bytes]:
     sock.sendall(f"GET / HTTP/1.1\r\nHost: {name}.example\r\n\r\n".encode())
     status, _, body = read_response(sock)
     return status, body
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, "timed out"
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def targets(node: RunningNode, name: str = "app") -> dict[int, dict[str, object]]:
@@ -201,7 +188,7 @@ def test_a_stopped_target_is_taken_out_and_comes_back_when_it_returns(
 
 
 def test_with_every_target_down_the_answer_is_503_with_hsts(ca: trustme.CA) -> None:
-    ports = (dead_port(), dead_port())
+    ports = (free_port(), free_port())
     snapshot = core.Snapshot(revision=1, hosts=(host(ca, "a", app(*ports), hsts=HSTS),))
     with running_node(snapshot) as node:
         wait_until(lambda: node.stats()["upstreams"]["app"]["healthy"] == 0)
@@ -216,7 +203,7 @@ def test_with_every_target_down_the_answer_is_503_with_hsts(ca: trustme.CA) -> N
 
 
 def test_an_upstream_of_tcp_hosts_only_is_checked_by_connecting(ca: trustme.CA, loop_thread: LoopThread) -> None:
-    live, dead = Server(loop_thread, "live").start(), dead_port()
+    live, dead = Server(loop_thread, "live").start(), free_port()
     snapshot = core.Snapshot(revision=1, hosts=(host(ca, "t", app(live.port, dead), mode=core.Mode.TCP),))
     with running_node(snapshot) as node:
         wait_until(lambda: targets(node)[dead]["healthy"] is False)
@@ -229,12 +216,7 @@ def test_a_tls_upstream_is_checked_over_tls_with_its_server_name(ca: trustme.CA,
     ca.issue_cert("backend.example").configure_cert(server_ctx)
 
     class TLSServer(Server):
-        def start(self) -> TLSServer:
-            async def start() -> None:
-                self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=server_ctx)
-                self.port = self.server.sockets[0].getsockname()[1]
-            self.loop.run(start())
-            return self
+        ssl_context = server_ctx
 
     server = TLSServer(loop_thread, "tls").start()
     upstream_tls = core.UpstreamTLS(verify=True, ca_pem=ca.cert_pem.bytes(), server_name="backend.example")

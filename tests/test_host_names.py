@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import pytest
@@ -12,19 +11,12 @@ from django.utils import timezone
 from proxyadmin import pki
 from proxyadmin.models import Certificate, Host, HostName, Upstream
 from proxycore.names import InvalidHostname, name_matches, normalize_hostname, uncovered_names
-from tests.conftest import make_cert
+from tests.conftest import make_cert, page_text
 
 HOST_ADD_URL = "/admin/proxyadmin/host/add/"
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """The superuser's login need not cost a second of PBKDF2 per test."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def page_text(response: Any) -> str:
-    return html.unescape(response.content.decode())
+pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 
 def stored_certificate(name: str, sans: list[str]) -> Certificate:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import pytest
@@ -10,19 +9,14 @@ from django.test import Client
 
 from proxyadmin.forms import HSTSPolicyForm
 from proxyadmin.models import Host, HSTSPolicy, Upstream
+from tests.conftest import page_text
 from tests.test_host_names import host_post
 
 ADD_URL = "/admin/proxyadmin/hstspolicy/add/"
 ONE_YEAR = 31536000
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def page_text(response: Any) -> str:
-    return html.unescape(response.content.decode())
+pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 
 def policy_form(max_age: int | str, include_subdomains: bool, preload: bool) -> HSTSPolicyForm:

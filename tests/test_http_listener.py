@@ -22,6 +22,7 @@ import trustme
 
 from proxycore import config as core
 from tests.proxyharness import (
+    HSTS,
     Exchange,
     LoopThread,
     Upstream,
@@ -32,7 +33,6 @@ from tests.proxyharness import (
     tls_connect,
 )
 
-HSTS = core.HSTS(max_age=31536000, include_subdomains=False, preload=False, override_upstream=True)
 STS = b"strict-transport-security"
 
 

@@ -15,17 +15,17 @@ import trustme
 
 from proxycore import config as core
 from tests.proxyharness import (
+    HSTS,
     Exchange,
     LoopThread,
     Upstream,
     bundle,
+    free_port,
     read_response,
     route,
     running_node,
     tls_connect,
 )
-
-HSTS = core.HSTS(max_age=31536000, include_subdomains=False, preload=False, override_upstream=True)
 
 
 def snapshot_for(ca: trustme.CA, port: int, **fields: object) -> core.Snapshot:
@@ -175,9 +175,7 @@ def test_hsts_exactly_once_replacing_or_keeping_the_upstreams(ca: trustme.CA, lo
 
 
 def test_hsts_on_a_proxy_made_502_and_502_when_the_upstream_refuses(ca: trustme.CA) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     with running_node(snapshot_for(ca, dead)) as node:
         sock = tls_connect(node.https_port, ca, "a.example")
         get(sock)

@@ -10,26 +10,17 @@ import trustme
 
 from proxycore import config as core
 from proxycore import proxyproto
-from tests.proxyharness import LoopThread, bundle, route, running_node, tls_connect
+from tests.proxyharness import LoopServer, LoopThread, bundle, free_port, route, running_node, tls_connect
 
 
-class RawBackend:
+class RawBackend(LoopServer):
     """Reads an optional PROXY header, then answers each line with what it learnt."""
 
     def __init__(self, loop: LoopThread, version: str) -> None:
-        self.loop = loop
+        super().__init__(loop)
         self.version = version
-        self.port = 0
-        self.server: asyncio.Server | None = None
 
-    def start(self) -> RawBackend:
-        async def start() -> None:
-            self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-            self.port = self.server.sockets[0].getsockname()[1]
-        self.loop.run(start())
-        return self
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = b""
         source = "none"
         if self.version != "off":
@@ -99,11 +90,7 @@ def test_tcp_host_streams_a_large_payload_both_ways(ca: trustme.CA, loop_thread:
 
 
 def test_tcp_host_with_a_dead_upstream_closes_the_connection(ca: trustme.CA) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     snap = core.Snapshot(revision=1, hosts=(
         route("raw", ("raw.example",), dead, bundle(ca, "raw.example"), mode=core.Mode.TCP),
     ))

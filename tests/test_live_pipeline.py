@@ -23,9 +23,8 @@ from typing import Any
 import trustme
 from websockets.asyncio.client import connect
 
-from tests.proxyharness import Upstream, read_response, tls_connect
-from tests.test_dashboard_browser import daphne, process, stop, wait_for_http, wait_for_port
-from tests.test_runproxy_command import Project, config, free_port
+from tests.processes import Project, config, daphne, process, terminate, wait_for_http, wait_for_port
+from tests.proxyharness import Upstream, free_port, https_get, read_response
 
 USERNAME, PASSWORD = "ops", "a long pipeline pass phrase"
 
@@ -59,15 +58,6 @@ class AdminSession:
     def login(self) -> None:
         self.post("/admin/login/?next=/admin/", {"username": USERNAME, "password": PASSWORD})
         assert self.cookie("sessionid")
-
-
-def get(port: int, ca: trustme.CA, host: str) -> int:
-    sock = tls_connect(port, ca, host)
-    try:
-        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        return read_response(sock)[0]
-    finally:
-        sock.close()
 
 
 async def dashboard_feed(port: int, session: str, until: Any, timeout: float) -> list[dict[str, Any]]:
@@ -122,7 +112,7 @@ def test_traffic_reaches_the_dashboard_and_the_node_outlives_the_control_plane(
                     admin, key, lambda ms: requests_seen(ms, "a") >= 5, timeout=10))
                 await asyncio.sleep(1.5)  # the node has said hello and ticks are flowing
                 for _ in range(5):
-                    assert await asyncio.to_thread(get, https, ca, "a.example") == 200
+                    assert (await asyncio.to_thread(https_get, https, ca, "a.example"))[0] == 200
                 sent = time.monotonic()
                 return await feed, sent
 
@@ -159,9 +149,9 @@ def test_traffic_reaches_the_dashboard_and_the_node_outlives_the_control_plane(
                 time.sleep(0.05)
 
             # 3. The control plane dies: the proxy keeps serving.
-            stop(control_proc)
+            terminate(control_proc)
             for _ in range(5):
-                assert get(https, ca, "a.example") == 200
+                assert https_get(https, ca, "a.example")[0] == 200
 
             # 4. It comes back: the node reconnects by itself.
             with daphne(project, admin):

@@ -7,25 +7,25 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import trustme
 
 from proxycore import config as core
 from proxycore.upstream import Balancer, TargetPool
 from tests.proxyharness import (
+    HSTS,
     Exchange,
     LoopThread,
     RunningNode,
     Upstream,
     bundle,
+    free_port,
     read_response,
     route,
     running_node,
     tls_connect,
+    wait_until,
 )
-
-HSTS = core.HSTS(max_age=31536000, include_subdomains=False, preload=False, override_upstream=True)
 
 
 def snapshot_for(ca: trustme.CA, upstream: core.Upstream, revision: int = 1) -> core.Snapshot:
@@ -43,24 +43,11 @@ def target(port: int, **fields: object) -> core.Target:
     return core.Target("127.0.0.1", port, **fields)  # type: ignore[arg-type]
 
 
-def dead_port() -> int:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def request(sock: socket.socket, method: str = "GET", path: str = "/", body: bytes = b"") -> tuple[int, bytes]:
     length = f"Content-Length: {len(body)}\r\n" if body else ""
     sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: a.example\r\n{length}\r\n".encode() + body)
     status, _, answer = read_response(sock)
     return status, answer
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
 
 
 class Holding(Upstream):
@@ -168,7 +155,7 @@ def test_a_get_that_cannot_connect_is_retried_once_on_another_target(
     ca: trustme.CA, loop_thread: LoopThread
 ) -> None:
     live = Holding(loop_thread, "live").start()
-    upstream = app(target(dead_port()), target(live.port))  # no active checks
+    upstream = app(target(free_port()), target(live.port))  # no active checks
     with running_node(snapshot_for(ca, upstream)) as node:
         for _ in range(4):
             sock = tls_connect(node.https_port, ca, "a.example")
@@ -182,7 +169,7 @@ def test_a_get_that_cannot_connect_is_retried_once_on_another_target(
 
 def test_a_post_that_cannot_connect_is_not_retried(ca: trustme.CA, loop_thread: LoopThread) -> None:
     live = Holding(loop_thread, "live").start()
-    upstream = app(target(dead_port()), target(live.port))
+    upstream = app(target(free_port()), target(live.port))
     statuses = []
     with running_node(snapshot_for(ca, upstream)) as node:
         for _ in range(2):  # round robin: one to each target

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import html
 from typing import Any
 
 import pytest
@@ -19,17 +18,12 @@ from django.urls import reverse
 from proxyadmin import crypto, localca
 from proxyadmin.forms import CertificateForm
 from proxyadmin.models import Certificate, Host, HostName, LocalCA, Upstream
+from tests.conftest import page_text
 
 HOSTS_URL = "/admin/proxyadmin/host/"
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def page_text(response: Any) -> str:
-    return html.unescape(response.content.decode())
+pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,18 @@ import pytest
 import trustme
 
 from proxycore import config as core
-from tests.proxyharness import RunningNode, Upstream, bundle, read_response, route, running_node
+from tests.proxyharness import (
+    TLS_VERSIONS,
+    RunningNode,
+    Upstream,
+    bundle,
+    client_context,
+    handshake_failures,
+    read_response,
+    route,
+    running_node,
+)
 
-TLS_VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3"),
-                pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2")]
 NAMES = ("m.example", "o.example", "a.example", "n.example", "c.example")
 
 
@@ -80,17 +87,6 @@ def snapshot(ca: trustme.CA, client_ca: trustme.CA, port: int, *, chain_ca_pem: 
     ))
 
 
-def client(ca: trustme.CA, cert: trustme.LeafCert | None = None,
-           version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    if version is not None:
-        ctx.maximum_version = version
-    if cert is not None:
-        cert.configure_cert(ctx)
-    return ctx
-
-
 @dataclass
 class Result:
     status: int | None = None
@@ -117,16 +113,6 @@ def get(node: RunningNode, ctx: ssl.SSLContext, name: str, headers: bytes = b"",
     return result
 
 
-def handshake_failures(node: RunningNode, host: str, expected: dict[str, int]) -> dict[str, int]:
-    """The host's failed-handshake counts, once they reach ``expected`` (or after 3 s)."""
-    end = time.monotonic() + 3
-    while True:
-        seen: dict[str, int] = node.stats()["hosts"].get(host, {}).get("handshakes_failed", {})
-        if seen == expected or time.monotonic() > end:
-            return seen
-        time.sleep(0.02)
-
-
 def expired_cert(client_ca: trustme.CA) -> trustme.LeafCert:
     now = dt.datetime.now(dt.UTC)
     return client_ca.issue_cert("client@example.com", not_before=now - dt.timedelta(days=30),
@@ -142,16 +128,16 @@ def test_required_client_cert_refuses_none_foreign_and_expired_each_by_reason(
 ) -> None:
     foreign = trustme.CA().issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
-        missing = get(node, client(ca, version=version), "m.example")
+        missing = get(node, client_context(ca, version=version), "m.example")
         assert missing.status is None and missing.error is not None
         assert handshake_failures(node, "m", {"no_client_cert": 1}) == {"no_client_cert": 1}
 
-        stranger = get(node, client(ca, foreign, version), "m.example")
+        stranger = get(node, client_context(ca, foreign, version), "m.example")
         assert stranger.status is None and stranger.error is not None
         expected = {"no_client_cert": 1, "bad_client_cert": 1}
         assert handshake_failures(node, "m", expected) == expected
 
-        expired = get(node, client(ca, expired_cert(client_ca), version), "m.example")
+        expired = get(node, client_context(ca, expired_cert(client_ca), version), "m.example")
         assert expired.status is None and expired.error is not None
         expected = {"no_client_cert": 1, "bad_client_cert": 1, "expired_client_cert": 1}
         assert handshake_failures(node, "m", expected) == expected
@@ -167,7 +153,7 @@ def test_verified_client_cert_reaches_the_upstream_as_client_cert_header(
     good = client_ca.issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
         # Two requests on one connection: the header is made once and sent with each.
-        result = get(node, client(ca, good, version), "m.example", requests=2)
+        result = get(node, client_context(ca, good, version), "m.example", requests=2)
     assert result.error is None and result.status == 200 and result.seen is not None
     assert [sf_binary_list(v) for v in result.seen["client-cert"]] == [[der_of(good)]]
     assert "client-cert-chain" not in result.seen  # forward_chain is off
@@ -185,7 +171,7 @@ def test_client_cert_chain_is_rebuilt_from_the_hosts_bundle(
     leaf = intermediate.issue_cert("client@example.com")
     both = root.cert_pem.bytes() + intermediate.cert_pem.bytes()
     with running_node(snapshot(ca, root, upstream.port, chain_ca_pem=both)) as node:
-        result = get(node, client(ca, leaf), "c.example")
+        result = get(node, client_context(ca, leaf), "c.example")
     assert result.status == 200 and result.seen is not None
     assert [sf_binary_list(v) for v in result.seen["client-cert"]] == [[der_of(leaf)]]
     assert [sf_binary_list(v) for v in result.seen["client-cert-chain"]] == [
@@ -203,7 +189,7 @@ def test_client_cert_chain_is_left_out_when_the_bundle_lacks_the_intermediate(
     intermediate = root.create_child_ca()
     leaf = intermediate.issue_cert("client@example.com")
     with running_node(snapshot(ca, root, upstream.port, chain_ca_pem=root.cert_pem.bytes())) as node:
-        result = get(node, client(ca, leaf), "c.example")
+        result = get(node, client_context(ca, leaf), "c.example")
     assert result.status == 200 and result.seen is not None
     assert [sf_binary_list(v) for v in result.seen["client-cert"]] == [[der_of(leaf)]]
     assert "client-cert-chain" not in result.seen
@@ -214,7 +200,7 @@ def test_client_cert_chain_of_a_leaf_issued_by_the_root_is_the_root(
 ) -> None:
     good = client_ca.issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
-        result = get(node, client(ca, good), "c.example")
+        result = get(node, client_context(ca, good), "c.example")
     assert result.status == 200 and result.seen is not None
     assert [sf_binary_list(v) for v in result.seen["client-cert-chain"]] == [[der_of(client_ca)]]
 
@@ -237,7 +223,7 @@ def test_client_sent_client_cert_headers_are_never_passed_on(
 ) -> None:
     good = client_ca.issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
-        result = get(node, client(ca, good if with_cert else None), name, FORGED)
+        result = get(node, client_context(ca, good if with_cert else None), name, FORGED)
     assert result.status == 200 and result.seen is not None
     own = [[der_of(good)]] if expected == "own" else []
     assert [sf_binary_list(v) for v in result.seen.get("client-cert", [])] == own
@@ -250,7 +236,8 @@ def test_client_cert_with_an_underscore_is_not_passed_on_either(
     ca: trustme.CA, client_ca: trustme.CA, upstream: Upstream, name: str
 ) -> None:
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
-        result = get(node, client(ca), name, b"Client_Cert: :Zm9yZ2Vk:\r\nClient-Cert_Chain: :Zm9yZ2Vk:\r\n")
+        result = get(node, client_context(ca), name,
+                     b"Client_Cert: :Zm9yZ2Vk:\r\nClient-Cert_Chain: :Zm9yZ2Vk:\r\n")
     assert result.status == 200
     assert b"Zm9yZ2Vk" not in upstream.raw
 
@@ -261,9 +248,9 @@ def test_optional_client_cert_works_with_and_without_a_certificate(
 ) -> None:
     good = client_ca.issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
-        without = get(node, client(ca, version=version), "o.example")
-        with_cert = get(node, client(ca, good, version), "o.example")
-        expired = get(node, client(ca, expired_cert(client_ca), version), "o.example")
+        without = get(node, client_context(ca, version=version), "o.example")
+        with_cert = get(node, client_context(ca, good, version), "o.example")
+        expired = get(node, client_context(ca, expired_cert(client_ca), version), "o.example")
         # Optional means "may be absent", not "may be bad".
         assert expired.status is None
         assert handshake_failures(node, "o", {"expired_client_cert": 1}) == {"expired_client_cert": 1}
@@ -280,7 +267,7 @@ def test_host_without_client_auth_never_forwards_a_client_cert(
     """The client has a certificate ready; the host never asks for it, so none is sent."""
     good = client_ca.issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
-        result = get(node, client(ca, good), "a.example")
+        result = get(node, client_context(ca, good), "a.example")
     assert result.status == 200 and result.seen is not None
     assert "client-cert" not in result.seen and "client-cert-chain" not in result.seen
 
@@ -290,8 +277,8 @@ def test_forward_cert_off_still_requires_a_certificate_but_sends_none(
 ) -> None:
     good = client_ca.issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node:
-        assert get(node, client(ca), "n.example").status is None
-        result = get(node, client(ca, good), "n.example")
+        assert get(node, client_context(ca), "n.example").status is None
+        result = get(node, client_context(ca, good), "n.example")
     assert result.status == 200 and result.seen is not None
     assert "client-cert" not in result.seen
 
@@ -303,7 +290,7 @@ def test_a_request_for_another_host_on_an_mtls_connection_carries_no_client_cert
     good = client_ca.issue_cert("client@example.com")
     with running_node(snapshot(ca, client_ca, upstream.port)) as node, \
             socket.create_connection(("127.0.0.1", node.https_port), timeout=10) as raw, \
-            client(ca, good).wrap_socket(raw, server_hostname="m.example") as sock:
+            client_context(ca, good).wrap_socket(raw, server_hostname="m.example") as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
         status, _, _ = read_response(sock)
     assert status == 421

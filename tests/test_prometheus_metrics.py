@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trustme
@@ -22,10 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxycore import config as core
 from proxycore.metrics import metrics_registry, scrape_response, start_metrics_server
 from proxycore.stats import LATENCY_BUCKETS, UNMATCHED, Stats
-from tests.proxyharness import Upstream, bundle, read_response, route, running_node, tls_connect
-from tests.test_runproxy_command import Project, config, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import Project, config, kill, listening_port
+from tests.proxyharness import Upstream, bundle, free_port, read_response, route, running_node, tls_connect
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -219,25 +214,13 @@ def test_node_serves_its_counters_at_metrics(ca: trustme.CA, upstream: Upstream)
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Project:
-    p = Project(tmp_path)
-    p.manage("migrate", "--verbosity", "0")
-    return p
-
-
-@pytest.fixture
 def metrics_node(project: Project, ca: trustme.CA, upstream: Upstream) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     project.import_config(config(ca, upstream.port, ["a"]))
     https, metrics = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "runproxy", "--https", f"127.0.0.1:{https}", "--http", "off",
-         "--no-access-log", "--metrics", f"127.0.0.1:{metrics}"],
-        cwd=ROOT, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = project.start("runproxy", "--https", f"127.0.0.1:{https}", "--http", "off",
+                         "--no-access-log", "--metrics", f"127.0.0.1:{metrics}")
     yield proc, https, metrics
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate(timeout=10)
+    kill(proc)
 
 
 def scrape_when_up(port: int, proc: subprocess.Popen[str], deadline: float) -> str:
@@ -277,22 +260,15 @@ def test_runproxy_serves_metrics_when_asked(
 
 
 def test_runproxy_refuses_a_bad_metrics_address(project: Project) -> None:
-    out = project.manage("runproxy", "--metrics", "9100", check=False)
-    assert out.returncode != 0
-    assert "--metrics must look like 127.0.0.1:8443, not '9100'" in out.stderr
-    assert "Traceback" not in out.stderr
+    stderr = project.refuses("runproxy", "--metrics", "9100")
+    assert "--metrics must look like 127.0.0.1:8443, not '9100'" in stderr
 
 
 def test_runproxy_says_when_the_metrics_port_is_taken(project: Project) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        out = project.manage("runproxy", "--https", f"127.0.0.1:{free_port()}", "--http", "off",
-                             "--metrics", f"127.0.0.1:{port}", check=False)
-    assert out.returncode != 0
-    assert f"Cannot listen on --metrics 127.0.0.1:{port}" in out.stderr
-    assert "Traceback" not in out.stderr
+    with listening_port() as port:
+        stderr = project.refuses("runproxy", "--https", f"127.0.0.1:{free_port()}", "--http", "off",
+                                 "--metrics", f"127.0.0.1:{port}")
+    assert f"Cannot listen on --metrics 127.0.0.1:{port}" in stderr
 
 
 def test_up_passes_metrics_to_the_proxy_node_only_when_asked() -> None:

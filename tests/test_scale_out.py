@@ -21,7 +21,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -31,10 +30,9 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.proxyharness import Upstream, read_response, tls_connect
-from tests.test_runproxy_command import Project, config, free_port, get
+from tests.processes import ROOT, Project, config, daphne_argv, terminate
+from tests.proxyharness import TrafficThread, Upstream, free_port, https_get, read_response, tls_connect
 
-ROOT = Path(__file__).resolve().parent.parent
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_DBS = range(7, 16)  # never 0: that one may be somebody's real data
@@ -158,15 +156,8 @@ class Processes:
             assert name in self.stopped or proc.poll() is None, f"{name} exited ({proc.returncode}):\n{self.log(name)[-3000:]}"
 
     def stop(self, name: str) -> None:
-        proc = self.procs[name]
         self.stopped.add(name)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        terminate(self.procs[name])
 
     def stop_all(self) -> None:
         """Newest first: the nodes close their links before the control planes go."""
@@ -196,38 +187,27 @@ def http_answers(url: str) -> bool:
 
 
 def serves(port: int, ca: trustme.CA, host: str) -> bool:
-    return get(port, ca, host)[0] == 200
+    return https_get(port, ca, host)[0] == 200
 
 
-class Traffic:
+class Traffic(TrafficThread):
     """Requests to a.example through some proxy ports from a thread until stopped."""
 
     def __init__(self, ca: trustme.CA, ports: list[int]) -> None:
         self.ca, self.ports = ca, ports
         self.ok = dict.fromkeys(ports, 0)
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
 
-    def run(self) -> None:
-        while not self.done.is_set():
-            for port in self.ports:
-                with contextlib.suppress(OSError):
-                    sock = tls_connect(port, self.ca, "a.example")
-                    try:
-                        sock.sendall(b"GET /scale-out HTTP/1.1\r\nHost: a.example\r\n\r\n")
-                        if read_response(sock)[0] == 200:
-                            self.ok[port] += 1
-                    finally:
-                        sock.close()
-            self.done.wait(0.2)
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join(10)
+    def send_round(self) -> None:
+        for port in self.ports:
+            with contextlib.suppress(OSError):
+                sock = tls_connect(port, self.ca, "a.example")
+                try:
+                    sock.sendall(b"GET /scale-out HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                    if read_response(sock)[0] == 200:
+                        self.ok[port] += 1
+                finally:
+                    sock.close()
 
 
 # -- websockets ---------------------------------------------------------------
@@ -350,8 +330,7 @@ def test_two_control_planes_and_two_nodes_share_postgres_and_redis(
         admin = {"a": free_port(), "b": free_port()}
         https = {"a": free_port(), "b": free_port()}
         for side, port in admin.items():
-            procs.start(f"daphne-{side}", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                                           "proxyadmin.asgi:application"])
+            procs.start(f"daphne-{side}", daphne_argv(port))
         # While the daphnes boot: the first config, and a staff session for the dashboards.
         project.import_config(config(ca, upstream.port, ["a"]))
         session_key = next(line.removeprefix("SESSION=") for line in

@@ -13,18 +13,10 @@ from proxyadmin import traffic
 from proxyadmin.models import ProxyNode, Upstream, UpstreamTarget
 from proxycore import agentproto
 from proxycore.stats import Stats
-from tests.test_dashboard_socket import (
-    ALLOWED_ORIGIN,
-    TIMEOUT,
-    agent,
-    dashboard,
-    empty_channel_layer,
-    next_of_type,
-    run,
-    staff_cookie,
-)
+from tests.conftest import run
+from tests.test_dashboard_socket import TIMEOUT, dashboard_and_node, next_of_type, staff_cookie
 
-__all__ = ["empty_channel_layer"]  # the autouse fixture, imported to apply here too
+pytestmark = pytest.mark.usefixtures("empty_channel_layer")
 
 
 def target(address: str, *, healthy: bool = True, error: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -86,13 +78,7 @@ def test_target_health_reaches_the_dashboard_in_ticks() -> None:
     shop = stats.host("shop")
 
     async def scenario() -> None:
-        browser = dashboard(ALLOWED_ORIGIN, cookie)
-        assert (await browser.connect(timeout=TIMEOUT))[0]
-        assert (await browser.receive_json_from(timeout=TIMEOUT))["type"] == "state"
-        node = agent()
-        assert (await node.connect(timeout=TIMEOUT))[0]
-        await node.send_json_to(agentproto.Hello("edge-1", "0.1.0", 99, 0).to_message())
-        await next_of_type(browser, "nodes")
+        browser, node, _ = await dashboard_and_node(cookie)
 
         shop.requests = 5
         report = agentproto.StatsReport("edge-1", stats.started_at + 1.0, stats.as_dict())

@@ -38,8 +38,9 @@ from proxycore.config import (
     Upstream,
     UpstreamTLS,
 )
-from tests.proxyharness import RunningNode, bundle, read_response, running_node
+from tests.proxyharness import TLS_VERSIONS, bundle, handshake_failures, read_response, running_node
 from tests.proxyharness import Upstream as HarnessUpstream
+from tests.proxyharness import client_context as node_client
 
 UPSTREAM = Upstream("app", (Target("127.0.0.1", 9),))
 
@@ -47,10 +48,6 @@ UPSTREAM = Upstream("app", (Target("127.0.0.1", 9),))
 # to see which handshake messages a server sent (is there a CertificateRequest?).
 TLSMessage: Any = ssl._TLSMessageType  # type: ignore[attr-defined]
 TLSContent: Any = ssl._TLSContentType  # type: ignore[attr-defined]
-
-TLS_VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3"),
-                pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2")]
-
 
 # ---- PKI and snapshots -------------------------------------------------------------
 
@@ -583,25 +580,6 @@ def exchange(port: int, ctx: ssl.SSLContext, name: str, session: ssl.SSLSession 
     return result
 
 
-def handshake_failures(node: RunningNode, host: str, expected: dict[str, int]) -> dict[str, int]:
-    """The host's failed-handshake counts, once they reach ``expected`` (or after 3 s)."""
-    end = time.monotonic() + 3
-    while True:
-        seen: dict[str, int] = node.stats()["hosts"].get(host, {}).get("handshakes_failed", {})
-        if seen == expected or time.monotonic() > end:
-            return seen
-        time.sleep(0.02)
-
-
-def node_client(ca: trustme.CA, version: ssl.TLSVersion, cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    ctx.maximum_version = version
-    if cert is not None:
-        cert.configure_cert(ctx)
-    return ctx
-
-
 @pytest.mark.parametrize("version", TLS_VERSIONS)
 def test_required_client_cert_missing_or_foreign_fails_and_good_one_passes(
     ca: trustme.CA, client_ca: trustme.CA, upstream: HarnessUpstream, version: ssl.TLSVersion
@@ -609,18 +587,18 @@ def test_required_client_cert_missing_or_foreign_fails_and_good_one_passes(
     good, stranger = client_ca.issue_cert("client@example"), trustme.CA().issue_cert("client@example")
     with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.REQUIRED)) as node:
         port = node.https_port
-        missing = exchange(port, node_client(ca, version), "m.example")
+        missing = exchange(port, node_client(ca, version=version), "m.example")
         assert missing.status is None and missing.error is not None
         assert handshake_failures(node, "m", {"no_client_cert": 1}) == {"no_client_cert": 1}
-        foreign = exchange(port, node_client(ca, version, stranger), "m.example")
+        foreign = exchange(port, node_client(ca, stranger, version), "m.example")
         assert foreign.status is None and foreign.error is not None
         expected = {"no_client_cert": 1, "bad_client_cert": 1}
         assert handshake_failures(node, "m", expected) == expected
-        passed = exchange(port, node_client(ca, version, good), "m.example")
+        passed = exchange(port, node_client(ca, good, version), "m.example")
         assert passed.error is None and passed.status == 200
         assert passed.version == ("TLSv1.3" if version is ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
         # The same certificate without client auth, on the same node: no certificate asked.
-        assert exchange(port, node_client(ca, version), "a.example").status == 200
+        assert exchange(port, node_client(ca, version=version), "a.example").status == 200
         stats = node.stats()["hosts"]
     assert stats["m"]["handshakes_ok"] == 1 and stats["a"]["handshakes_ok"] == 1
     assert stats["a"]["handshakes_failed"] == {}
@@ -634,9 +612,9 @@ def test_optional_client_cert_may_be_absent_but_not_foreign(
     good, stranger = client_ca.issue_cert("client@example"), trustme.CA().issue_cert("client@example")
     with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.OPTIONAL)) as node:
         port = node.https_port
-        assert exchange(port, node_client(ca, version), "m.example").status == 200
-        assert exchange(port, node_client(ca, version, good), "m.example").status == 200
-        foreign = exchange(port, node_client(ca, version, stranger), "m.example")
+        assert exchange(port, node_client(ca, version=version), "m.example").status == 200
+        assert exchange(port, node_client(ca, good, version), "m.example").status == 200
+        foreign = exchange(port, node_client(ca, stranger, version), "m.example")
         assert foreign.status is None
         assert handshake_failures(node, "m", {"bad_client_cert": 1}) == {"bad_client_cert": 1}
         assert node.stats()["hosts"]["m"]["handshakes_ok"] == 2
@@ -646,7 +624,7 @@ def test_optional_client_cert_may_be_absent_but_not_foreign(
 def test_node_never_asks_a_certificate_for_a_host_without_client_auth(
     ca: trustme.CA, client_ca: trustme.CA, upstream: HarnessUpstream, version: ssl.TLSVersion
 ) -> None:
-    ctx = node_client(ca, version, client_ca.issue_cert("client@example"))
+    ctx = node_client(ca, client_ca.issue_cert("client@example"), version)
     seen = received_handshake_messages(ctx)
     with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.REQUIRED)) as node:
         assert exchange(node.https_port, ctx, "a.example").status == 200
@@ -664,7 +642,7 @@ def test_a_session_from_another_host_does_not_resume_past_client_auth(
     ticket keys and session cache, so it is not even resumed."""
     with running_node(node_snapshot(ca, client_ca, upstream.port, ClientAuthMode.REQUIRED)) as node:
         port = node.https_port
-        plain = node_client(ca, version)
+        plain = node_client(ca, version=version)
         first = exchange(port, plain, "a.example")
         assert first.status == 200 and first.session is not None and first.session.has_ticket
         again = exchange(port, plain, "a.example", session=first.session)
@@ -675,7 +653,7 @@ def test_a_session_from_another_host_does_not_resume_past_client_auth(
         assert handshake_failures(node, "m", {"no_client_cert": 1}) == {"no_client_cert": 1}
 
         # Python ties a session to the context that made it: a second client, with a cert.
-        with_cert = node_client(ca, version, client_ca.issue_cert("client@example"))
+        with_cert = node_client(ca, client_ca.issue_cert("client@example"), version)
         own = exchange(port, with_cert, "a.example")
         assert own.status == 200 and own.session is not None
         crossed = exchange(port, with_cert, "m.example", session=own.session)

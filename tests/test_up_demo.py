@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_up_command import free_port, start_up, stop, wait_for_http
+from tests.processes import interrupt, option_port, start_up, wait_for_http
+from tests.proxyharness import free_port
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is installed by .ci/run")
 def test_up_demo_serves_localhost_through_the_proxy_with_hsts(tmp_path: Path) -> None:
     admin = free_port()
     proc = start_up(tmp_path, admin, {}, extra_args=["--demo", "--demo-upstream", f"127.0.0.1:{free_port()}"])
-    https = int(proc.args[proc.args.index("--https") + 1].rsplit(":", 1)[1])  # type: ignore[union-attr]
+    https = option_port(proc, "--https")
     ca_file = tmp_path / "var" / "local-ca.pem"
     try:
-        wait_for_http(f"http://127.0.0.1:{admin}/admin/login/", time.monotonic() + 40)
+        wait_for_http(f"http://127.0.0.1:{admin}/admin/login/")
         deadline = time.monotonic() + 30
         while True:
             out = subprocess.run(
@@ -32,7 +33,7 @@ def test_up_demo_serves_localhost_through_the_proxy_with_hsts(tmp_path: Path) ->
             assert time.monotonic() < deadline, out.stdout + out.stderr
             time.sleep(0.5)
     finally:
-        printed = stop(proc)
+        printed = interrupt(proc)
     assert "Hello from the proxyadmin demo upstream." in out.stdout
     assert "GET /hi" in out.stdout
     assert "x-forwarded-proto: https" in out.stdout.lower()

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import socket
 import ssl
-import time
 from typing import Any
 
 import pytest
@@ -27,10 +26,13 @@ import trustme
 from proxycore import config as core
 from proxycore import tls
 from tests.proxyharness import (
+    TLS_VERSIONS,
+    LoopServer,
     LoopThread,
     RunningNode,
     Upstream,
     bundle,
+    host_counts,
     read_response,
     route,
     running_node,
@@ -83,43 +85,23 @@ class TLSUpstream(Upstream):
     def __init__(self, loop: LoopThread, context: ssl.SSLContext) -> None:
         super().__init__(loop)
         self.tls = TLSRecorder(context)
-
-    def start(self) -> TLSUpstream:
-        async def start() -> None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls.context)
-            self.port = self.server.sockets[0].getsockname()[1]
-        self.loop.run(start())
-        return self
+        self.ssl_context = context
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.tls.handshake_done(writer)
         await super()._serve(reader, writer)
 
 
-class TLSLineEcho:
+class TLSLineEcho(LoopServer):
     """A TLS (often mTLS-only) service that answers each line: ``echo=<line>``."""
 
     def __init__(self, loop: LoopThread, context: ssl.SSLContext) -> None:
-        self.loop = loop
+        super().__init__(loop)
         self.tls = TLSRecorder(context)
-        self.port = 0
+        self.ssl_context = context
         self.received = 0
-        self.server: asyncio.Server | None = None
 
-    def start(self) -> TLSLineEcho:
-        async def start() -> None:
-            self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0, ssl=self.tls.context)
-            self.port = self.server.sockets[0].getsockname()[1]
-        self.loop.run(start())
-        return self
-
-    def stop(self) -> None:
-        async def stop() -> None:
-            if self.server is not None:
-                self.server.close()
-        self.loop.run(stop())
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.tls.handshake_done(writer)
         try:
             while line := await reader.readline():
@@ -160,12 +142,7 @@ def get(node: RunningNode, ca: trustme.CA, ctx: ssl.SSLContext | None = None) ->
 
 def upstream_errors(node: RunningNode, expected: dict[str, int]) -> dict[str, int]:
     """The host's upstream error counts, once they reach ``expected`` (or after 3 s)."""
-    end = time.monotonic() + 3
-    while True:
-        seen: dict[str, int] = node.stats()["hosts"].get("app", {}).get("upstream_errors", {})
-        if seen == expected or time.monotonic() > end:
-            return seen
-        time.sleep(0.02)
+    return host_counts(node, "app", "upstream_errors", expected)
 
 
 def proxycore_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -305,11 +282,8 @@ def test_plain_http_upstream_behind_a_tls_setting_is_a_502(
 
 # ---- a client certificate for the upstream -----------------------------------------------
 
-VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3"),
-            pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2")]
 
-
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", TLS_VERSIONS)
 def test_upstream_requiring_a_client_cert_gets_the_proxys(
     ca: trustme.CA, backend_ca: trustme.CA, loop_thread: LoopThread, version: ssl.TLSVersion
 ) -> None:
@@ -435,7 +409,7 @@ def test_tcp_host_closes_the_client_when_the_service_fails_verification(
     service.stop()
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", TLS_VERSIONS)
 def test_tcp_host_without_the_client_cert_the_service_wants_gets_nothing_through(
     ca: trustme.CA, backend_ca: trustme.CA, loop_thread: LoopThread, version: ssl.TLSVersion
 ) -> None:
