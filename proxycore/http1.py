@@ -6,10 +6,13 @@ protocol moves bytes and acts on events. Who does what:
 * Python frames messages. It finds the end of each head (CRLF CRLF) with one
   ``bytes.find``, enforces the head limits (414, 431) before anything else sees
   the bytes, and walks Content-Length and chunked bodies with slices -- one
-  slice per piece of body, never a loop over bytes. llhttp never sees a body.
-* llhttp (httptools) tokenises each head in C, one fresh parser per head
-  (0.7 us), and refuses most malformed heads on its own (bare CR/LF, obs-fold,
-  space before colon, control bytes, bad names, Content-Length conflicts).
+  slice per piece of body, never a loop over bytes. llhttp sees a body only to
+  count it, when that lets its parser take the next head.
+* llhttp (httptools) checks each head in C, calling no Python per field, and
+  refuses most malformed heads on its own (bare CR/LF, obs-fold, space before
+  colon, control bytes, bad names, Content-Length conflicts). The fields the
+  proxy acts on are then read with one pattern (``noted_fields``); the head is
+  kept as the bytes it came as (``raw``), for the proxy to forward.
 * :mod:`proxycore.http1_checks` holds every rule llhttp does not enforce.
   A message whose head breaks a rule raises :class:`ParseError` before its
   head event is returned; requests get the status to answer (400, 413, 414,

@@ -1,6 +1,6 @@
 """Per-request decisions, as pure functions over the snapshot and the parsed request.
 
-Which host a request is for, whether it is misdirected, where a redirect goes,
+Which host a request is for, where a redirect goes,
 and which headers go to the upstream and back to the client. Tables are built
 once per snapshot load (``RouteTable``); the functions here do no I/O.
 """
@@ -61,11 +61,6 @@ def lookup_route(table: RouteTable, name: str) -> HostRoute | None:
     return table.wildcard.get(parent) if dot else None
 
 
-def is_misdirected(sni_route: HostRoute | None, request_route: HostRoute | None) -> bool:
-    """SNI named one host and the Host header another (or none): answer 421."""
-    return sni_route is not None and request_route is not sni_route
-
-
 def redirect_location(host_header: bytes, target: bytes, https_port: int) -> bytes:
     """``https://`` + same host + path and query, with the HTTPS port when not 443."""
     name = host_name(host_header).encode("ascii")
@@ -76,42 +71,6 @@ def redirect_location(host_header: bytes, target: bytes, https_port: int) -> byt
 
 def _forwarded_for(client_ip: str) -> str:
     return f'"[{client_ip}]"' if ":" in client_ip else client_ip
-
-
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
-
-
-def upstream_request_headers(
-    headers: Iterable[tuple[bytes, bytes]],
-    *,
-    host: bytes,
-    client_ip: str,
-    https: bool,
-    extra: Iterable[tuple[bytes, bytes]] = (),
-) -> Headers:
-    """The request headers for the upstream: hop-by-hop and untrusted ones replaced."""
-    headers = tuple(headers)
-    drop = HOP_BY_HOP | UNTRUSTED_REQUEST_HEADERS | connection_tokens(headers)
-    # CGI-style backends read Client_Cert as HTTP_CLIENT_CERT: underscores are no way around.
-    out: Headers = [
-        (n, v) for n, v in headers
-        if n not in drop and (b"_" not in n or n.replace(b"_", b"-") not in UNTRUSTED_REQUEST_HEADERS)
-    ]
-    proto = b"https" if https else b"http"
-    ip = client_ip.encode("ascii")
-    out += [
-        (b"x-forwarded-for", ip),
-        (b"x-forwarded-proto", proto),
-        (b"x-forwarded-host", host),
-        (b"forwarded", b"for=%s;proto=%s;host=\"%s\"" % (_forwarded_for(client_ip).encode(), proto, host)),
-    ]
-    out += extra
-    return out
 
 
 # --- heads as bytes: the hot path --------------------------------------------------
@@ -242,7 +201,7 @@ def client_response_headers(
 ) -> Headers:
     """The response headers for the client: hop-by-hop stripped, HSTS applied exactly once."""
     headers = tuple(headers)
-    drop = HOP_BY_HOP | connection_tokens(headers)
+    drop = HOP_BY_HOP | http1_checks.connection_tokens(headers)
     keep_upstream_sts = https and hsts is not None and not hsts.override_upstream
     if not keep_upstream_sts:
         drop = drop | {STS}
