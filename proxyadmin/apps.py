@@ -1,4 +1,4 @@
-"""App configuration: wires the signals that bump the config revision."""
+"""App configuration: connects the signals that make and announce config revisions."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ class ProxyAdminConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from proxyadmin import revisions
+        # Imported here, not at the top: Django imports this module before the models exist.
+        from proxyadmin import announce, revisions
 
         revisions.connect_signals()
+        announce.connect_signals()

@@ -12,89 +12,28 @@ reach every node and every dashboard.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from channels.layers import get_channel_layer
-from django.conf import settings
 from django.db import DatabaseError
-from django.urls import reverse
 from django.utils import timezone
 
-from proxyadmin import agentauth, traffic
-from proxyadmin.models import Certificate, ConfigRevision, ProxyNode, Upstream
+from proxyadmin import agentauth, announce, traffic
+from proxyadmin.announce import AGENTS_GROUP, DASHBOARD_GROUP
+from proxyadmin.models import ConfigRevision, ProxyNode
 from proxycore import agentproto
 
 log = logging.getLogger("proxyadmin.agentlink")
 
-AGENTS_GROUP = "agents"
-DASHBOARD_GROUP = "dashboard"
 # channels_redis forgets group members after a day (group_expiry): long-lived sockets re-join.
 GROUP_REFRESH_SECONDS = 3600.0
 # A broken node sends the same bad message every second: log the first few, then now and then.
 MALFORMED_LOG_FIRST = 5
 MALFORMED_LOG_EVERY = 100
 CLOSE_FORBIDDEN = 4403
-
-
-# -- what the dashboard shows (sync, database) ------------------------------
-
-
-def nodes_message() -> dict[str, Any]:
-    current = ConfigRevision.current()
-    now = timezone.now()
-    return {"type": "nodes", "nodes": [n.as_dashboard(current, now) for n in ProxyNode.objects.all()]}
-
-
-def expiring_certificates(now: dt.datetime) -> list[dict[str, Any]]:
-    horizon = now + dt.timedelta(days=settings.CERT_EXPIRY_WARNING_DAYS)
-    return [
-        {
-            "name": cert.name,
-            "not_after": cert.not_after.timestamp(),
-            "days": cert.days_to_expiry(now),
-            "url": reverse("admin:proxyadmin_certificate_change", args=[cert.pk]),
-        }
-        for cert in Certificate.objects.filter(not_after__lt=horizon).order_by("not_after")
-    ]
-
-
-def config_warnings() -> list[str]:
-    unverified = Upstream.objects.filter(tls=True, tls_verify=False).values_list("name", flat=True)
-    return [f"upstream '{name}' does not verify its targets' certificates" for name in unverified]
-
-
-def dashboard_state() -> dict[str, Any]:
-    now = timezone.now()
-    return {
-        "type": "state",
-        "revision": ConfigRevision.current(),
-        "nodes": nodes_message()["nodes"],
-        "history": traffic.history(now),
-        "certificates": expiring_certificates(now),
-        "warnings": config_warnings(),
-    }
-
-
-def announce_config_changed(revision: int) -> None:
-    """Tell every connected node about a new revision (run by ``transaction.on_commit``).
-
-    A failure here must not fail the admin's save: nodes also check the revision
-    when their link comes back, so it is logged and dropped.
-    """
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(AGENTS_GROUP, agentproto.ConfigChanged(revision).to_message())
-        async_to_sync(layer.group_send)(DASHBOARD_GROUP, nodes_message())
-    except Exception:
-        log.warning("could not announce config revision %d to the proxy nodes", revision, exc_info=True)
 
 
 # -- node bookkeeping (sync, database) --------------------------------------
@@ -230,7 +169,7 @@ class AgentConsumer(GroupMember):
             return
         await self.rejoin_group_if_due()
         if delta is not None:
-            await self.channel_layer.group_send(DASHBOARD_GROUP, traffic.tick_message(self.node, delta))
+            await self.channel_layer.group_send(DASHBOARD_GROUP, announce.tick_message(self.node, delta))
 
     async def on_config_report(self, report: agentproto.ConfigApplied | agentproto.ConfigRejected) -> None:
         assert self.node is not None
@@ -247,7 +186,8 @@ class AgentConsumer(GroupMember):
                         self.node or "before hello", self.peer, what, self.malformed)
 
     async def broadcast_nodes(self) -> None:
-        await self.channel_layer.group_send(DASHBOARD_GROUP, await database_sync_to_async(nodes_message)())
+        nodes = await database_sync_to_async(announce.nodes_message)()
+        await self.channel_layer.group_send(DASHBOARD_GROUP, nodes)
 
     # control plane -> node (group messages)
 
@@ -267,7 +207,7 @@ class DashboardConsumer(GroupMember):
             return
         await self.join_group()
         await self.accept()
-        await self.send_json(await database_sync_to_async(dashboard_state)())
+        await self.send_json(await database_sync_to_async(announce.dashboard_state)())
 
     async def disconnect(self, code: int) -> None:
         await self.leave_group()

@@ -486,27 +486,3 @@ class TrafficRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.host} at {self.minute:%Y-%m-%d %H:%M}"
-
-
-def _announce_new_revision(
-    sender: type[ConfigRevision], instance: ConfigRevision, created: bool, raw: bool = False,
-    **kwargs: object,
-) -> None:
-    """Push ``config.changed`` to the connected proxy nodes once the new revision is committed.
-
-    Connected here, with the models, so that every process that can make a revision
-    (admin, ``importconfig``, shell) announces it through the channel layer.
-    """
-    if not created or raw:
-        return
-    from django.db import transaction
-
-    from proxyadmin.consumers import announce_config_changed
-
-    revision = instance.pk
-    transaction.on_commit(lambda: announce_config_changed(revision), robust=True)
-
-
-models.signals.post_save.connect(
-    _announce_new_revision, sender=ConfigRevision, dispatch_uid="announce-new-config-revision"
-)

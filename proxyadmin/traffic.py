@@ -1,10 +1,10 @@
-"""Live traffic: per-node deltas, dashboard ticks, and the per-minute rollup behind the history.
+"""Live traffic: per-node deltas and the per-minute rollup behind the dashboard's history.
 
 Nodes report counters since they started (``proxycore.stats``). The control plane
 subtracts each node's previous report (``stats_delta``, pure), sends the difference
-to dashboards as a ``tick`` (``tick_message``, pure) with the node's current upstream
-target states, and adds it into one ``TrafficRollup`` row per host and minute
-(``add_to_rollup``), which several daphne processes may do at once.
+to dashboards as a ``tick`` (``proxyadmin.announce.tick_message``), and adds it into
+one ``TrafficRollup`` row per host and minute (``add_to_rollup``), which several
+daphne processes may do at once.
 ``history_series`` turns the rollup into the dashboard's per-minute chart.
 """
 
@@ -233,22 +233,6 @@ def stats_delta(previous: StatsSample | None, current: StatsSample) -> StatsDelt
         upstreams=upstream_states(current.totals, before),
         host_upstreams=dict(current.totals.get("host_upstreams", {})),
     )
-
-
-def tick_message(node: str, delta: StatsDelta) -> dict[str, Any]:
-    """The dashboard's ``tick``: one node's traffic since its previous report."""
-    return {
-        "type": "tick",
-        "time": delta.time,
-        "node": node,
-        "hosts": {
-            name: {**host.tick_entry(delta.elapsed), **delta.host_targets(name)}
-            for name, host in delta.hosts.items() if host.worth_showing()
-        },
-        "tls_versions": delta.tls_versions,
-        "ciphers": delta.ciphers,
-        "upstreams": delta.upstreams,
-    }
 
 
 def minute_of(moment: dt.datetime) -> dt.datetime:

@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from proxyadmin import traffic
+from proxyadmin import announce, traffic
 from proxyadmin.models import ProxyNode, Upstream, UpstreamTarget
 from proxycore import agentproto
 from proxycore.stats import Stats
@@ -62,7 +62,7 @@ def test_tick_carries_current_targets_and_retries_since_the_previous_report() ->
     stats.upstream("app").retries = 3
     states.update(app_state(target("10.0.0.1:80"), target("10.0.0.2:80", healthy=False, error="refused")))
     second = traffic.StatsSample(stats.started_at + 2, agentproto.validate_totals(stats.as_dict()))
-    tick = traffic.tick_message("edge-1", traffic.stats_delta(first, second))
+    tick = announce.tick_message("edge-1", traffic.stats_delta(first, second))
     assert tick["upstreams"]["app"]["retries"] == 3
     assert tick["upstreams"]["app"]["healthy"] == 1
     assert tick["upstreams"]["app"]["targets"][1]["last_error"] == "refused"

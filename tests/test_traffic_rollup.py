@@ -11,7 +11,7 @@ from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from proxyadmin import traffic
+from proxyadmin import announce, traffic
 from proxyadmin.models import ProxyNode, TrafficRollup
 from proxycore.agentproto import StatsReport, latency_quantile
 from proxycore.stats import Stats
@@ -67,7 +67,7 @@ def test_delta_is_the_difference_of_consecutive_totals() -> None:
     assert delta.hosts["shop"].rollup_increments() == {
         "requests": 3, "responses_5xx": 1, "bytes_in": 300, "handshake_failures": 2, "upstream_errors": 1,
     }
-    tick = traffic.tick_message("edge-1", delta)
+    tick = announce.tick_message("edge-1", delta)
     assert set(tick["hosts"]) == {"shop"}, "idle hosts stay out of ticks"
     assert tick["hosts"]["shop"]["rps"] == 1.5
 
@@ -99,9 +99,9 @@ def test_a_host_whose_last_connection_closed_still_shows_once() -> None:
     stats.host("shop").active_connections = 2
     first = sample(stats, 1.0)
     stats.host("shop").active_connections = 0
-    tick = traffic.tick_message("edge-1", traffic.stats_delta(first, sample(stats, 2.0)))
+    tick = announce.tick_message("edge-1", traffic.stats_delta(first, sample(stats, 2.0)))
     assert tick["hosts"]["shop"]["active"] == 0
-    assert traffic.tick_message("edge-1", traffic.stats_delta(sample(stats, 2.0), sample(stats, 3.0)))[
+    assert announce.tick_message("edge-1", traffic.stats_delta(sample(stats, 2.0), sample(stats, 3.0)))[
         "hosts"] == {}
 
 

@@ -1,0 +1,130 @@
+"""What the control plane tells proxy nodes and dashboards through the channel layer.
+
+The group names, and every message sent to a group: ``config.changed`` for the
+agents, ``state``, ``nodes`` and ``tick`` for the dashboards. The consumers
+(``proxyadmin.consumers``) relay these; the revision watcher
+(``proxyadmin.revwatch``) and the ``ConfigRevision`` signal connected in
+``ProxyAdminConfig.ready()`` send them. Nothing here imports the consumers, so
+models, commands and consumers can all use it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.db.models.signals import post_save
+from django.urls import reverse
+from django.utils import timezone
+
+from proxyadmin import traffic
+from proxyadmin.models import Certificate, ConfigRevision, ProxyNode, Upstream
+from proxycore import agentproto
+
+log = logging.getLogger("proxyadmin.agentlink")
+
+AGENTS_GROUP = "agents"
+DASHBOARD_GROUP = "dashboard"
+
+
+# -- to the agents ------------------------------------------------------------
+
+
+def config_changed(revision: int) -> dict[str, Any]:
+    """``config.changed`` as the group event and as the node's message (the same dict)."""
+    return agentproto.ConfigChanged(revision).to_message()
+
+
+# -- to the dashboards (sync, database) -----------------------------------------
+
+
+def nodes_message() -> dict[str, Any]:
+    current = ConfigRevision.current()
+    now = timezone.now()
+    return {"type": "nodes", "nodes": [n.as_dashboard(current, now) for n in ProxyNode.objects.all()]}
+
+
+def expiring_certificates(now: dt.datetime) -> list[dict[str, Any]]:
+    horizon = now + dt.timedelta(days=settings.CERT_EXPIRY_WARNING_DAYS)
+    return [
+        {
+            "name": cert.name,
+            "not_after": cert.not_after.timestamp(),
+            "days": cert.days_to_expiry(now),
+            "url": reverse("admin:proxyadmin_certificate_change", args=[cert.pk]),
+        }
+        for cert in Certificate.objects.filter(not_after__lt=horizon).order_by("not_after")
+    ]
+
+
+def config_warnings() -> list[str]:
+    unverified = Upstream.objects.filter(tls=True, tls_verify=False).values_list("name", flat=True)
+    return [f"upstream '{name}' does not verify its targets' certificates" for name in unverified]
+
+
+def dashboard_state() -> dict[str, Any]:
+    now = timezone.now()
+    return {
+        "type": "state",
+        "revision": ConfigRevision.current(),
+        "nodes": nodes_message()["nodes"],
+        "history": traffic.history(now),
+        "certificates": expiring_certificates(now),
+        "warnings": config_warnings(),
+    }
+
+
+def tick_message(node: str, delta: traffic.StatsDelta) -> dict[str, Any]:
+    """The dashboard's ``tick``: one node's traffic since its previous report (pure)."""
+    return {
+        "type": "tick",
+        "time": delta.time,
+        "node": node,
+        "hosts": {
+            name: {**host.tick_entry(delta.elapsed), **delta.host_targets(name)}
+            for name, host in delta.hosts.items() if host.worth_showing()
+        },
+        "tls_versions": delta.tls_versions,
+        "ciphers": delta.ciphers,
+        "upstreams": delta.upstreams,
+    }
+
+
+# -- a new revision -----------------------------------------------------------------
+
+
+def announce_config_changed(revision: int) -> None:
+    """Tell every connected node and dashboard about a new revision (run on commit).
+
+    With the in-memory channel layer this reaches only the consumers of the process
+    that made the revision; the revision watcher of each daphne process covers the
+    rest. A failure here must not fail the admin's save, so it is logged and dropped.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(AGENTS_GROUP, config_changed(revision))
+        async_to_sync(layer.group_send)(DASHBOARD_GROUP, nodes_message())
+    except Exception:
+        log.warning("could not announce config revision %d to the proxy nodes", revision, exc_info=True)
+
+
+def _on_revision_saved(
+    sender: type[ConfigRevision], instance: ConfigRevision, created: bool, raw: bool = False,
+    **kwargs: object,
+) -> None:
+    if not created or raw:
+        return
+    revision = instance.pk
+    transaction.on_commit(lambda: announce_config_changed(revision), robust=True)
+
+
+def connect_signals() -> None:
+    """Every process that makes a revision (admin, ``importconfig``, shell) announces it."""
+    post_save.connect(_on_revision_saved, sender=ConfigRevision, dispatch_uid="announce-new-config-revision")
