@@ -77,9 +77,32 @@ def mark_disconnected(name: str, channel_name: str) -> int:
 
 
 class GroupMember(AsyncJsonWebsocketConsumer):
-    """A consumer in one group, re-joined now and then so the membership never expires."""
+    """A consumer in one group, re-joined now and then so the membership never expires.
+
+    ``clean_up`` runs once per socket: from ``disconnect()``, or -- when the consumer
+    dies with an error (a failing channel-layer read, a bug), where channels never
+    dispatches a disconnect -- on the way out of ``__call__``.
+    """
 
     group = ""
+    cleaned_up = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.cleaned_up:
+                try:
+                    await self.clean_up(None)
+                except Exception:
+                    log.warning("could not clean up after a failed websocket", exc_info=True)
+
+    async def disconnect(self, code: int) -> None:
+        await self.clean_up(code)
+
+    async def clean_up(self, code: int | None) -> None:
+        self.cleaned_up = True
+        await self.leave_group()
 
     async def join_group(self) -> None:
         self._joined_at = time.monotonic()
@@ -109,12 +132,20 @@ class AgentConsumer(GroupMember):
         await self.join_group()
         await self.accept()
 
-    async def disconnect(self, code: int) -> None:
-        await self.leave_group()
-        if self.node is None:
+    async def clean_up(self, code: int | None) -> None:
+        self.cleaned_up = True
+        node = getattr(self, "node", None)
+        if node is None:
+            await self.leave_group()
             return
-        await database_sync_to_async(mark_disconnected)(self.node, self.channel_name)
-        log.info("proxy node %s disconnected (%s, code %s)", self.node, self.peer, code)
+        try:
+            # A link that died must not leave its node "connected": the node's next
+            # hello would be taken for a second node of the same name.
+            await database_sync_to_async(mark_disconnected)(node, self.channel_name)
+            log.info("proxy node %s disconnected (%s, %s)", node, self.peer,
+                     "the link failed" if code is None else f"code {code}")
+        finally:
+            await self.leave_group()
         await self.broadcast_nodes()
 
     # node -> control plane
@@ -208,9 +239,6 @@ class DashboardConsumer(GroupMember):
         await self.join_group()
         await self.accept()
         await self.send_json(await database_sync_to_async(announce.dashboard_state)())
-
-    async def disconnect(self, code: int) -> None:
-        await self.leave_group()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """The dashboard only listens; whatever the browser sends is dropped."""

@@ -123,16 +123,23 @@ DATABASES = {"default": _database_from_env()}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 
+# Seconds a Redis socket read may take. A consumer's inbox is a blocking read of up to
+# 5 s (channels_redis' brpop_timeout); redis-py 8 gives up on a read after 5 s by
+# default, which closed idle agent links every 5 s. Keep this well above that wait.
+REDIS_SOCKET_TIMEOUT = 15.0
+
+
 def _channel_layers_from_env() -> dict[str, object]:
     url = os.environ.get("REDIS_URL", "").strip()
     if not url:
         return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://.")
+    host = {"address": url, "socket_timeout": REDIS_SOCKET_TIMEOUT, "socket_connect_timeout": 5}
     return {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [url]},
+            "CONFIG": {"hosts": [host]},
         }
     }
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -126,6 +127,35 @@ def test_hello_registers_the_node_online_and_disconnect_leaves_it_stale() -> Non
         assert node.status == "stale"
 
     run(scenario)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_link_that_dies_with_an_error_still_marks_its_node_disconnected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        link = agent(settings.AGENT_TOKEN)
+        assert (await link.connect(timeout=TIMEOUT))[0]
+        await link.send_json_to(hello())
+        await eventually(lambda: getattr(node_row(), "connected", False), "hello stored")
+        node = await database_sync_to_async(node_row)()
+        assert node is not None
+        # A message no handler takes kills the consumer with an error, as a failing
+        # channel-layer read does: disconnect() is never dispatched.
+        await get_channel_layer().send(node.channel_name, {"type": "no.such.handler"})
+        with pytest.raises(ValueError, match="No handler"):
+            await link.wait(timeout=TIMEOUT)
+        await eventually(lambda: not getattr(node_row(), "connected", True), "marked disconnected")
+
+        again = agent(settings.AGENT_TOKEN)
+        assert (await again.connect(timeout=TIMEOUT))[0]
+        await again.send_json_to(hello())
+        await eventually(lambda: getattr(node_row(), "connected", False), "second hello stored")
+        await again.disconnect(timeout=TIMEOUT)
+
+    with caplog.at_level(logging.WARNING, logger="proxyadmin.agentlink"):
+        run(scenario)
+    assert "two proxy nodes" not in caplog.text
 
 
 def test_node_status_goes_online_stale_offline_with_time_and_link() -> None:
