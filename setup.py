@@ -24,7 +24,8 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 # The hot path: parsing and head rewriting, the client and upstream protocols, the counters.
-MODULES = ("http1", "http1_checks", "routing", "client", "upstream", "stats")  # as proxycore.COMPILED
+# (as proxycore.COMPILED)
+MODULES = ("http1", "http1_checks", "routing", "decide", "exchange", "client", "upstream", "stats")
 COMPILED = tuple(f"proxycore/{name}.py" for name in MODULES)
 
 

@@ -302,7 +302,7 @@ class HostAdmin(admin.ModelAdmin):
     actions = ["generate_local_certificate"]
     fieldsets = [
         (None, {"fields": ["name", "enabled", "mode", "upstream", "certificate", "max_body_size"]}),
-        ("HTTP", {"fields": ["hsts_policy", "redirect_http", "redirect_status"]}),
+        ("HTTP", {"fields": ["hsts_policy", "redirect_http", "redirect_status", "allow_trace"]}),
         ("Client certificates (mTLS)", {"fields": [
             "client_auth", "client_ca", "forward_client_cert", "forward_client_cert_chain",
         ]}),

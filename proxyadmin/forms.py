@@ -304,7 +304,7 @@ class HostForm(forms.ModelForm):
         fields = [
             "name", "enabled", "mode", "upstream", "certificate", "max_body_size", "hsts_policy",
             "redirect_http", "redirect_status", "client_auth", "client_ca", "forward_client_cert",
-            "forward_client_cert_chain", "proxy_protocol",
+            "forward_client_cert_chain", "proxy_protocol", "allow_trace",
         ]
 
     def clean(self) -> dict[str, Any]:

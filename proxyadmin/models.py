@@ -280,6 +280,11 @@ class Host(models.Model):
     max_body_size = models.PositiveBigIntegerField(
         default=10 * 1024 * 1024, help_text="Largest request body in bytes; 0 means no limit."
     )
+    allow_trace = models.BooleanField(
+        "allow TRACE", default=False,
+        help_text="Forward TRACE requests. Off: they get 405, since TRACE echoes the request "
+                  "(cookies and credentials included) back to the client.",
+    )
     enabled = models.BooleanField(default=True)
 
     class Meta:

@@ -143,6 +143,7 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
                     client_auth=_client_auth(host),
                     proxy_protocol=core.ProxyProtocol(host.proxy_protocol),
                     max_body_size=host.max_body_size,
+                    allow_trace=host.allow_trace,
                 )
             )
     default = settings_row.default_certificate if settings_row else None

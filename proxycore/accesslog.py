@@ -1,15 +1,58 @@
-"""Where access-log lines go: kept in memory and written once a second.
+"""The access log: one line per request, formatted here, written once a second.
 
-One write per second instead of one per request: at tens of thousands of requests
-a second, a write (and, line-buffered, a syscall) per line costs more than the rest
-of the logging. The node formats each line (``ProxyNode.access``); the command that
-runs the node calls ``flush_every_second`` and, when it stops, ``flush``.
+``AccessLog`` formats lines (format in the README) as bytes, with one formatting
+operation per line: the request's own bytes are never decoded. It hands each line
+to a sink, a callable; ``AccessLogWriter`` is the one the commands use: it keeps
+lines in memory and writes them once a second, because at tens of thousands of
+requests a second a write (and, line-buffered, a syscall) per line costs more than
+the rest of the logging. The command that runs the node calls
+``flush_every_second`` and, when it stops, ``flush``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import BinaryIO
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from proxycore.http1 import RequestHead
+
+Sink = Callable[[bytes], None]  # called with each line (no newline)
+
+
+class AccessLog:
+    """Formats access-log lines and hands them to ``sink``."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self._second = -1
+        self._stamp = b""
+
+    def now(self) -> bytes:
+        """UTC time with milliseconds; the formatted second is made once per second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
+        return b"%s.%03dZ" % (self._stamp, int((now - second) * 1000))
+
+    def request(
+        self, prefix: bytes, host: bytes, request: RequestHead, status: int, body_bytes: int,
+        elapsed: float, upstream: bytes,
+    ) -> None:
+        """A request's line. ``prefix`` is the client address and listener; ``elapsed`` in seconds."""
+        self.sink(b'%s %s %s "%s %s HTTP/%s" %d %d %.1fms %s' % (
+            self.now(), prefix, host, request.method, request.target, request.version, status,
+            body_bytes, elapsed * 1000, upstream,
+        ))
+
+    def no_request(self, prefix: bytes, status: int) -> None:
+        """The line of an answer to a head that made no request (malformed, or too late)."""
+        self.sink(b'%s %s - "-" %d 0 0.0ms -' % (self.now(), prefix, status))
 
 # Past this many waiting lines, write at once rather than at the next tick.
 MAX_PENDING_LINES = 10_000

@@ -146,6 +146,7 @@ class HostRoute:
     client_auth: ClientAuth = ClientAuth()
     proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
     max_body_size: int = 10 * 1024 * 1024  # 0: no limit
+    allow_trace: bool = False  # TRACE is refused (405) unless the host allows it
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from proxycore import proxyproto, tls
-from proxycore.config import HostRoute, ProxyProtocol
+from proxycore import health, proxyproto, tls
+from proxycore.config import HostRoute
 from proxycore.stats import HostStats
 from proxycore.upstream import TargetPool, UpstreamConnection
 
@@ -55,11 +55,14 @@ class L4Pipe(asyncio.Protocol):
             conn = await pool.connect(self.route.upstream.connect_timeout)
         except TimeoutError:
             self.stats.upstream_errors["connect_timeout"] += 1
+            self.node.health.request_failed(pool, self.route.upstream, "connect timed out")
             self.abort()
             return
         except OSError as exc:  # refused, reset, or a TLS handshake that failed
             self.stats.upstream_errors[tls.upstream_connect_failure(exc)] += 1
             self.node.log_upstream_error(pool, exc)
+            # Passive health sees stream hosts' failures too (the README: always on).
+            self.node.health.request_failed(pool, self.route.upstream, health.describe_error(exc))
             self.abort()
             return
         if self.closed or self.transport is None:
@@ -67,19 +70,9 @@ class L4Pipe(asyncio.Protocol):
             return
         self.upstream = conn
         conn.owner = self
-        conn.write(self.proxy_header() + b"".join(self.early))
+        conn.write(proxyproto.header_for(self.route.proxy_protocol, self.transport) + b"".join(self.early))
         self.early.clear()
         self.transport.resume_reading()
-
-    def proxy_header(self) -> bytes:
-        version = self.route.proxy_protocol
-        if version is ProxyProtocol.OFF or self.transport is None:
-            return b""
-        src = self.transport.get_extra_info("peername")
-        dst = self.transport.get_extra_info("sockname")
-        if version is ProxyProtocol.V1:
-            return proxyproto.encode_v1(src[:2], dst[:2])
-        return proxyproto.encode_v2(src[:2], dst[:2])
 
     def data_received(self, data: bytes) -> None:
         self.stats.bytes_in += len(data)

@@ -12,9 +12,12 @@ receiver then uses the connection's own addresses, as the spec asks.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 from dataclasses import dataclass
+
+from proxycore.config import ProxyProtocol
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX_LENGTH = 107  # "PROXY TCP6" with two full IPv6 addresses, ports and CRLF
@@ -219,3 +222,16 @@ def decode_ssl_tlv(value: bytes) -> tuple[int, int, dict[int, bytes]]:
         raise ProxyHeaderError("PP2_TYPE_SSL shorter than 5 bytes")
     client, verify = struct.unpack_from("!BI", value)
     return client, verify, _parse_tlvs(value[5:])
+
+
+def header_for(version: ProxyProtocol, transport: asyncio.BaseTransport | None) -> bytes:
+    """The PROXY header (``version``) that tells an upstream who is at the other end of
+    ``transport``, a client connection; b"" when the host sends none. The one builder both
+    the HTTP and the L4 paths use."""
+    if version is ProxyProtocol.OFF or transport is None:
+        return b""
+    src = transport.get_extra_info("peername")
+    dst = transport.get_extra_info("sockname")
+    if version is ProxyProtocol.V1:
+        return encode_v1(src[:2], dst[:2])
+    return encode_v2(src[:2], dst[:2])

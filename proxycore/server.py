@@ -5,45 +5,36 @@ the TLS contexts and the balancers, all built at reload time. New connections
 take the current state; in-flight ones keep theirs. A snapshot whose state fails
 to build is rejected whole and the old one keeps serving.
 
-TLS is started by the node itself (``loop.start_tls`` after accept) rather than
-by ``create_server(ssl=...)``, so each failed handshake is seen and counted by
-reason.
+New connections on the HTTPS listener go through ``proxycore.acceptor`` (ClientHello,
+SNI, the host's own TLS context); on the HTTP listener they are
+``ClientConnection``s from the start. Connection deadlines are watched by one
+sweep a few times a second rather than by timers per request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 from proxycore import routing, tls
+from proxycore.acceptor import TLSAcceptor
+from proxycore.accesslog import AccessLog, Sink
 from proxycore.client import ClientConnection
-from proxycore.clientcert import client_cert_headers
-from proxycore.clienthello import (
-    ALERT_DECODE_ERROR,
-    ALERT_UNRECOGNIZED_NAME,
-    ClientHello,
-    NotTLS,
-    parse_client_hello,
-)
-from proxycore.config import ClientAuthMode, HostRoute, Snapshot
+from proxycore.config import HostRoute, Snapshot
 from proxycore.healthcheck import HealthMonitor, describe_upstreams, plan_checks
 from proxycore.l4 import L4Pipe
 from proxycore.limits import Limits
-from proxycore.stats import UNMATCHED, ListenerStats, Stats
+from proxycore.stats import ListenerStats, Stats
 from proxycore.upstream import Balancer, Pools, TargetPool
 
 log = logging.getLogger("proxycore")
 
 # How often connection deadlines are checked; timeouts are this much late at most.
 SWEEP_INTERVAL = 0.25
-# How long a closing TLS connection waits for the client's close_notify.
-TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 class Stoppable(Protocol):
@@ -100,9 +91,7 @@ class Listener:
     stats: ListenerStats
     server: asyncio.Server | None = None
     connections: set[Stoppable] = field(default_factory=set)
-
-
-AccessLog = Callable[[bytes], None]  # called with each access-log line (no newline)
+    handshaking: int = 0  # TLS connections not yet connections: they hold a slot too
 
 
 class ProxyNode:
@@ -114,11 +103,11 @@ class ProxyNode:
         http_address: tuple[str, int] | None = ("127.0.0.1", 8080),
         limits: Limits | None = None,
         stats: Stats | None = None,
-        access_log: AccessLog | None = None,
+        access_log: Sink | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.stats = stats or Stats()
-        self.access_log = access_log
+        self.access_log = AccessLog(access_log) if access_log is not None else None
         self.pools = Pools()
         self.state = build_state(snapshot, self.pools)  # a bad first snapshot is fatal
         self.health = HealthMonitor(self.stats)
@@ -133,8 +122,6 @@ class ProxyNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
-        self._log_second = -1
-        self._log_prefix = b""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -227,54 +214,24 @@ class ProxyNode:
         return lambda: ClientConnection(self, listener)
 
     def _tls_acceptor(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
-        return lambda: _TLSAcceptor(self, listener)
+        return lambda: TLSAcceptor(self, listener)
 
-    def begin_tls(self, acceptor: _TLSAcceptor, hello: ClientHello) -> None:
-        """The ClientHello is in: pick the host by SNI and start TLS with its own context."""
-        state = self.state
-        route, context = tls.lookup(state.sni, hello.server_name)
-        if context is None:
-            self.stats.host(UNMATCHED).handshakes_failed["unknown_sni"] += 1
-            acceptor.refuse(ALERT_UNRECOGNIZED_NAME)
-            return
-        conn = ClientConnection(self, acceptor.listener, state=state, sni_route=route)
-        self.track(self.loop.create_task(self.handshake(acceptor, conn, context)))
-        # start_tls swaps the transport's protocol in the task's first step, which runs
-        # before this callback (FIFO); the TLS protocol then reads the ClientHello we hold.
-        self.loop.call_soon(acceptor.hand_over)
-
-    async def handshake(
-        self, acceptor: _TLSAcceptor, conn: ClientConnection, context: ssl.SSLContext
-    ) -> None:
-        transport = acceptor.transport
-        timeout = max(0.1, acceptor.deadline - self.loop.time())
-        try:
-            tls_transport = await self.loop.start_tls(
-                transport, conn, context, server_side=True, ssl_handshake_timeout=timeout,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
-            )
-        except asyncio.CancelledError:
-            transport.abort()
-            raise
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            route = conn.sni_route
-            reason = tls.handshake_failure_reason(exc)
-            self.stats.host(route.name if route is not None else UNMATCHED).handshakes_failed[reason] += 1
-            if not transport.is_closing():
-                transport.abort()
-            return
-        if tls_transport is not None:
-            conn.connection_made(tls_transport)
-
-    def not_tls(self, acceptor: _TLSAcceptor, exc: NotTLS) -> None:
-        self.stats.host(UNMATCHED).handshakes_failed["http_request" if exc.http else "not_tls"] += 1
-        acceptor.refuse(PLAIN_HTTP_ON_HTTPS if exc.http else ALERT_DECODE_ERROR)
+    def admit(self, listener: Listener) -> bool:
+        """A new TCP connection on ``listener``: is there room for it?"""
+        listener.stats.connections += 1
+        if self.stopping or len(listener.connections) + listener.handshaking >= self.limits.max_connections:
+            listener.stats.rejected_connections += 1
+            return False
+        return True
 
     def accept(self, conn: ClientConnection) -> bool:
+        """Count ``conn`` among its listener's connections, if there is room (TLS connections
+        were admitted at their first byte: their slot is theirs)."""
         listener = conn.listener
-        listener.stats.connections += 1
-        if self.stopping or len(listener.connections) >= self.limits.max_connections:
-            listener.stats.rejected_connections += 1
+        if conn.https:
+            if self.stopping:
+                return False
+        elif not self.admit(listener):
             return False
         listener.connections.add(conn)
         return True
@@ -282,21 +239,6 @@ class ProxyNode:
     def forget(self, conn: Stoppable) -> None:
         for listener in self.listeners:
             listener.connections.discard(conn)
-
-    def tls_accepted(self, conn: ClientConnection, transport: asyncio.Transport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        stats = conn.listener.stats
-        if ssl_object is not None:
-            stats.tls_versions[ssl_object.version() or "?"] += 1
-            cipher = ssl_object.cipher()
-            stats.ciphers[cipher[0] if cipher else "?"] += 1
-        route = conn.sni_route
-        self.stats.host(route.name if route is not None else UNMATCHED).handshakes_ok += 1
-        if route is not None and route.client_auth.mode is not ClientAuthMode.OFF and ssl_object:
-            # The TLS layer verified it against this host's CA bundle: the only way in.
-            der = ssl_object.getpeercert(binary_form=True)
-            headers = client_cert_headers(der, route.client_auth)
-            conn.client_cert_lines = b"".join(b"%s: %s\r\n" % field for field in headers)
 
     def start_l4(
         self, conn: ClientConnection, transport: asyncio.Transport, route: HostRoute, early: bytes,
@@ -320,118 +262,3 @@ class ProxyNode:
     def log_upstream_error(self, pool: TargetPool, exc: BaseException) -> None:
         host, port = pool.target.address
         log.warning("upstream %s:%d: %s", host, port, str(exc) or type(exc).__name__)
-
-    def _log_time(self) -> bytes:
-        """UTC timestamp with milliseconds; the formatted second is made once per second."""
-        now = time.time()
-        second = int(now)
-        if second != self._log_second:
-            self._log_second = second
-            stamp = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._log_prefix = stamp.encode("ascii")
-        return b"%s.%03dZ" % (self._log_prefix, int((now - second) * 1000))
-
-    def access(self, conn: ClientConnection, status: int, elapsed: float) -> None:
-        """One access-log line (format in the README); ``elapsed`` in seconds. Bytes, made
-        with one formatting operation: the request's own bytes are never decoded."""
-        if self.access_log is None:
-            return
-        request = conn.request
-        if request is None:
-            line = b'%s %s - "-" %d 0 0.0ms -' % (self._log_time(), conn.log_prefix, status)
-        else:
-            pool = conn.pool
-            line = b'%s %s %s "%s %s HTTP/%s" %d %d %.1fms %s' % (
-                self._log_time(), conn.log_prefix, conn.route_label if conn.route is not None else b"-",
-                request.method, request.target, request.version, status, conn.response_bytes,
-                elapsed * 1000, pool.label if pool is not None else b"-",
-            )
-        self.access_log(line)
-
-
-PLAIN_HTTP_ON_HTTPS = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 54\r\nConnection: close\r\n\r\n"
-    b"400 Bad Request: this port speaks HTTPS, not HTTP.\n\n\n"
-)
-
-
-class _TLSAcceptor(asyncio.Protocol):
-    """A new connection on the HTTPS listener until its ClientHello has been read.
-
-    Called by the event loop. It reads bytes until the ClientHello is whole, lets the
-    node choose the host by SNI, and hands the bytes to the TLS protocol that takes over.
-    """
-
-    def __init__(self, node: ProxyNode, listener: Listener) -> None:
-        self.node = node
-        self.listener = listener
-        self.transport: asyncio.Transport
-        self.buffer = bytearray()
-        self.started = False
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        loop = self.node.loop
-        self.deadline = loop.time() + self.node.limits.handshake_timeout
-        self.timer = loop.call_at(self.deadline, self.timed_out)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.started:
-            return  # read before start_tls took the transport over: handed over below
-        try:
-            hello = parse_client_hello(bytes(self.buffer))
-        except NotTLS as exc:
-            self.stop_timer()
-            self.node.not_tls(self, exc)
-            return
-        if hello is None:
-            return
-        self.started = True
-        self.stop_timer()
-        self.transport.pause_reading()
-        self.node.begin_tls(self, hello)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_timer()
-        if not self.started:
-            self.started = True
-            self.node.stats.host(UNMATCHED).handshakes_failed["eof"] += 1
-
-    def timed_out(self) -> None:
-        self.timer = None
-        if not self.started:
-            self.started = True
-            self.node.stats.host(UNMATCHED).handshakes_failed["timeout"] += 1
-            self.transport.abort()
-
-    def stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def refuse(self, reply: bytes) -> None:
-        self.started = True
-        self.transport.write(reply)
-        self.transport.close()
-
-    def hand_over(self) -> None:
-        """Give the bytes read so far to the TLS protocol that now owns the transport."""
-        if not self.buffer or self.transport.is_closing():
-            return
-        protocol: Any = self.transport.get_protocol()
-        data = memoryview(bytes(self.buffer))
-        self.buffer.clear()
-        while data:
-            if hasattr(protocol, "get_buffer"):  # both loops' SSLProtocol are buffered
-                buffer = protocol.get_buffer(len(data))
-                n = min(len(buffer), len(data))
-                buffer[:n] = data[:n]
-                protocol.buffer_updated(n)
-            else:
-                n = len(data)
-                protocol.data_received(bytes(data))
-            data = data[n:]

@@ -1,0 +1,210 @@
+"""TLS acceptance on the HTTPS listener: from the first byte to a connection with a host.
+
+A new connection is a ``TLSAcceptor`` until its ClientHello has been read. The
+acceptor refuses it at once when the listener is full (before any handshake work),
+reads the ClientHello itself (``proxycore.clienthello``), picks the host by SNI
+(``tls.lookup``) and starts TLS with that host's own ``SSLContext``
+(``loop.start_tls``), so that verify mode and session resumption stay per host.
+A ClientHello naming no known host gets ``unrecognized_name`` (strict SNI, or no
+default certificate), and plain HTTP on this port a plain 400. Every failed
+handshake is counted by reason.
+
+After the handshake the connection is a ``ClientConnection`` (HTTP) or, for a TCP
+host, an ``L4Pipe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import TYPE_CHECKING, Any, cast
+
+from proxycore import responses, tls
+from proxycore.client import ClientConnection
+from proxycore.clientcert import client_cert_headers
+from proxycore.clienthello import (
+    ALERT_DECODE_ERROR,
+    ALERT_UNRECOGNIZED_NAME,
+    ClientHello,
+    NotTLS,
+    parse_client_hello,
+)
+from proxycore.config import ClientAuthMode
+from proxycore.stats import UNMATCHED
+
+if TYPE_CHECKING:
+    from proxycore.server import Listener, ProxyNode
+
+# How long a closing TLS connection waits for the client's close_notify.
+TLS_SHUTDOWN_TIMEOUT = 5.0
+
+PLAIN_HTTP_ON_HTTPS, _ = responses.render(
+    400, hsts=None, https=False, close=True, body=b"400 Bad Request: this port speaks HTTPS, not HTTP.\n",
+)
+
+
+class TLSAcceptor(asyncio.Protocol):
+    """A new connection on the HTTPS listener until its ClientHello has been read.
+
+    Called by the event loop. It reads bytes until the ClientHello is whole, picks
+    the host by SNI, and hands the bytes to the TLS protocol that takes over. While
+    it lasts, and through the handshake, it holds one of the listener's connection
+    slots (``Listener.handshaking``).
+    """
+
+    def __init__(self, node: ProxyNode, listener: Listener) -> None:
+        self.node = node
+        self.listener = listener
+        self.transport: asyncio.Transport
+        self.buffer = bytearray()
+        self.started = False  # past the ClientHello (or refused): read no more here
+        self.holds_slot = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # ---- event loop callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.node.admit(self.listener):
+            # Full: refuse before spending a handshake (or a byte of buffer) on it.
+            self.started = True
+            self.transport.close()
+            return
+        self.holds_slot = True
+        self.listener.handshaking += 1
+        loop = self.node.loop
+        self.deadline = loop.time() + self.node.limits.handshake_timeout
+        self.timer = loop.call_at(self.deadline, self.timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.started:
+            if self.holds_slot:
+                self.buffer += data  # read before start_tls took the transport over: handed over
+            return
+        self.buffer += data
+        try:
+            hello = parse_client_hello(bytes(self.buffer))
+        except NotTLS as exc:
+            self.node.stats.host(UNMATCHED).handshakes_failed["http_request" if exc.http else "not_tls"] += 1
+            self.refuse(PLAIN_HTTP_ON_HTTPS if exc.http else ALERT_DECODE_ERROR)
+            return
+        if hello is None:
+            return
+        self.started = True
+        self.stop_timer()
+        self.transport.pause_reading()
+        self.begin(hello)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.started:
+            self.started = True
+            self.node.stats.host(UNMATCHED).handshakes_failed["eof"] += 1
+        self.done()
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if not self.started:
+            self.node.stats.host(UNMATCHED).handshakes_failed["timeout"] += 1
+            self.started = True
+            self.transport.abort()
+            self.done()
+
+    # ---- the handshake ---------------------------------------------------------------
+
+    def begin(self, hello: ClientHello) -> None:
+        """The ClientHello is in: pick the host by SNI and start TLS with its own context."""
+        node = self.node
+        state = node.state
+        route, context = tls.lookup(state.sni, hello.server_name)
+        if context is None:
+            node.stats.host(UNMATCHED).handshakes_failed["unknown_sni"] += 1
+            self.refuse(ALERT_UNRECOGNIZED_NAME)
+            return
+        conn = ClientConnection(node, self.listener, state=state, sni_route=route)
+        node.track(node.loop.create_task(self.handshake(conn, context)))
+        # start_tls swaps the transport's protocol in the task's first step, which runs
+        # before this callback (FIFO); the TLS protocol then reads the ClientHello we hold.
+        node.loop.call_soon(self.hand_over)
+
+    async def handshake(self, conn: ClientConnection, context: ssl.SSLContext) -> None:
+        node = self.node
+        transport = self.transport
+        timeout = max(0.1, self.deadline - node.loop.time())
+        try:
+            tls_transport = await node.loop.start_tls(
+                transport, conn, context, server_side=True, ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            )
+        except asyncio.CancelledError:
+            self.done()
+            transport.abort()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.done()
+            route = conn.sni_route
+            reason = tls.handshake_failure_reason(exc)
+            node.stats.host(route.name if route is not None else UNMATCHED).handshakes_failed[reason] += 1
+            if not transport.is_closing():
+                transport.abort()
+            return
+        self.done()  # the slot passes to the connection, which the listener now counts
+        if tls_transport is not None:
+            record_handshake(node, conn, tls_transport)
+            conn.connection_made(tls_transport)
+
+    def hand_over(self) -> None:
+        """Give the bytes read so far to the TLS protocol that now owns the transport."""
+        if not self.buffer or self.transport.is_closing():
+            return
+        protocol: Any = self.transport.get_protocol()
+        data = memoryview(bytes(self.buffer))
+        self.buffer.clear()
+        while data:
+            if hasattr(protocol, "get_buffer"):  # both loops' SSLProtocol are buffered
+                buffer = protocol.get_buffer(len(data))
+                n = min(len(buffer), len(data))
+                buffer[:n] = data[:n]
+                protocol.buffer_updated(n)
+            else:
+                n = len(data)
+                protocol.data_received(bytes(data))
+            data = data[n:]
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def refuse(self, reply: bytes) -> None:
+        self.started = True
+        self.stop_timer()
+        self.transport.write(reply)
+        self.transport.close()
+        self.done()
+
+    def done(self) -> None:
+        """Give the listener slot back (once)."""
+        self.stop_timer()
+        if self.holds_slot:
+            self.holds_slot = False
+            self.listener.handshaking -= 1
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def record_handshake(node: ProxyNode, conn: ClientConnection, transport: asyncio.BaseTransport) -> None:
+    """Count a finished handshake, and note the client certificate it verified."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    stats = conn.listener.stats
+    if ssl_object is not None:
+        stats.tls_versions[ssl_object.version() or "?"] += 1
+        cipher = ssl_object.cipher()
+        stats.ciphers[cipher[0] if cipher else "?"] += 1
+    route = conn.sni_route
+    node.stats.host(route.name if route is not None else UNMATCHED).handshakes_ok += 1
+    if route is not None and route.client_auth.mode is not ClientAuthMode.OFF and ssl_object:
+        # The TLS layer verified it against this host's CA bundle: the only way in.
+        der = ssl_object.getpeercert(binary_form=True)
+        headers = client_cert_headers(der, route.client_auth)
+        conn.client_cert_lines = b"".join(b"%s: %s\r\n" % field for field in headers)

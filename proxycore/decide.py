@@ -1,0 +1,80 @@
+"""What to do with a request, as one pure function over the snapshot: ``decide``.
+
+Given a parsed request head, the host its ``Host`` names (``routing.lookup_route``)
+and the host its connection's SNI chose, the proxy either forwards the request to
+the host's upstream, answers it itself (421, 405, 413), redirects it to HTTPS, or
+answers an ACME http-01 challenge. Nothing here does I/O or reads a clock, so each
+rule is tested without sockets (tests/test_decisions.py); the connection and its
+``Exchange`` carry the decision out.
+
+Which target of the upstream takes a forwarded request is not decided here: the
+balancer's pick depends on live health, and an upstream with no target left is
+answered 503 by the exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from proxycore.config import HostRoute, Mode
+from proxycore.http1 import Framing, RequestHead
+from proxycore.routing import redirect_location
+
+ACME_PREFIX: Final = b"/.well-known/acme-challenge/"
+
+# Decision.action
+FORWARD: Final = 0
+LOCAL: Final = 1  # answer ``status`` here (an error page), HSTS as ``route`` says
+REDIRECT: Final = 2  # ``status`` with ``location``
+ACME: Final = 3  # the key authorization of ``token``, from the snapshot's challenges
+
+
+class Decision:
+    """One request's fate. ``route`` is the host whose HSTS policy a local answer carries."""
+
+    __slots__ = ("action", "location", "route", "status", "token")
+
+    def __init__(
+        self, action: int, status: int = 0, route: HostRoute | None = None,
+        location: bytes = b"", token: str = "",
+    ) -> None:
+        self.action = action
+        self.status = status
+        self.route = route
+        self.location = location
+        self.token = token
+
+    def __repr__(self) -> str:
+        names = ("FORWARD", "LOCAL", "REDIRECT", "ACME")
+        return (f"Decision({names[self.action]}, {self.status}, "
+                f"location={self.location!r}, token={self.token!r})")
+
+
+_FORWARD: Final = Decision(FORWARD)
+
+
+def decide(
+    head: RequestHead, route: HostRoute | None, sni_route: HostRoute | None, *,
+    https: bool, https_port: int,
+) -> Decision:
+    """The fate of ``head``, for ``route`` (its Host's host, or None) on a connection whose
+    SNI chose ``sni_route`` (None on plain HTTP, or when the default certificate served)."""
+    if https:
+        # One connection, one host: a Host naming another host than the SNI is misdirected.
+        if route is None or (sni_route is not None and route is not sni_route) or route.mode is Mode.TCP:
+            return Decision(LOCAL, 421, sni_route)
+    else:
+        if head.target.startswith(ACME_PREFIX):
+            return Decision(ACME, token=head.target[len(ACME_PREFIX):].decode("ascii", "replace"))
+        if route is None or route.mode is Mode.TCP:
+            return Decision(LOCAL, 421)
+        if route.redirect.enabled:
+            return Decision(REDIRECT, route.redirect.status, route,
+                            location=redirect_location(head.host, head.target, https_port))
+    if head.method == b"TRACE" and not route.allow_trace:
+        # TRACE echoes the request, cookies and credentials included: off unless a host wants it.
+        return Decision(LOCAL, 405, route)
+    limit = route.max_body_size
+    if limit and head.framing is Framing.LENGTH and head.content_length > limit:
+        return Decision(LOCAL, 413, route)
+    return _FORWARD
