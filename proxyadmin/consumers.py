@@ -34,15 +34,18 @@ GROUP_REFRESH_SECONDS = 3600.0
 MALFORMED_LOG_FIRST = 5
 MALFORMED_LOG_EVERY = 100
 CLOSE_FORBIDDEN = 4403
+CLOSE_POLICY_VIOLATION = 1008
 
 
 # -- node bookkeeping (sync, database) --------------------------------------
 
 
-def save_hello(hello: agentproto.Hello, channel_name: str) -> int:
-    """Record a node's hello; returns the current config revision."""
+def save_hello(hello: agentproto.Hello, channel_name: str) -> int | None:
+    """Record a node's hello; the current config revision, or None for a new node that does not fit."""
     now = timezone.now()
     existing = ProxyNode.objects.filter(name=hello.node).first()
+    if existing is None and not ProxyNode.make_room(now):
+        return None
     if (existing is not None and existing.connected and existing.channel_name != channel_name
             and existing.status_at(now) == ProxyNode.Status.ONLINE):
         log.warning("two proxy nodes call themselves %r: give each a name of its own (runproxy --name)",
@@ -152,12 +155,12 @@ class AgentConsumer(GroupMember):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
-            self.ignore("a binary frame")
+            self.drop("a binary frame")
             return
         try:
             content = await self.decode_json(text_data)
         except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            self.ignore("a frame that is not JSON")
+            self.drop("a frame that is not JSON")
             return
         await self.receive_json(content)
 
@@ -165,12 +168,12 @@ class AgentConsumer(GroupMember):
         try:
             message = agentproto.parse_node_message(content)
         except agentproto.ProtocolError as exc:
-            self.ignore(str(exc))
+            self.drop(f"a message ({exc})")
             return
         if isinstance(message, agentproto.Hello):
             await self.on_hello(message)
         elif self.node is None:
-            self.ignore(f"{message.type} before hello")
+            self.drop(f"{message.type} before hello")
         elif isinstance(message, agentproto.StatsReport):
             await self.on_stats(message)
         else:
@@ -178,9 +181,15 @@ class AgentConsumer(GroupMember):
 
     async def on_hello(self, hello: agentproto.Hello) -> None:
         if self.node is not None and hello.node != self.node:
-            self.ignore(f"hello naming another node ({hello.node!r})")
+            self.drop(f"hello naming another node ({hello.node!r})")
             return
         current = await database_sync_to_async(save_hello)(hello, self.channel_name)
+        if current is None:
+            log.error("agent link from %s refused: proxy node %r would be one more than the %d kept, "
+                      "and none of them has been offline long enough to be forgotten",
+                      self.peer, hello.node, ProxyNode.MAX_NODES)
+            await self.close(code=CLOSE_POLICY_VIOLATION, reason="too many proxy nodes online")
+            return
         self.node = hello.node
         log.info("proxy node %s connected from %s: version %s, pid %d, revision %d",
                  hello.node, self.peer, hello.version, hello.pid, hello.revision)
@@ -190,7 +199,7 @@ class AgentConsumer(GroupMember):
 
     async def on_stats(self, report: agentproto.StatsReport) -> None:
         if report.node != self.node:
-            self.ignore(f"stats naming another node ({report.node!r})")
+            self.drop(f"stats naming another node ({report.node!r})")
             return
         try:
             delta = await database_sync_to_async(traffic.record_stats)(report)
@@ -210,11 +219,12 @@ class AgentConsumer(GroupMember):
         await database_sync_to_async(save_config_report)(self.node, report)
         await self.broadcast_nodes()
 
-    def ignore(self, what: str) -> None:
+    def drop(self, what: str) -> None:
+        """Drop a message the node should not have sent, and keep the link (agentproto says why)."""
         self.malformed += 1
         if self.malformed <= MALFORMED_LOG_FIRST or self.malformed % MALFORMED_LOG_EVERY == 0:
-            log.warning("agent link %s (%s): ignored %s [%d so far]",
-                        self.node or "before hello", self.peer, what, self.malformed)
+            log.error("agent link %s (%s): dropped %s [%d so far]",
+                      self.node or "before hello", self.peer, what, self.malformed)
 
     async def broadcast_nodes(self) -> None:
         nodes = await database_sync_to_async(announce.nodes_message)()

@@ -390,6 +390,11 @@ class ProxyNode(models.Model):
 
     ONLINE_SECONDS = 5  # stats come every second: a few missed ones is still online
     STALE_SECONDS = 60
+    # Rows are made by whoever holds the agent token, so they are bounded: at most
+    # MAX_NODES (every ``nodes`` broadcast carries them all; a real deployment has a
+    # few dozen nodes), and a node not heard from for FORGET_AFTER is deleted.
+    MAX_NODES = 200
+    FORGET_AFTER = dt.timedelta(days=1)
 
     class Status(models.TextChoices):
         ONLINE = "online", "online"
@@ -434,6 +439,28 @@ class ProxyNode(models.Model):
     @property
     def status(self) -> str:
         return self.status_at(timezone.now())
+
+    @classmethod
+    def forget_unseen(cls, now: dt.datetime) -> int:
+        """Delete the nodes not heard from for ``FORGET_AFTER``; how many."""
+        deleted, _ = cls.objects.filter(last_seen__lte=now - cls.FORGET_AFTER).delete()
+        return deleted
+
+    @classmethod
+    def make_room(cls, now: dt.datetime) -> bool:
+        """Whether one more node fits under ``MAX_NODES``, forgetting the longest-offline ones if need be.
+
+        Nodes heard from within ``STALE_SECONDS`` are never forgotten for a newcomer:
+        when they fill the list, the newcomer is the one refused.
+        """
+        cls.forget_unseen(now)
+        excess = cls.objects.count() - cls.MAX_NODES + 1
+        if excess <= 0:
+            return True
+        offline = cls.objects.filter(last_seen__lte=now - dt.timedelta(seconds=cls.STALE_SECONDS))
+        oldest = list(offline.order_by("last_seen").values_list("pk", flat=True)[:excess])
+        deleted, _ = cls.objects.filter(pk__in=oldest).delete()
+        return deleted >= excess
 
     def note_applied(self, revision: int) -> None:
         self.applied_revision = revision

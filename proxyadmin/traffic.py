@@ -18,11 +18,13 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import F, Sum
+from django.db.models import F, PositiveBigIntegerField, Sum, Value
+from django.db.models.functions import Least
 from django.utils import timezone
 
-from proxyadmin.models import ProxyNode, TrafficRollup
-from proxycore.agentproto import StatsReport, latency_quantile
+from proxyadmin.models import Host, ProxyNode, TrafficRollup
+from proxycore.agentproto import MAX_COUNTER, StatsReport, latency_quantile
+from proxycore.stats import UNMATCHED
 
 log = logging.getLogger("proxyadmin.traffic")
 
@@ -81,7 +83,7 @@ class HostDelta:
     latency_counts: tuple[int, ...] = (0,)
 
     def rollup_increments(self) -> dict[str, int]:
-        """The non-zero ``TrafficRollup`` columns this delta adds to."""
+        """The non-zero ``TrafficRollup`` columns this delta adds to (each at most ``MAX_COUNTER``)."""
         values = {
             "requests": self.requests,
             "responses_2xx": self.responses.get("2xx", 0),
@@ -93,7 +95,8 @@ class HostDelta:
             "handshake_failures": self.handshake_failures,
             "upstream_errors": self.upstream_errors,
         }
-        return {name: n for name, n in values.items() if n}
+        # Sums of several counters (failure reasons, error kinds) may pass the column's top.
+        return {name: min(n, MAX_COUNTER) for name, n in values.items() if n}
 
     def worth_showing(self) -> bool:
         """Idle hosts stay out of ticks; a host whose last connection just closed does not."""
@@ -257,9 +260,14 @@ def history_series(
 # -- the rollup (database) --------------------------------------------------
 
 
+def _saturating_add(column: str, n: int) -> Any:
+    """``column + n`` in the database, stopping at ``MAX_COUNTER`` instead of overflowing bigint."""
+    return Least(F(column), Value(MAX_COUNTER - n), output_field=PositiveBigIntegerField()) + n
+
+
 def _add_row(minute: dt.datetime, host: str, increments: Mapping[str, int]) -> None:
     rows = TrafficRollup.objects.filter(minute=minute, host=host)
-    add = {column: F(column) + n for column, n in increments.items()}
+    add = {column: _saturating_add(column, n) for column, n in increments.items()}
     # An UPDATE with F() adds in the database: concurrent writers cannot lose each other's counts.
     if rows.update(**add):
         return
@@ -279,6 +287,15 @@ def add_to_rollup(hosts: Mapping[str, HostDelta], minute: dt.datetime) -> None:
             _add_row(minute, host, increments)
 
 
+def rolled_up_hosts() -> set[str]:
+    """The host names the rollup keeps: the config's hosts, and ``-`` for traffic that matched none.
+
+    Nodes name hosts in their reports; bounding the stored names by the config means
+    a node cannot add rows for hosts that do not exist.
+    """
+    return {*Host.objects.values_list("name", flat=True), UNMATCHED}
+
+
 def prune_rollup(now: dt.datetime) -> int:
     """Delete rollup rows older than ``TRAFFIC_HISTORY_DAYS``; returns how many."""
     cutoff = minute_of(now) - dt.timedelta(days=settings.TRAFFIC_HISTORY_DAYS)
@@ -287,7 +304,7 @@ def prune_rollup(now: dt.datetime) -> int:
 
 
 class RollupPruner:
-    """Prunes at most once per ``PRUNE_INTERVAL`` in this process."""
+    """Prunes old rollup rows, and nodes not seen for a day, at most once per ``PRUNE_INTERVAL`` here."""
 
     def __init__(self) -> None:
         self.last: dt.datetime | None = None
@@ -296,6 +313,7 @@ class RollupPruner:
         if self.last is not None and now - self.last < PRUNE_INTERVAL:
             return None
         self.last = now
+        ProxyNode.forget_unseen(now)
         return prune_rollup(now)
 
 
@@ -307,15 +325,18 @@ def record_stats(report: StatsReport, now: dt.datetime | None = None) -> StatsDe
 
     Returns None for a node that never said hello. The node row is locked for the
     whole step, so two links that claim the same node cannot count a delta twice.
+    Only ``rolled_up_hosts()`` are stored; the delta (and so the live tick) keeps every
+    host the node reported, such as one just removed that still drains connections.
     """
     now = now or timezone.now()
     current = StatsSample(report.time, report.totals)
+    kept = rolled_up_hosts()
     with transaction.atomic():
         node = ProxyNode.objects.select_for_update().filter(name=report.node).first()
         if node is None:
             return None
         delta = stats_delta(StatsSample.from_json(node.last_stats), current)
-        add_to_rollup(delta.hosts, minute_of(now))
+        add_to_rollup({name: host for name, host in delta.hosts.items() if name in kept}, minute_of(now))
         node.last_stats = current.to_json()
         node.started_at = dt.datetime.fromtimestamp(current.started_at, tz=dt.UTC)
         node.last_seen = now

@@ -44,9 +44,19 @@ control plane → node
         reloads from the database and answers ``config.applied`` or
         ``config.rejected``.
 
-Anything else (not a JSON object, an unknown ``type``, a field of the wrong type)
-is a ``ProtocolError``: the receiver logs it and carries on; it never closes the
-link. Unknown extra fields are ignored so that either side can grow.
+Bounds
+    Every integer is a whole number from 0 to 2**63-1 (PostgreSQL's bigint, the type
+    the control plane stores counters and revisions in); a ``pid`` fits 2**31-1.
+    Times and latency figures are finite numbers. Names are at most 253 characters,
+    ``version`` 100; error texts are cut to 4000. A report holds at most 10,000
+    hosts, 10,000 upstreams of at most 1,000 targets each, 64 listeners, 256 entries
+    per counter map and 64 latency buckets (the ``MAX_*`` constants below).
+
+Anything else (not a JSON object, an unknown ``type``, a field of the wrong type, a
+number or a count out of bounds) is a ``ProtocolError``: the receiver drops that
+message, logs it, and carries on; it never closes the link for it -- a node with one
+odd counter still gets its config pushes. Unknown extra fields are ignored so that
+either side can grow, and are not kept: parsers return checked copies.
 
 The dashboard's messages (``state``, ``nodes``, ``tick``) are built by the
 control plane from these; ``latency_quantile`` below is how a ``tick`` turns
@@ -55,7 +65,7 @@ latency-histogram differences into p50/p95.
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,10 +73,29 @@ from typing import Any, ClassVar
 AGENT_PATH = "/ws/agent/"
 # Close code for a refused token (4000-4999 are the application's; 401 for "unauthorised").
 CLOSE_UNAUTHORISED = 4401
+
+# -- bounds: what a message may hold (see "Bounds" above) --
 MAX_NAME_LENGTH = 253
-MAX_ERROR_LENGTH = 4000
+MAX_VERSION_LENGTH = 100
+MAX_ERROR_LENGTH = 4000  # longer error texts are cut, not refused
 # Any epoch time past year 9999 is garbage, and datetime cannot hold it.
 MAX_EPOCH = 253402300799.0
+# PostgreSQL's bigint: the rollup's counters and the revision columns.
+MAX_COUNTER = 2**63 - 1
+# ProxyNode.pid's column (a signed 32-bit integer); Linux pids stop at 2**22.
+MAX_PID = 2**31 - 1
+# Per report. A node reports the hosts and upstreams of the configs it served since it
+# started (and "-"): 10,000 is far above a real config, and keeps the work one report
+# costs (deltas, the tick, the stored copy) bounded.
+MAX_HOSTS = 10_000
+MAX_UPSTREAMS = 10_000
+MAX_TARGETS = 1_000  # per upstream
+MAX_LISTENERS = 64  # a node has two (https, http)
+# Status classes, handshake failure reasons, upstream error kinds, TLS versions, ciphers:
+# each a short fixed list on a real node.
+MAX_MAP_ENTRIES = 256
+MAX_LATENCY_BUCKETS = 64  # proxycore.stats has 13
+MAX_LATENCY_SECONDS = 86_400.0  # a bucket bound; no upstream answer is awaited longer
 
 HOST_COUNTERS = (
     "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
@@ -157,29 +186,41 @@ NodeMessage = Hello | StatsReport | ConfigApplied | ConfigRejected
 
 
 # -- validation -------------------------------------------------------------
+#
+# Every parser returns a clean copy: the fields this module knows, each checked
+# against its bound, so what the control plane stores is bounded by this module.
 
 
-def _object(value: object, what: str) -> dict[str, Any]:
+def _object(value: object, what: str, *, limit: int | None = None) -> dict[str, Any]:
     # NUL is refused because PostgreSQL cannot store it in text or jsonb.
     if not isinstance(value, dict) or not all(isinstance(k, str) and "\x00" not in k for k in value):
         raise ProtocolError(f"{what} must be a JSON object")
+    if limit is not None and len(value) > limit:
+        raise ProtocolError(f"{what} must have at most {limit} entries")
     return value
 
 
-def _int(content: dict[str, Any], key: str, what: str, *, default: int | None = None) -> int:
-    value = content.get(key, default)
+def _whole(value: object, what: str, limit: int = MAX_COUNTER) -> int:
     # bool is an int to Python, never to the protocol.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"{what}: {key!r} must be a whole number >= 0")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise ProtocolError(f"{what} must be a whole number from 0 to {limit}")
     return value
+
+
+def _int(content: dict[str, Any], key: str, what: str, *, default: int | None = None,
+         limit: int = MAX_COUNTER) -> int:
+    return _whole(content.get(key, default), f"{what}: {key!r}", limit)
+
+
+def _real(value: object, what: str, low: float, high: float) -> float:
+    # Compared before any float(): a 400-digit integer must not raise OverflowError; NaN fails both.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ProtocolError(f"{what} must be a number from {low:g} to {high:g}")
+    return float(value)
 
 
 def _epoch(content: dict[str, Any], key: str, what: str) -> float:
-    value = content.get(key)
-    if (not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
-            or not 0 <= value <= MAX_EPOCH):
-        raise ProtocolError(f"{what}: {key!r} must be an epoch time in seconds")
-    return float(value)
+    return _real(content.get(key), f"{what}: {key!r} (an epoch time in seconds)", 0.0, MAX_EPOCH)
 
 
 def _str(content: dict[str, Any], key: str, what: str, *, limit: int = MAX_NAME_LENGTH,
@@ -191,33 +232,73 @@ def _str(content: dict[str, Any], key: str, what: str, *, limit: int = MAX_NAME_
     return value
 
 
-def _counter_map(value: object, what: str) -> None:
-    mapping = _object(value, what)
-    for key in mapping:
-        _int(mapping, key, what)
+def _error_text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} must be a string")
+    return value.replace("\x00", "")[:MAX_ERROR_LENGTH]
 
 
-def _validate_host_stats(stats: object, what: str) -> None:
-    host = _object(stats, what)
-    for key in HOST_COUNTERS:
-        _int(host, key, what, default=0)
-    for key in HOST_COUNTER_MAPS:
-        _counter_map(host.get(key, {}), f"{what} {key}")
-    latency = _object(host.get("latency", {"buckets": [], "counts": [0]}), f"{what} latency")
+def _valid_name(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH and "\x00" not in name
+
+
+def _name(name: str, what: str) -> str:
+    if not _valid_name(name):
+        raise ProtocolError(f"{what}: a name is empty or longer than {MAX_NAME_LENGTH} characters")
+    return name
+
+
+def _counter_map(value: object, what: str) -> dict[str, int]:
+    mapping = _object(value, what, limit=MAX_MAP_ENTRIES)
+    return {_name(key, what): _whole(n, f"{what} {key[:40]!r}") for key, n in mapping.items()}
+
+
+def _latency(value: object, what: str) -> dict[str, Any]:
+    if value is None:
+        return {"buckets": [], "counts": [0], "sum": 0.0}
+    latency = _object(value, what)
     buckets, counts = latency.get("buckets"), latency.get("counts")
-    if (not isinstance(buckets, list) or not isinstance(counts, list)
-            or len(counts) != len(buckets) + 1
-            or not all(isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b)
-                       for b in buckets)
-            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
-        raise ProtocolError(f"{what}: latency must have buckets and one more count than buckets")
+    if not isinstance(buckets, list) or not isinstance(counts, list) or len(counts) != len(buckets) + 1:
+        raise ProtocolError(f"{what}: must have buckets and one more count than buckets")
+    if len(buckets) > MAX_LATENCY_BUCKETS:
+        raise ProtocolError(f"{what}: must have at most {MAX_LATENCY_BUCKETS} buckets")
+    return {
+        "buckets": [_real(b, f"{what} bucket", 0.0, MAX_LATENCY_SECONDS) for b in buckets],
+        "counts": [_whole(c, f"{what} count") for c in counts],
+        "sum": _real(latency.get("sum", 0.0), f"{what} sum", 0.0, sys.float_info.max),
+    }
+
+
+def _host_stats(value: object, what: str) -> dict[str, Any]:
+    host = _object(value, what)
+    return {
+        **{key: _int(host, key, what, default=0) for key in HOST_COUNTERS},
+        **{key: _counter_map(host.get(key, {}), f"{what} {key}") for key in HOST_COUNTER_MAPS},
+        "latency": _latency(host.get("latency"), f"{what} latency"),
+    }
+
+
+def _listener_stats(value: object, what: str) -> dict[str, Any]:
+    listener = _object(value, what)
+    return {
+        **{key: _int(listener, key, what, default=0) for key in LISTENER_COUNTERS},
+        **{key: _counter_map(listener.get(key, {}), f"{what} {key}") for key in LISTENER_COUNTER_MAPS},
+    }
+
+
+def _config_rejected(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    rejected = _object(value, "stats config_rejected")
+    return {"revision": _int(rejected, "revision", "stats config_rejected"),
+            "error": _error_text(rejected.get("error"), "stats config_rejected: 'error'")}
 
 
 def _target(value: object) -> dict[str, Any]:
     target = _object(value, "stats upstream target")
     last_error = target.get("last_error")
-    if last_error is not None and not isinstance(last_error, str):
-        raise ProtocolError("stats upstream target: 'last_error' must be a string or null")
+    if last_error is not None:
+        last_error = _error_text(last_error, "stats upstream target: 'last_error'")
     for key in TARGET_FLAGS:
         if not isinstance(target.get(key), bool):
             raise ProtocolError(f"stats upstream target: {key!r} must be true or false")
@@ -225,15 +306,15 @@ def _target(value: object) -> dict[str, Any]:
         "address": _str(target, "address", "stats upstream target"),
         **{key: target[key] for key in TARGET_FLAGS},
         **{key: _int(target, key, "stats upstream target", default=0) for key in TARGET_LEVELS},
-        "last_error": None if last_error is None else last_error.replace("\x00", "")[:MAX_ERROR_LENGTH],
+        "last_error": last_error,
     }
 
 
 def _upstream(value: object) -> dict[str, Any]:
     upstream = _object(value, "stats upstream")
     targets = upstream.get("targets", [])
-    if not isinstance(targets, list):
-        raise ProtocolError("stats upstream: 'targets' must be a list")
+    if not isinstance(targets, list) or len(targets) > MAX_TARGETS:
+        raise ProtocolError(f"stats upstream: 'targets' must be a list of at most {MAX_TARGETS}")
     return {
         "targets": [_target(t) for t in targets],
         **{key: _int(upstream, key, "stats upstream", default=0)
@@ -241,14 +322,11 @@ def _upstream(value: object) -> dict[str, Any]:
     }
 
 
-def _valid_name(name: object) -> bool:
-    return isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH and "\x00" not in name
-
-
 def _upstreams(value: object) -> dict[str, dict[str, Any]]:
-    """The well-formed upstream states of a report (a copy); a malformed one is left out."""
+    """The well-formed upstream states of a report; a malformed one is left out."""
     if not isinstance(value, dict):
         return {}
+    _object(value, "stats upstreams", limit=MAX_UPSTREAMS)
     found = {}
     for name, upstream in value.items():
         if not _valid_name(name):
@@ -263,35 +341,32 @@ def _upstreams(value: object) -> dict[str, dict[str, Any]]:
 def _host_upstreams(value: object) -> dict[str, str]:
     if not isinstance(value, dict):
         return {}
+    _object(value, "stats host_upstreams", limit=MAX_HOSTS)
     return {host: name for host, name in value.items() if _valid_name(host) and _valid_name(name)}
 
 
 def validate_totals(totals: object) -> dict[str, Any]:
-    """Check the shape of ``Stats.as_dict()`` deeply enough that arithmetic on it cannot fail."""
+    """A checked copy of ``Stats.as_dict()``: arithmetic on it cannot fail, and storing it cannot either."""
     checked = _object(totals, "stats totals")
-    _epoch(checked, "started_at", "stats totals")
-    hosts = _object(checked.get("hosts", {}), "stats hosts")
-    for name, host in hosts.items():
-        if not name or len(name) > MAX_NAME_LENGTH:
-            raise ProtocolError("stats hosts: a host name is empty or too long")
-        _validate_host_stats(host, "stats host")
-    listeners = _object(checked.get("listeners", {}), "stats listeners")
-    for listener in listeners.values():
-        entry = _object(listener, "stats listener")
-        for key in LISTENER_COUNTERS:
-            _int(entry, key, "stats listener", default=0)
-        for key in LISTENER_COUNTER_MAPS:
-            _counter_map(entry.get(key, {}), f"stats listener {key}")
-    # State, not counters: what is malformed is dropped rather than the whole report.
-    for key, clean in (("upstreams", _upstreams), ("host_upstreams", _host_upstreams)):
-        if key in checked:
-            checked = {**checked, key: clean(checked[key])}
-    return checked
+    hosts = _object(checked.get("hosts", {}), "stats hosts", limit=MAX_HOSTS)
+    listeners = _object(checked.get("listeners", {}), "stats listeners", limit=MAX_LISTENERS)
+    return {
+        "started_at": _epoch(checked, "started_at", "stats totals"),
+        "config_revision": _int(checked, "config_revision", "stats totals", default=0),
+        "config_rejected": _config_rejected(checked.get("config_rejected")),
+        "hosts": {_name(name, "stats hosts"): _host_stats(host, "stats host")
+                  for name, host in hosts.items()},
+        "listeners": {_name(name, "stats listeners"): _listener_stats(entry, "stats listener")
+                      for name, entry in listeners.items()},
+        # State, not counters: what is malformed is dropped rather than the whole report.
+        "upstreams": _upstreams(checked.get("upstreams", {})),
+        "host_upstreams": _host_upstreams(checked.get("host_upstreams", {})),
+    }
 
 
 def _listeners(value: object) -> tuple[Listener, ...]:
-    if not isinstance(value, list):
-        raise ProtocolError("hello: 'listeners' must be a list")
+    if not isinstance(value, list) or len(value) > MAX_LISTENERS:
+        raise ProtocolError(f"hello: 'listeners' must be a list of at most {MAX_LISTENERS}")
     found = []
     for item in value:
         entry = _object(item, "hello listener")
@@ -307,8 +382,8 @@ def parse_node_message(content: object) -> NodeMessage:
     if kind == Hello.type:
         return Hello(
             node=_str(message, "node", "hello"),
-            version=_str(message, "version", "hello", limit=100, empty=True),
-            pid=_int(message, "pid", "hello"),
+            version=_str(message, "version", "hello", limit=MAX_VERSION_LENGTH, empty=True),
+            pid=_int(message, "pid", "hello", limit=MAX_PID),
             revision=_int(message, "revision", "hello"),
             listeners=_listeners(message.get("listeners", [])),
         )
@@ -321,11 +396,8 @@ def parse_node_message(content: object) -> NodeMessage:
     if kind == ConfigApplied.type:
         return ConfigApplied(revision=_int(message, "revision", "config.applied"))
     if kind == ConfigRejected.type:
-        error = message.get("error")
-        if not isinstance(error, str):
-            raise ProtocolError("config.rejected: 'error' must be a string")
         return ConfigRejected(revision=_int(message, "revision", "config.rejected"),
-                              error=error.replace("\x00", "")[:MAX_ERROR_LENGTH])
+                              error=_error_text(message.get("error"), "config.rejected: 'error'"))
     if isinstance(kind, str):
         raise ProtocolError(f"unknown message type {kind[:40]!r}")
     raise ProtocolError("message has no 'type'")

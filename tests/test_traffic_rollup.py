@@ -12,7 +12,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from proxyadmin import announce, traffic
-from proxyadmin.models import ProxyNode, TrafficRollup
+from proxyadmin.models import Host, ProxyNode, TrafficRollup, Upstream
 from proxycore.agentproto import StatsReport, latency_quantile
 from proxycore.stats import Stats
 
@@ -198,6 +198,7 @@ def test_rows_older_than_the_history_are_pruned_at_most_once_a_minute() -> None:
 
 @pytest.mark.django_db
 def test_stats_reports_of_a_node_are_rolled_up_as_deltas() -> None:
+    Host.objects.create(name="shop", upstream=Upstream.objects.create(name="app"))
     ProxyNode.objects.create(name="edge-1", connected=True)
     stats = Stats()
     shop = stats.host("shop")
