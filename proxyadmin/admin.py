@@ -9,6 +9,8 @@ import datetime as dt
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.options import TO_FIELD_VAR, csrf_protect_m
+from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -79,6 +81,42 @@ class CertificateAdmin(admin.ModelAdmin):
     @admin.display(description="used by hosts")
     def used_by(self, obj: m.Certificate) -> str:
         return ", ".join(h.name for h in obj.hosts.all()) or "—"
+
+    @csrf_protect_m
+    def changeform_view(
+        self, request: HttpRequest, object_id: str | None = None, form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        if request.method == "POST":
+            self.inspect_before_transaction(request, object_id)
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def inspect_before_transaction(self, request: HttpRequest, object_id: str | None) -> None:
+        """Check the upload before Django opens the transaction it saves in.
+
+        With SQLite that transaction holds the database's write lock from its start;
+        the form validated inside it reuses this inspection (``get_form``) instead.
+        """
+        inspections = forms.UploadInspections()
+        request.certificate_inspections = inspections  # type: ignore[attr-defined]
+        to_field = request.POST.get(TO_FIELD_VAR, request.GET.get(TO_FIELD_VAR))
+        obj = self.get_object(request, unquote(object_id), to_field) if object_id else None
+        if object_id and obj is None:
+            return  # Django answers these itself
+        if not (self.has_change_permission(request, obj) if obj else self.has_add_permission(request)):
+            return
+        fields = flatten_fieldsets(self.get_fieldsets(request, obj))
+        form_class = self.get_form(request, obj, change=obj is not None, fields=fields)
+        form_class(request.POST, request.FILES, instance=obj).is_valid()
+
+    def get_form(
+        self, request: HttpRequest, obj: m.Certificate | None = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form_class = super().get_form(request, obj, change, **kwargs)
+        inspections = getattr(request, "certificate_inspections", None)
+        if inspections is None:
+            return form_class
+        return type(form_class.__name__, (form_class,), {"shared_inspections": inspections})
 
     def save_model(self, request: HttpRequest, obj: m.Certificate, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)

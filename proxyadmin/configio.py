@@ -19,8 +19,9 @@ Fernet token (``key_token``) never does.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 from django import forms as django_forms
@@ -352,7 +353,40 @@ def _saved(what: str, created: bool) -> Outcome:
     return Outcome("created" if created else "changed", what)
 
 
-def import_certificate(entry: Mapping[str, Any]) -> Outcome:
+def _certificate_form(
+    entry: Mapping[str, Any], existing: m.Certificate | None, inspections: forms.UploadInspections | None
+) -> tuple[forms.CertificateForm, dict[str, Any]]:
+    """The admin's form for a certificate entry, and the entry over the stored values."""
+    base = dump_certificate(existing, with_keys=False) if existing else {"source": "uploaded"}
+    values = {**base, **entry}
+    form = forms.CertificateForm(
+        {
+            "name": entry["name"], "chain_pem": values["chain_pem"], "key_pem": values.get("key_pem", ""),
+            **({"allow_incomplete": "on"} if values.get("allow_incomplete") else {}),
+        },
+        instance=existing,
+        inspections=inspections,
+    )
+    return form, values
+
+
+def inspect_certificates(document: Mapping[str, Any]) -> forms.UploadInspections:
+    """Check every certificate of the document, before the import's transaction opens.
+
+    Checking chains is the slow part of an import; done inside the transaction, it
+    would hold the database's write lock (SQLite) the whole time. The forms validated
+    inside it find their results here.
+    """
+    inspections = forms.UploadInspections()
+    for entry in document.get(CERTIFICATES.section, []):
+        existing = _existing(m.Certificate, entry["name"])
+        _certificate_form(entry, existing, inspections)[0].is_valid()
+    return inspections
+
+
+def import_certificate(
+    entry: Mapping[str, Any], inspections: forms.UploadInspections | None = None
+) -> Outcome:
     name = entry["name"]
     what = f"certificate '{name}'"
     existing: m.Certificate | None = _existing(m.Certificate, name)
@@ -362,15 +396,7 @@ def import_certificate(entry: Mapping[str, Any]) -> Outcome:
         )
     before = dump_object(existing) if existing else None
     stored_key = _stored_key(existing)
-    base = dump_certificate(existing, with_keys=False) if existing else {"source": "uploaded"}
-    values = {**base, **entry}
-    form = forms.CertificateForm(
-        {
-            "name": name, "chain_pem": values["chain_pem"], "key_pem": values.get("key_pem", ""),
-            **({"allow_incomplete": "on"} if values.get("allow_incomplete") else {}),
-        },
-        instance=existing,
-    )
+    form, values = _certificate_form(entry, existing, inspections)
     problems = _form_problems(form)
     if values["source"] not in m.Certificate.Source.values:
         problems.append(
@@ -551,10 +577,15 @@ IMPORTERS = {
 }
 
 
-def apply_document(document: Mapping[str, Any]) -> list[Outcome]:
+def apply_document(
+    document: Mapping[str, Any], inspections: forms.UploadInspections | None = None
+) -> list[Outcome]:
     """Validate and save every object, referenced kinds first; refusals do not stop the rest."""
+    importers: dict[str, Callable[[Mapping[str, Any]], Outcome]] = {
+        **IMPORTERS, CERTIFICATES.section: partial(import_certificate, inspections=inspections),
+    }
     outcomes = [
-        IMPORTERS[kind.section](entry) for kind in KINDS for entry in document.get(kind.section, [])
+        importers[kind.section](entry) for kind in KINDS for entry in document.get(kind.section, [])
     ]
     if "settings" in document:
         outcomes.append(import_settings(document["settings"]))
@@ -566,11 +597,13 @@ def import_config(document: Mapping[str, Any], *, dry_run: bool = False) -> list
 
     Everything is really saved inside the transaction, so an entry can refer to
     one defined earlier in the same document even in a dry run; the rollback
-    then undoes it, the revision made on leaving the batch included.
+    then undoes it, the revision made on leaving the batch included. Certificates
+    are checked before it opens (``inspect_certificates``).
     """
+    inspections = inspect_certificates(document)
     with transaction.atomic():
         with revisions.revision_batch(ACTOR):
-            outcomes = apply_document(document)
+            outcomes = apply_document(document, inspections)
         if dry_run or any(outcome.refused for outcome in outcomes):
             transaction.set_rollback(True)
     return outcomes

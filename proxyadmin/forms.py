@@ -26,7 +26,35 @@ def _read_upload(field: forms.Field, upload: Any, label: str) -> bytes:
         return b""
     if upload.size > MAX_UPLOAD_BYTES:
         raise ValidationError(f"The {label} file is larger than 1 MiB; that is not a certificate file.")
+    upload.seek(0)  # a form validated twice (before and inside a transaction) reads it twice
     return bytes(upload.read())
+
+
+class UploadInspections:
+    """Certificate uploads already inspected, by their inputs: for one request or one import.
+
+    Inspecting a chain is the slow part of saving a certificate. A caller validates
+    its forms once before it opens a transaction (with SQLite, ``BEGIN IMMEDIATE``
+    takes the database's write lock), and the forms validated again inside it
+    reuse the results, so nothing else waits on the lock while a chain is checked.
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[tuple[object, ...], pki.InspectedCertificate | pki.CertificateProblem] = {}
+
+    def inspect(self, *, known_issuers: list[Any], **upload: Any) -> pki.InspectedCertificate:
+        # ``now`` is left out of the key: the second look comes within the same request.
+        inputs = (tuple(known_issuers), *sorted((k, v) for k, v in upload.items() if k != "now"))
+        result = self._results.get(inputs)
+        if result is None:
+            try:
+                result = pki.inspect_upload(known_issuers=known_issuers, **upload)
+            except pki.CertificateProblem as exc:
+                result = exc
+            self._results[inputs] = result
+        if isinstance(result, pki.CertificateProblem):
+            raise result
+        return result
 
 
 class WriteOnlyTextarea(forms.Textarea):
@@ -85,10 +113,14 @@ class CertificateForm(forms.ModelForm):
         widgets = {"chain_pem": ChainTextarea(attrs={"rows": 10, "spellcheck": "false"})}
         labels = {"chain_pem": "Certificate chain (PEM)"}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    # Set on a subclass by a caller that validates the upload before it opens a transaction.
+    shared_inspections: UploadInspections | None = None
+
+    def __init__(self, *args: Any, inspections: UploadInspections | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["chain_pem"].required = False
         self.inspected: pki.InspectedCertificate | None = None
+        self.inspections = inspections or self.shared_inspections or UploadInspections()
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or self.cleaned_data
@@ -113,7 +145,7 @@ class CertificateForm(forms.ModelForm):
                 return data
             passphrase = None
         try:
-            self.inspected = pki.inspect_upload(
+            self.inspected = self.inspections.inspect(
                 chain_pem=chain, key_pem=key, passphrase=passphrase, pkcs12_data=p12 or None,
                 now=timezone.now(), known_issuers=localca.known_issuers(),
                 allow_incomplete=bool(data.get("allow_incomplete")),

@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import itertools
 import re
 import ssl
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,15 @@ PrivateKey = (
 
 MIN_RSA_BITS = 2048
 ALLOWED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL
-)
+# A served chain is a leaf and one to three intermediates (sometimes the root too); ten
+# is generous. The bound keeps a hostile upload from costing more than a real one.
+MAX_CHAIN_CERTIFICATES = 10
+# Ten certificates of 10 KB (each with a few hundred names) are 100 KB of PEM; a quarter
+# mebibyte per upload (chain, key or PKCS#12 file) leaves room to spare.
+MAX_UPLOAD_BYTES = 256 * 1024
+# Matched marker by marker rather than with one lazy BEGIN…END pattern: that one
+# rescans the rest of the text from every BEGIN without its END (quadratic).
+_PEM_MARKER = re.compile(rb"-----(BEGIN|END) ([A-Z0-9 ]+)-----(\r?\n)?")
 
 
 class CertificateProblem(ValueError):
@@ -69,16 +76,58 @@ def describe(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
 
 
+def pem_blocks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(label, block) of each ``-----BEGIN label-----`` line up to the next matching END, in linear time."""
+    begins: list[tuple[int, int, bytes]] = []  # (start, end of the BEGIN line, label)
+    ends: dict[bytes, list[tuple[int, int]]] = {}  # label -> (start, end) of its END markers
+    for match in _PEM_MARKER.finditer(data):
+        label = match.group(2)
+        if match.group(1) == b"END":
+            ends.setdefault(label, []).append((match.start(), match.end(2) + 5))
+        elif match.group(3):
+            begins.append((match.start(), match.end(), label))
+    next_end = dict.fromkeys(ends, 0)  # only ever moves forward: each marker is passed once
+    done = 0
+    for start, body, label in begins:
+        if start < done:  # inside the block just found
+            continue
+        candidates = ends.get(label, [])
+        index = next_end.get(label, 0)
+        while index < len(candidates) and candidates[index][0] < body:
+            index += 1
+        next_end[label] = index
+        if index < len(candidates):
+            done = candidates[index][1]
+            yield label, data[start:done]
+
+
 def split_pem_blocks(data: bytes) -> tuple[list[bytes], list[bytes]]:
     """Return (certificate blocks, private key blocks) found in ``data``."""
     certs, keys = [], []
-    for match in _PEM_BLOCK.finditer(data):
-        label = match.group(1)
+    for label, block in pem_blocks(data):
         if label == b"CERTIFICATE":
-            certs.append(match.group(0))
+            certs.append(block)
         elif label.endswith(b"PRIVATE KEY"):
-            keys.append(match.group(0))
+            keys.append(block)
     return certs, keys
+
+
+def check_upload_size(data: bytes, what: str, field: str) -> None:
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise CertificateProblem(
+            f"{what} is {len(data) // 1024} KiB; at most {MAX_UPLOAD_BYTES // 1024} KiB are "
+            "accepted, which is far more than any certificate needs.",
+            field,
+        )
+
+
+def check_chain_length(count: int) -> None:
+    if count > MAX_CHAIN_CERTIFICATES:
+        raise CertificateProblem(
+            f"The upload holds {count} certificates; a chain of at most {MAX_CHAIN_CERTIFICATES} "
+            "is accepted (a leaf and its intermediates are rarely more than 4). Keep only the "
+            "certificate and the ones that issued it."
+        )
 
 
 def load_certificates(data: bytes, what: str = "The certificate chain") -> list[x509.Certificate]:
@@ -197,40 +246,96 @@ def is_self_signed(cert: x509.Certificate) -> bool:
     return issued_by(cert, cert)
 
 
+def _key_identifier(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> bytes | None:
+    """The certificate's subject (or authority) key identifier, if it has a readable one."""
+    try:
+        value = cert.extensions.get_extension_for_class(kind).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    if isinstance(value, x509.SubjectKeyIdentifier):
+        return value.digest
+    if isinstance(value, x509.AuthorityKeyIdentifier):
+        return value.key_identifier
+    return None
+
+
+# Signature checks spent looking for one certificate's issuer. Within the chain limit every
+# candidate gets its check; beyond it the walk stays linear however many certificates share a name.
+MAX_ISSUER_TRIES = MAX_CHAIN_CERTIFICATES
+
+
+class _IssuerIndex:
+    """The certificates not yet placed in the chain, by subject name and by key identifier.
+
+    Finding an issuer is a look-up and a few signature checks, never a scan of the
+    whole upload: its issuer's key identifier (RFC 5280 asks every CA-issued
+    certificate for one) names the candidate, and the subject name names the rest.
+    """
+
+    def __init__(self, certs: Iterable[x509.Certificate]) -> None:
+        # Dicts as ordered sets: upload order decides between equal candidates.
+        self.by_subject: dict[x509.Name, dict[x509.Certificate, None]] = {}
+        self.by_key_id: dict[bytes, dict[x509.Certificate, None]] = {}
+        for cert in certs:
+            self.by_subject.setdefault(cert.subject, {})[cert] = None
+            key_id = _key_identifier(cert, x509.SubjectKeyIdentifier)
+            if key_id is not None:
+                self.by_key_id.setdefault(key_id, {})[cert] = None
+
+    def take(self, cert: x509.Certificate) -> None:
+        self.by_subject.get(cert.subject, {}).pop(cert, None)
+        key_id = _key_identifier(cert, x509.SubjectKeyIdentifier)
+        if key_id is not None:
+            self.by_key_id.get(key_id, {}).pop(cert, None)
+
+    def issuer_of(self, cert: x509.Certificate) -> x509.Certificate | None:
+        authority = _key_identifier(cert, x509.AuthorityKeyIdentifier)
+        by_key = self.by_key_id.get(authority, {}) if authority is not None else {}
+        tried: set[x509.Certificate] = set()
+        for candidate in itertools.chain(by_key, self.by_subject.get(cert.issuer, {})):
+            if candidate in tried:  # named by both its key identifier and its subject
+                continue
+            if issued_by(cert, candidate):
+                return candidate
+            tried.add(candidate)
+            if len(tried) == MAX_ISSUER_TRIES:
+                break
+        return None
+
+
 def order_chain(
     certs: Sequence[x509.Certificate], key: PrivateKey
 ) -> tuple[tuple[x509.Certificate, ...], bool]:
     """Put the certificate of ``key`` first and each issuer after its subject.
 
-    Returns the ordered chain and whether the input was out of order.
+    Returns the ordered chain and whether the input was out of order. The walk
+    goes from the leaf up, and costs at most ``MAX_ISSUER_TRIES + 1`` signature
+    checks per certificate, whatever their order or names.
     """
-    unique: list[x509.Certificate] = []
-    for cert in certs:
-        if cert not in unique:
-            unique.append(cert)
+    unique = list(dict.fromkeys(certs))
     key_der = _public_der(key.public_key())
-    leaves = [c for c in unique if _public_der(c.public_key()) == key_der]
-    if not leaves:
+    leaf = next((c for c in unique if _public_der(c.public_key()) == key_der), None)
+    if leaf is None:
         raise CertificateProblem(
             "The private key does not match the certificate: they are not a pair.", "key_pem"
         )
-    ordered = [leaves[0]]
-    remaining = [c for c in unique if c is not leaves[0]]
-    while remaining:
-        current = ordered[-1]
-        if is_self_signed(current):
-            break
-        issuer = next((c for c in remaining if issued_by(current, c)), None)
+    index = _IssuerIndex(unique)
+    index.take(leaf)
+    ordered = [leaf]
+    while len(ordered) < len(unique) and not is_self_signed(ordered[-1]):
+        issuer = index.issuer_of(ordered[-1])
         if issuer is None:
             break
+        index.take(issuer)
         ordered.append(issuer)
-        remaining.remove(issuer)
-    if remaining:
+    if len(ordered) < len(unique):
+        placed = set(ordered)
+        stray = next(c for c in unique if c not in placed)
         raise CertificateProblem(
-            f"'{describe(remaining[0])}' is not part of the chain of '{describe(ordered[0])}': "
+            f"'{describe(stray)}' is not part of the chain of '{describe(leaf)}': "
             "remove it, or add the certificates that link it."
         )
-    return tuple(ordered), list(unique) != ordered
+    return tuple(ordered), unique != ordered
 
 
 def check_validity(chain: Iterable[x509.Certificate], now: dt.datetime) -> None:
@@ -315,14 +420,24 @@ def inspect_upload(
     known_issuers: Sequence[x509.Certificate] = (),
     allow_incomplete: bool = False,
 ) -> InspectedCertificate:
-    """Validate an upload (PEM chain + key, or PKCS#12) and return it normalised."""
+    """Validate an upload (PEM chain + key, or PKCS#12) and return it normalised.
+
+    Sizes and the number of certificates are checked before anything is parsed, so
+    the work is bounded whatever is uploaded.
+    """
+    check_upload_size(chain_pem, "The certificate chain", "chain_pem")
+    check_upload_size(key_pem, "The private key", "key_pem")
+    check_upload_size(pkcs12_data or b"", "The PKCS#12 file", "pkcs12_file")
+    pem_count = len(split_pem_blocks(chain_pem)[0])
     if pkcs12_data:
         key, certs = load_pkcs12(pkcs12_data, passphrase)
+        check_chain_length(len(certs) + pem_count)
         if chain_pem.strip():
             certs += load_certificates(chain_pem)
     else:
         if not chain_pem.strip():
             raise CertificateProblem("Paste or upload the certificate chain (PEM).")
+        check_chain_length(pem_count)
         certs = load_certificates(chain_pem)
         if not key_pem.strip():
             # A single paste holding both the chain and the key is common.
@@ -379,7 +494,7 @@ def inspect_crls(
     data: bytes, cas: Sequence[x509.Certificate], now: dt.datetime
 ) -> list[x509.CertificateRevocationList]:
     """Validate CRLs: PEM, issued and signed by a CA of the bundle, not past their next update."""
-    blocks = [m.group(0) for m in _PEM_BLOCK.finditer(data) if m.group(1) == b"X509 CRL"]
+    blocks = [block for label, block in pem_blocks(data) if label == b"X509 CRL"]
     if not blocks:
         raise CertificateProblem(
             "The revocation list is not PEM: paste blocks that start with '-----BEGIN X509 CRL-----'.",
