@@ -70,6 +70,22 @@ def read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
     return value
 
 
+def private_sqlite_file(path: Path) -> None:
+    """Make the SQLite database owner-only (0600) before anything opens it.
+
+    SQLite gives the ``-wal`` and ``-shm`` files it creates the database file's
+    mode, so creating the database 0600 covers them; files left by an older
+    version with the umask's mode are tightened here too.
+    """
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+    for name in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+        try:
+            if name.stat().st_mode & 0o077:
+                name.chmod(0o600)
+        except FileNotFoundError:
+            continue
+
+
 def secret_from_env_or_file(name: str, path: Path, make: Callable[[], str]) -> str:
     raw = os.environ.get(name)
     if raw is not None and raw.strip():

@@ -15,7 +15,14 @@ import dj_database_url
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
-from proxyadmin.env import envbool, envint, envlist, random_secret_key, secret_from_env_or_file
+from proxyadmin.env import (
+    envbool,
+    envint,
+    envlist,
+    private_sqlite_file,
+    random_secret_key,
+    secret_from_env_or_file,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("PROXYADMIN_VAR_DIR", BASE_DIR / "var")).resolve()
@@ -100,6 +107,7 @@ TEMPLATES = [
 def _database_from_env() -> dict[str, object]:
     url = os.environ.get("DATABASE_URL", "").strip()
     if not url:
+        private_sqlite_file(VAR_DIR / "proxyadmin.sqlite3")  # it holds the encrypted keys and sessions
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "proxyadmin.sqlite3",
