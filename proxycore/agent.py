@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.frames import CloseCode
 
+from proxycore import agentproto
+from proxycore.agentproto import ConfigApplied, ConfigRejected, Hello, Listener, StatsReport
 from proxycore.stats import Stats
 
 log = logging.getLogger("proxycore.agent")
@@ -43,22 +44,22 @@ class AgentLink:
         node: str,
         version: str,
         stats: Stats,
-        listeners: list[dict[str, str]],
+        listeners: Sequence[Listener],
         revision: Callable[[], int],
         on_config_changed: Callable[[int], None],
     ) -> None:
-        self.url = url.rstrip("/") + "/ws/agent/"
+        self.url = url.rstrip("/") + agentproto.AGENT_PATH
         self.token = token
         self.node = node
         self.version = version
         self.stats = stats
-        self.listeners = listeners
+        self.listeners = tuple(listeners)
         self.revision = revision
         self.on_config_changed = on_config_changed
         self.connected = False
         self.connections = 0  # links made so far (1 + reconnections)
         self._socket: ClientConnection | None = None
-        self._pending: list[dict[str, Any]] = []  # reports made while the link was down
+        self._pending: list[ConfigApplied | ConfigRejected] = []  # reports made while the link was down
 
     async def run(self) -> None:
         delay = BACKOFF_FIRST
@@ -111,40 +112,36 @@ class AgentLink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
 
-    def hello(self) -> dict[str, Any]:
-        return {
-            "type": "hello", "node": self.node, "version": self.version, "pid": os.getpid(),
-            "revision": self.revision(), "listeners": self.listeners,
-        }
+    def hello(self) -> Hello:
+        return Hello(node=self.node, version=self.version, pid=os.getpid(), revision=self.revision(),
+                     listeners=self.listeners)
 
     async def _send_stats(self) -> None:
         while True:
-            await self._send({"type": "stats", "node": self.node, "time": time.time(),
-                              "totals": self.stats.as_dict()})
+            await self._send(StatsReport(node=self.node, time=time.time(), totals=self.stats.as_dict()))
             await asyncio.sleep(STATS_INTERVAL)
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: agentproto.NodeMessage) -> None:
         if self._socket is not None:
-            await self._socket.send(json.dumps(message))
+            await self._socket.send(json.dumps(message.to_message()))
 
     def _received(self, raw: str | bytes) -> None:
         try:
-            message = json.loads(raw)
-            kind = message["type"]
-        except (ValueError, TypeError, KeyError):
-            log.warning("ignored a malformed message from the control plane")
+            changed = agentproto.parse_control_message(json.loads(raw))
+        except (ValueError, RecursionError) as exc:  # ProtocolError is a ValueError
+            log.warning("ignored a malformed message from the control plane: %s",
+                        exc if isinstance(exc, agentproto.ProtocolError) else "not JSON")
             return
-        if kind == "config.changed" and isinstance(message.get("revision"), int):
-            self.on_config_changed(message["revision"])
+        self.on_config_changed(changed.revision)
 
-    def report(self, message: dict[str, Any]) -> None:
+    def report(self, message: ConfigApplied | ConfigRejected) -> None:
         """Send ``config.applied`` / ``config.rejected`` now, or when the link is back."""
         if self._socket is None:
-            self._pending = [m for m in self._pending if m["type"] != message["type"]] + [message]
+            self._pending = [m for m in self._pending if m.type != message.type] + [message]
             return
         task = asyncio.get_running_loop().create_task(self._send_quietly(message))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _send_quietly(self, message: dict[str, Any]) -> None:
+    async def _send_quietly(self, message: ConfigApplied | ConfigRejected) -> None:
         with contextlib.suppress(ConnectionClosed, OSError):
             await self._send(message)

@@ -1,8 +1,10 @@
 """``manage.py runproxy``: run a proxy node on the configuration in the database.
 
 Builds the snapshot, starts ``proxycore``, reloads when the config revision
-moves (polled every second) or on SIGHUP, and stops gracefully on SIGTERM or
-SIGINT. One access-log line per request goes to stdout or ``--access-log FILE``.
+moves or on SIGHUP, and stops gracefully on SIGTERM or SIGINT. The agent link's
+``config.changed`` says when to look; while the link is down the revision is polled
+every second (every 5 s while it is up, as a safety net). One access-log line per
+request goes to stdout or ``--access-log FILE``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from proxyadmin.snapshot import SnapshotError, build_snapshot
 from proxycore import compiled
 from proxycore.accesslog import AccessLogWriter
 from proxycore.agent import AgentLink
+from proxycore.agentproto import ConfigApplied, ConfigRejected, Listener
 from proxycore.config import Snapshot
 from proxycore.limits import Limits
 from proxycore.metrics import start_metrics_server
@@ -42,6 +45,35 @@ VERSION = "0.1.0"
 class RunningLink:
     link: AgentLink
     task: asyncio.Task[None]
+
+
+class Wakeup:
+    """Why ``follow_revisions`` should look at the config before its next poll.
+
+    ``check()``: a push said a revision was made; reload if the revision moved (a
+    revision already served or rejected is not built again, so repeated pushes are
+    harmless). ``force()``: SIGHUP; rebuild the snapshot whatever the revision.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.forced = False
+
+    def check(self) -> None:
+        self.event.set()
+
+    def force(self) -> None:
+        self.forced = True
+        self.event.set()
+
+    async def wait(self, timeout: float) -> tuple[bool, bool]:
+        """(woken, forced) after at most ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout)
+        woken, forced = self.event.is_set(), self.forced
+        self.event.clear()
+        self.forced = False
+        return woken, forced
 
 
 def agent_url(control: str) -> str:
@@ -156,13 +188,13 @@ class Command(BaseCommand):
         metrics_server = await self.start_metrics(node, metrics) if metrics is not None else None
         self.stdout.flush()
         stop = asyncio.Event()
-        reload_now = asyncio.Event()
+        wake = Wakeup()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reload_now.set)
-        link = self.start_agent_link(node, reload_now)
-        poller = loop.create_task(self.follow_revisions(node, reload_now, link))
+        loop.add_signal_handler(signal.SIGHUP, wake.force)
+        link = self.start_agent_link(node, wake)
+        poller = loop.create_task(self.follow_revisions(node, wake, link))
         flusher = loop.create_task(writer.flush_every_second()) if writer is not None else None
         await stop.wait()
         poller.cancel()
@@ -191,35 +223,30 @@ class Command(BaseCommand):
         self.stdout.write(f"Prometheus metrics at http://{url_host}:{bound_port}/metrics")
         return server
 
-    def start_agent_link(self, node: ProxyNode, reload_now: asyncio.Event) -> RunningLink | None:
+    def start_agent_link(self, node: ProxyNode, wake: Wakeup) -> RunningLink | None:
         token = getattr(settings, "AGENT_TOKEN", "")
         if self.control is None or not token:
             return None
-        listeners = [{"name": lst.name, "address": f"{lst.host}:{lst.port}"} for lst in node.listeners]
+        listeners = [Listener(lst.name, f"{lst.host}:{lst.port}") for lst in node.listeners]
         link = AgentLink(
             self.control, token, node=self.node_name, version=VERSION, stats=node.stats,
             listeners=listeners, revision=lambda: node.state.snapshot.revision,
-            on_config_changed=lambda revision: reload_now.set(),
+            on_config_changed=lambda revision: wake.check(),
         )
         return RunningLink(link, asyncio.get_running_loop().create_task(link.run()))
 
-    async def follow_revisions(
-        self, node: ProxyNode, reload_now: asyncio.Event, link: RunningLink | None
-    ) -> None:
-        """Reload on a push, on SIGHUP, or -- while the agent link is down -- on a poll."""
+    async def follow_revisions(self, node: ProxyNode, wake: Wakeup, link: RunningLink | None) -> None:
+        """Reload on a push, on SIGHUP, or on a poll: every second while the agent link is down."""
         applied = node.state.snapshot.revision
         rejected = 0
         links_seen = 0
         polls = 0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(reload_now.wait(), POLL_INTERVAL)
-            forced = reload_now.is_set()
-            reload_now.clear()
+            woken, forced = await wake.wait(POLL_INTERVAL)
             polls += 1
-            if not forced and link is not None and link.link.connected:
-                # The link pushes changes; a slow poll still catches revisions made where no
-                # push reaches us (another process on the in-memory channel layer).
+            if not woken and link is not None and link.link.connected:
+                # The control plane pushes every revision (its revision watcher sees those
+                # made by other processes too); the slow poll is a safety net.
                 if link.link.connections == links_seen and polls % LINKED_POLL_EVERY:
                     continue
                 links_seen = link.link.connections
@@ -232,20 +259,20 @@ class Command(BaseCommand):
                 log.error("config revision rejected, still serving %d: %s", applied, exc)
                 node.stats.config_failed(current, str(exc))
                 rejected = current
-                self.report(link, {"type": "config.rejected", "revision": current, "error": str(exc)})
+                self.report(link, ConfigRejected(current, str(exc)))
                 continue
             except Exception:
                 log.exception("cannot read the configuration; still serving revision %d", applied)
                 continue
             if node.reload(snapshot):
                 applied = snapshot.revision
-                self.report(link, {"type": "config.applied", "revision": applied})
+                self.report(link, ConfigApplied(applied))
             else:
                 rejected = snapshot.revision
                 error = node.stats.config_rejected[1] if node.stats.config_rejected else "rejected"
-                self.report(link, {"type": "config.rejected", "revision": rejected, "error": error})
+                self.report(link, ConfigRejected(rejected, error))
 
     @staticmethod
-    def report(link: RunningLink | None, message: dict[str, Any]) -> None:
+    def report(link: RunningLink | None, message: ConfigApplied | ConfigRejected) -> None:
         if link is not None:
             link.link.report(message)
