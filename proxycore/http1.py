@@ -623,6 +623,9 @@ class RequestParser(_MessageParser[RequestHead]):
         method, target, version = request_line(head, ll.get_method())  # type: ignore[attr-defined]
         noted = noted_fields(head, REQUEST_NOTED)
         if b"content-length" in noted or b"transfer-encoding" in noted:
+            if version == b"1.0" and b"transfer-encoding" in noted:
+                # RFC 9112 §6.1: HTTP/1.0 has no Transfer-Encoding; its framing is faulty.
+                raise ParseError(400, "Transfer-Encoding in an HTTP/1.0 message")
             framing, length = body_framing(noted)
         else:
             framing, length = _NONE, 0
@@ -676,6 +679,8 @@ class ResponseParser(_MessageParser[ResponseHead]):
         status = ll.get_status_code()  # type: ignore[attr-defined]
         version, reason = status_line(head, status)
         noted = noted_fields(head, RESPONSE_NOTED)
+        if version == b"1.0" and b"transfer-encoding" in noted:
+            raise ParseError(502, "Transfer-Encoding in an HTTP/1.0 message")  # RFC 9112 §6.1
         framing, length = body_framing(noted)
         if not self._methods:
             raise ParseError(502, "response without a request")

@@ -315,6 +315,7 @@ def test_plain_http_on_the_https_port_gets_a_plain_400(ca: trustme.CA, upstream:
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert b"HTTPS" in body
+    assert f"\r\ncontent-length: {len(body)}\r\n".encode() in head.lower() + b"\r\n"  # the whole body
     assert upstream.requests == []
 
 

@@ -3,6 +3,7 @@ them down, every change is logged and counted, and a reload keeps the state of t
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import logging
 import socket
@@ -254,6 +255,22 @@ def test_three_5xx_in_a_row_take_a_target_out_for_the_cool_down(
     assert (stats["went_down"], stats["came_up"]) == (2, 1)
     down = f"upstream 'app' target 127.0.0.1:{broken.port} is DOWN (3 failed requests: status 500; cool-down 2s)"
     assert down in [r.getMessage() for r in caplog.records]
+
+
+def test_failed_connects_of_a_tcp_host_cool_its_target_down(ca: trustme.CA, loop_thread: LoopThread) -> None:
+    # Passive checks are always on, for stream hosts too: connects that fail take the target out.
+    dead = free_port()
+    snapshot = core.Snapshot(revision=1, hosts=(
+        host(ca, "t", app(dead, check=PASSIVE_ONLY), mode=core.Mode.TCP),))
+    with running_node(snapshot) as node:
+        for _ in range(3):
+            sock = tls_connect(node.https_port, ca, "t.example")
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""  # the pipe closes: nothing to connect to
+            sock.close()
+        wait_until(lambda: targets(node)[dead]["cooling_down"] is True)
+        assert node.stats()["upstreams"]["app"]["went_down"] == 1
 
 
 def test_a_reload_keeps_the_health_of_targets_that_stay(ca: trustme.CA, loop_thread: LoopThread) -> None:

@@ -756,3 +756,14 @@ def test_hop_by_hop_fields_include_those_named_by_connection() -> None:
     assert hop_by_hop_names(headers) >= HOP_BY_HOP
     # Naming Host or Content-Length in Connection must not make the proxy drop them.
     assert strip_hop_by_hop(headers) == ((b"host", b"a"), (b"content-length", b"0"), (b"accept", b"*/*"))
+
+
+def test_transfer_encoding_in_http_1_0_is_faulty_framing() -> None:
+    # RFC 9112 §6.1: HTTP/1.0 has no Transfer-Encoding; a message with one is refused whole.
+    request = msg(b"POST / HTTP/1.0", b"Host: a", b"Transfer-Encoding: chunked", body=b"0\r\n\r\n")
+    parser = RequestParser()
+    with pytest.raises(ParseError) as exc:
+        parser.feed(request)
+    assert exc.value.status == 400
+    assert not any(isinstance(e, RequestHead) for e in exc.value.events)
+    response_refusal(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")

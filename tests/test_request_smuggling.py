@@ -70,6 +70,10 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("te-two-fields", head("Transfer-Encoding: chunked", "Transfer-Encoding: chunked") + b"0\r\n\r\n"),
     ("te-identity", head("Transfer-Encoding: identity") + b"hello"),
     ("te-xchunked", head("Transfer-Encoding: xchunked") + b"0\r\n\r\n"),
+    # HTTP/1.0 has no Transfer-Encoding: its framing is faulty (RFC 9112 §6.1)
+    ("te-on-http-1.0", head("Transfer-Encoding: chunked", start="POST / HTTP/1.0") + b"5\r\nhello\r\n0\r\n\r\n"),
+    ("te-on-http-1.0-keep-alive", head("Connection: keep-alive", "Transfer-Encoding: chunked",
+                                       start="POST / HTTP/1.0") + b"0\r\n\r\n"),
     # obs-fold (a continuation line)
     ("obs-fold", head("X-A: a", " b", start="GET / HTTP/1.1")),
     ("obs-fold-tab-te", head("Transfer-Encoding:", "\tchunked") + b"0\r\n\r\n"),
@@ -98,7 +102,7 @@ MALFORMED: list[tuple[str, bytes]] = [
 # A few of them on the plain HTTP listener, to a host that proxies plain HTTP.
 PLAIN_CASES = ("cl-and-te", "duplicate-cl-different", "te-gzip-chunked", "obs-fold",
                "bare-lf-one-line", "space-before-colon-te", "nul-in-value", "missing-host",
-               "duplicate-host-different")
+               "duplicate-host-different", "te-on-http-1.0")
 PLAIN: list[tuple[str, bytes]] = [
     (name, request.replace(b"Host: a.example", b"Host: p.example"))
     for name, request in MALFORMED if name in PLAIN_CASES

@@ -124,3 +124,34 @@ def test_an_upstream_that_stops_sending_mid_body_is_cut(ca: trustme.CA, loop_thr
         assert waited is not None and waited <= 1.0 + LATE
         assert node.stats()["hosts"]["a"]["upstream_errors"] == {"read_timeout": 1}
     server.stop()
+
+
+def test_a_client_that_stalls_mid_body_gets_408_not_504(ca: trustme.CA, upstream: Upstream) -> None:
+    # The upstream waits for the rest of the body with a long read timeout: the stall is
+    # the client's, so it is the client's timeout that answers.
+    limits = Limits(body_timeout=1.0)
+    with running_node(snapshot(ca, upstream.port, read_timeout=30.0), limits) as node:
+        sock = tls_connect(node.https_port, ca, "a.example")
+        start = time.monotonic()
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 10\r\n\r\nabc")
+        sock.settimeout(5)
+        status, headers, _ = read_response(sock)
+        elapsed = time.monotonic() - start
+        assert status == 408
+        assert headers[b"connection"] == [b"close"]
+        assert 1.0 <= elapsed <= 1.0 + LATE + 0.2
+        assert closed_within(sock, 2.0) is not None
+        stats = node.stats()["hosts"]["a"]
+        assert stats["upstream_errors"] == {}  # nothing upstream failed
+        assert stats["responses"]["4xx"] == 1
+
+
+def test_a_body_that_keeps_arriving_slowly_is_not_cut(ca: trustme.CA, upstream: Upstream) -> None:
+    with running_node(snapshot(ca, upstream.port), Limits(body_timeout=1.0)) as node:
+        sock = tls_connect(node.https_port, ca, "a.example")
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 6\r\n\r\n")
+        for piece in b"abcdef":  # 6 x 0.4 s: past the body timeout in all, never stalled that long
+            time.sleep(0.4)
+            sock.sendall(bytes([piece]))
+        assert read_response(sock)[0] == 200
+        assert upstream.requests[0].body == b"abcdef"
