@@ -3,8 +3,8 @@ them down, every change is logged and counted, and a reload keeps the state of t
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
