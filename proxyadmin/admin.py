@@ -65,9 +65,9 @@ class CertificateAdmin(admin.ModelAdmin):
         if days < 0:
             # Whole days since expiry, rounded down like the days to come.
             ago = (timezone.now() - obj.not_after).days
-            return format_html('<strong style="color:#ba2121">expired {} days ago</strong>', ago)
+            return format_html('<strong class="status-bad">expired {} days ago</strong>', ago)
         if obj.expires_soon():
-            return format_html('<strong style="color:#c86400">⚠ in {} days</strong>', days)
+            return format_html('<strong class="status-warn">⚠ in {} days</strong>', days)
         return format_html("in {} days", days)
 
     @admin.display(description="key")
@@ -214,9 +214,9 @@ def target_state(target: dict[str, Any]) -> str:
 def target_health_table(state: dict[str, Any]) -> str:
     targets = [t for t in state.get("targets", []) if isinstance(t, dict)]
     rows = format_html_join(
-        "", '<tr><td>{}</td><td style="color:{}">{}</td><td>{}</td><td>{}</td></tr>',
+        "", '<tr><td>{}</td><td class="{}">{}</td><td>{}</td><td>{}</td></tr>',
         (
-            (t.get("address", "?"), "inherit" if target_state(t) == "healthy" else "#ba2121",
+            (t.get("address", "?"), "" if target_state(t) == "healthy" else "status-bad",
              target_state(t), t.get("active", 0), t.get("last_error") or "—")
             for t in targets
         ),
@@ -281,9 +281,9 @@ class UpstreamAdmin(admin.ModelAdmin):
             state = reported_upstream(node, obj.name)
             if state is not None:  # the freshest node that reports it
                 healthy, total = state.get("healthy", 0), state.get("total", 0)
-                colour = "#ba2121" if healthy < total else "inherit"
-                return format_html('<span style="color:{}" title="{}">{} / {}</span>',
-                                   colour, f"as node {node.name} reports it", healthy, total)
+                status = "status-bad" if healthy < total else ""
+                return format_html('<span class="{}" title="{}">{} / {}</span>',
+                                   status, f"as node {node.name} reports it", healthy, total)
         return "—"
 
     @admin.display(description="target health")
@@ -304,14 +304,14 @@ class UpstreamAdmin(admin.ModelAdmin):
         if not obj.tls:
             return "plain"
         if not obj.tls_verify:
-            return format_html('<strong style="color:#ba2121">{}</strong>', "⚠ TLS, not verified")
+            return format_html('<strong class="status-bad">{}</strong>', "⚠ TLS, not verified")
         return "TLS, verified"
 
     @admin.display(description="")
     def tls_warning(self, obj: m.Upstream) -> str:
         if obj.pk and obj.tls and not obj.tls_verify:
             return format_html(
-                '<strong style="color:#ba2121">{}</strong>',
+                '<strong class="status-bad">{}</strong>',
                 "⚠ Certificate verification is off: the proxy accepts any certificate from "
                 "these targets.",
             )
@@ -436,8 +436,8 @@ class ProxyNodeAdmin(ReadOnlyAdmin):
 
     @admin.display(description="status")
     def status_display(self, obj: m.ProxyNode) -> str:
-        colour = {"online": "#2e7d32", "stale": "#c86400"}.get(obj.status, "#ba2121")
-        return format_html('<strong style="color:{}">{}</strong>', colour, obj.status)
+        status = {"online": "status-ok", "stale": "status-warn"}.get(obj.status, "status-bad")
+        return format_html('<strong class="{}">{}</strong>', status, obj.status)
 
     @admin.display(description="applied / current revision")
     def revision_display(self, obj: m.ProxyNode) -> str:
@@ -446,7 +446,7 @@ class ProxyNodeAdmin(ReadOnlyAdmin):
         if applied is None:
             return format_html("— / {}", current)
         if applied < current:
-            return format_html('<strong style="color:#c86400">{} / {}</strong>', applied, current)
+            return format_html('<strong class="status-warn">{} / {}</strong>', applied, current)
         return format_html("{} / {}", applied, current)
 
     @admin.display(description="last error")
