@@ -2,9 +2,11 @@
 
 ``AgentConsumer`` (``/ws/agent/``, bearer token only) takes a node's ``hello``,
 ``stats`` and config reports (``proxycore.agentproto``), keeps ``ProxyNode`` and the
-traffic rollup up to date, and fans out to the dashboards through the channel
-layer. ``DashboardConsumer`` (``/ws/dashboard/``, staff sessions only) sends the
-current state on connect, then relays ``tick`` and ``nodes`` as they come.
+traffic rollup up to date, fans out to the dashboards through the channel layer,
+and passes on ``config.changed`` (from ``proxyadmin.announce`` and from this
+process's ``proxyadmin.revisionwatcher``). ``DashboardConsumer``
+(``/ws/dashboard/``, staff sessions only) sends the current state on connect, then
+relays ``tick`` and ``nodes`` as they come.
 
 Both join a channel-layer group, so with a Redis layer any daphne process can
 reach every node and every dashboard.
@@ -24,6 +26,7 @@ from django.utils import timezone
 from proxyadmin import agentauth, announce, traffic
 from proxyadmin.announce import AGENTS_GROUP, DASHBOARD_GROUP
 from proxyadmin.models import ConfigRevision, ProxyNode
+from proxyadmin.revisionwatcher import watcher
 from proxycore import agentproto
 
 log = logging.getLogger("proxyadmin.agentlink")
@@ -126,17 +129,22 @@ class AgentConsumer(GroupMember):
 
     async def connect(self) -> None:
         self.node: str | None = None
+        # The newest revision the node serves or was told of: a push of an older or the
+        # same one (the announcement on commit and the watcher both send each) is not passed on.
+        self.told = 0
         self.malformed = 0
         self.peer = agentauth.peer_address(self.scope)
         if not agentauth.scope_is_agent(self.scope):
             log.warning("agent link refused from %s: missing or wrong agent token", self.peer)
             await self.close(code=agentproto.CLOSE_UNAUTHORISED)
             return
+        await watcher.add(self.channel_name)
         await self.join_group()
         await self.accept()
 
     async def clean_up(self, code: int | None) -> None:
         self.cleaned_up = True
+        watcher.discard(self.channel_name)
         node = getattr(self, "node", None)
         if node is None:
             await self.leave_group()
@@ -191,11 +199,11 @@ class AgentConsumer(GroupMember):
             await self.close(code=CLOSE_POLICY_VIOLATION, reason="too many proxy nodes online")
             return
         self.node = hello.node
+        self.told = max(self.told, hello.revision)
         log.info("proxy node %s connected from %s: version %s, pid %d, revision %d",
                  hello.node, self.peer, hello.version, hello.pid, hello.revision)
         await self.broadcast_nodes()
-        if hello.revision < current:  # it missed a push while the link was down
-            await self.send_json(agentproto.ConfigChanged(current).to_message())
+        await self.tell(current)  # it may have missed a push while the link was down
 
     async def on_stats(self, report: agentproto.StatsReport) -> None:
         if report.node != self.node:
@@ -216,6 +224,7 @@ class AgentConsumer(GroupMember):
         if isinstance(report, agentproto.ConfigRejected):
             log.warning("proxy node %s rejected config revision %d: %s",
                         self.node, report.revision, report.error)
+        self.told = max(self.told, report.revision)
         await database_sync_to_async(save_config_report)(self.node, report)
         await self.broadcast_nodes()
 
@@ -230,10 +239,16 @@ class AgentConsumer(GroupMember):
         nodes = await database_sync_to_async(announce.nodes_message)()
         await self.channel_layer.group_send(DASHBOARD_GROUP, nodes)
 
-    # control plane -> node (group messages)
+    # control plane -> node
 
     async def config_changed(self, event: dict[str, Any]) -> None:
-        await self.send_json(agentproto.ConfigChanged(event["revision"]).to_message())
+        """A new revision, from the announcement on commit or from this process's revision watcher."""
+        await self.tell(event["revision"])
+
+    async def tell(self, revision: int) -> None:
+        if revision > self.told:
+            self.told = revision
+            await self.send_json(announce.config_changed(revision))
 
 
 class DashboardConsumer(GroupMember):
