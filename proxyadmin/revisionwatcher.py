@@ -38,8 +38,7 @@ FAILURE_LOG_EVERY = 200
 class RevisionWatcher:
     """Watches ``ConfigRevision`` for the agent consumers of this process (one event loop)."""
 
-    def __init__(self, poll_seconds: float = POLL_SECONDS) -> None:
-        self.poll_seconds = poll_seconds
+    def __init__(self) -> None:
         self.channels: set[str] = set()
         self.seen: int | None = None
         self.failures = 0
@@ -57,7 +56,7 @@ class RevisionWatcher:
             # Left by an event loop that has ended (tests run one per scenario): its consumers are gone.
             self._task, self.channels = None, set()
         self.channels.add(channel_name)
-        if self._task is None or self._task.done():
+        if not self.running:
             self._ready = loop.create_future()
             self._task = loop.create_task(self._run(self._ready), name="config revision watcher")
         assert self._ready is not None
@@ -77,7 +76,7 @@ class RevisionWatcher:
             if not ready.done():
                 ready.set_result(None)
         while True:
-            await asyncio.sleep(self.poll_seconds)
+            await asyncio.sleep(POLL_SECONDS)
             current = await self._read()
             if current is not None and current != self.seen:
                 self.seen = current

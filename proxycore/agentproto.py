@@ -16,7 +16,9 @@ node → control plane
     "listeners": [{"name": "https", "address": "127.0.0.1:8443"}, ...]}``
         First message on every connection. ``revision`` is the config revision
         the node serves (0 for none). The node name identifies the node on the
-        dashboard; one name, one running node.
+        dashboard; one name, one running node. The control plane keeps a bounded
+        list of nodes: a new name that does not fit is refused by closing the
+        link with 1008 (policy violation) and a reason.
     ``{"type": "stats", "node": str, "time": float, "totals": {...}}``
         Once a second. ``time`` is the node's epoch clock; ``totals`` is
         ``proxycore.stats.Stats.as_dict()``: counters since the node started at
@@ -39,10 +41,11 @@ node → control plane
 
 control plane → node
     ``{"type": "config.changed", "revision": int}``
-        Pushed to every connected node when a config revision is made, and
-        right after ``hello`` when the node's revision is behind. The node
-        reloads from the database and answers ``config.applied`` or
-        ``config.rejected``.
+        Pushed to every connected node when a config revision is made, by
+        whichever process, and right after ``hello`` when the node's revision is
+        behind; at most once per revision and link. The node reloads from the
+        database unless it already serves (or rejected) that revision, and
+        answers ``config.applied`` or ``config.rejected``.
 
 Bounds
     Every integer is a whole number from 0 to 2**63-1 (PostgreSQL's bigint, the type
