@@ -1,5 +1,13 @@
 """A tiny process supervisor for ``manage.py up``: start children, restart the ones
-that die, stop them all cleanly on Ctrl-C or SIGTERM.
+that die, stop them all cleanly on Ctrl-C, SIGTERM or a closed terminal (SIGHUP).
+
+Each child runs in a process group of its own, so a terminal's Ctrl-C (SIGINT to the
+whole foreground group) reaches ``up`` alone and every part stops one way: ``up``
+sends SIGTERM to its children, the last started first. When the terminal's SIGINT
+reached the children as well, each began stopping on its own at the same moment as the
+others: the proxy node's agent link lost the control plane in the middle of its own
+stop and the node hung until it was killed, and a child still importing Django printed
+a KeyboardInterrupt traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from types import FrameType
 log = logging.getLogger("proxyadmin.up")
 
 RESTART_BACKOFF_MAX = 30.0
-STOP_GRACE = 10.0
+STOP_GRACE = 10.0  # seconds each child gets after SIGTERM before it is killed
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -29,9 +38,14 @@ class Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv)
+        # Its own process group: the terminal's signals are for `up`, which relays them.
+        # No stdin: a background group reading the terminal would be stopped (SIGTTIN).
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, process_group=0)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
 
 class Supervisor:
@@ -43,10 +57,14 @@ class Supervisor:
         self.stopping = True
 
     def run(self) -> int:
-        signal.signal(signal.SIGINT, self._request_stop)
-        signal.signal(signal.SIGTERM, self._request_stop)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._request_stop)
+        # Inherited by the children: a background group writing to a terminal set to
+        # `stty tostop` would otherwise be stopped by SIGTTOU at its first log line.
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         for child in self.children:
-            child.start()
+            if not self.stopping:
+                child.start()
         while not self.stopping:
             self._tick(time.monotonic())
             time.sleep(0.2)
@@ -57,7 +75,7 @@ class Supervisor:
             proc = child.process
             if proc is not None and proc.poll() is None:
                 if now - child.started_at > 60:
-                    child.backoff = 1.0  # it has run a while: forgive earlier crashes
+                    child.backoff = 1.0  # it has run a while: forget earlier crashes
                 continue
             if proc is not None:
                 log.warning("%s exited with code %s; restarting in %.0f s",
@@ -70,18 +88,21 @@ class Supervisor:
                 child.start()
 
     def stop(self) -> int:
-        running = [c for c in self.children if c.process is not None and c.process.poll() is None]
-        for child in running:
-            assert child.process is not None
-            child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for child in running:
-            assert child.process is not None
-            try:
-                child.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_GRACE)
-                child.process.kill()
-                child.process.wait()
+        """Stop the children one by one, the last started first: a child may use the ones
+        started before it (the proxy node finishes its requests against the demo upstream
+        and says goodbye to the control plane while both are still up)."""
+        for child in reversed(self.children):
+            if child.running():
+                self._stop_child(child)
         print("Stopped.", file=sys.stderr)
         return 0
+
+    def _stop_child(self, child: Child) -> None:
+        assert child.process is not None
+        child.process.send_signal(signal.SIGTERM)
+        try:
+            child.process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_GRACE)
+            child.process.kill()
+            child.process.wait()

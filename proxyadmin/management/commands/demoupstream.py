@@ -58,8 +58,40 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 return
     except (ConnectionError, ValueError, asyncio.IncompleteReadError):
         return
+    except asyncio.CancelledError:
+        # Python 3.11's StreamReaderProtocol logs a cancelled handler as an error with a
+        # traceback (3.12 checks for it); the stop closes connections first, so this is
+        # only a handler that outlived that.
+        return
     finally:
         writer.close()
+
+
+class DemoServer:
+    """The listening server and its open connections: a stop closes both, so no handler
+    is still running (and cancelled) when the event loop ends."""
+
+    def __init__(self) -> None:
+        self.handlers: set[asyncio.Task[Any]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        self.writers.add(writer)
+        try:
+            await serve(reader, writer)
+        finally:
+            self.writers.discard(writer)
+            self.handlers.discard(task)
+
+    async def close_connections(self, timeout: float = 1.0) -> None:
+        """Close every connection (a keep-alive client, e.g. the proxy's pool, reads EOF)."""
+        for writer in list(self.writers):
+            writer.close()
+        if self.handlers:
+            await asyncio.wait(set(self.handlers), timeout=timeout)
 
 
 class Command(BaseCommand):
@@ -76,7 +108,8 @@ class Command(BaseCommand):
             raise CommandError(f"Cannot listen on {options['listen']}: {exc}") from None
 
     async def run(self, host: str, port: int) -> None:
-        server = await asyncio.start_server(serve, host, port, limit=MAX_HEAD)
+        demo = DemoServer()
+        server = await asyncio.start_server(demo.handle, host, port, limit=MAX_HEAD)
         self.stdout.write(f"Demo upstream on http://{host}:{port}/")
         self.stdout.flush()
         stop = asyncio.Event()
@@ -85,5 +118,6 @@ class Command(BaseCommand):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         server.close()
+        await demo.close_connections()
         with contextlib.suppress(Exception):
             await server.wait_closed()

@@ -39,6 +39,7 @@ log = logging.getLogger("proxyadmin.runproxy")
 POLL_INTERVAL = 1.0
 LINKED_POLL_EVERY = 5  # with the agent link up, poll the database every 5th interval only
 VERSION = "0.1.0"
+LINK_STOP_TIMEOUT = 3.0  # the link's goodbye takes up to 2 s
 
 
 @dataclass
@@ -104,6 +105,30 @@ def _snapshot_in_thread() -> Snapshot:
 def _revision_in_thread() -> int:
     close_old_connections()
     return ConfigRevision.current()
+
+
+async def stop_agent_link(running: RunningLink, timeout: float = LINK_STOP_TIMEOUT) -> None:
+    """Cancel the agent link and wait until it has said goodbye (1001, up to 2 s) and ended.
+
+    A cancel that lands while the link's session is ending on its own (the control plane
+    went away at the same moment, as when one Ctrl-C stops both) is swallowed where the
+    session waits for its stats sender under ``suppress(CancelledError)``; the link then
+    reconnects forever. A plain ``await`` held the stop until the supervisor killed the
+    node, so a link that is no longer connected, hence closing nothing, is cancelled again;
+    after ``timeout`` the stop goes on without it.
+    """
+    task = running.task
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    task.cancel()
+    while not task.done() and loop.time() < end:
+        await asyncio.wait({task}, timeout=0.05)
+        if not task.done() and not running.link.connected:
+            task.cancel()
+    if not task.done():
+        log.warning("the agent link did not stop in %.0f s; stopping without it", timeout)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("the agent link ended with an error: %s", task.exception())
 
 
 class Command(BaseCommand):
@@ -199,9 +224,7 @@ class Command(BaseCommand):
         await stop.wait()
         poller.cancel()
         if link is not None:
-            link.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await link.task
+            await stop_agent_link(link)
         log.info("stopping: finishing in-flight requests (up to %.0f s)", limits.stop_deadline)
         await node.stop()
         if flusher is not None and writer is not None:

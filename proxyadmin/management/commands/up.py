@@ -3,7 +3,8 @@
 Runs the migrations, creates the admin account on first run, installs the
 dashboard's chart library with npm when it is missing, and supervises the
 control plane (daphne: admin on 127.0.0.1:8000) and one proxy node (runproxy:
-HTTPS on 127.0.0.1:8443, HTTP on 127.0.0.1:8080) until Ctrl-C.
+HTTPS on 127.0.0.1:8443, HTTP on 127.0.0.1:8080) until Ctrl-C, SIGTERM or SIGHUP,
+then stops them (``proxyadmin.supervisor``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from proxyadmin import chartlib, demo
-from proxyadmin.supervisor import Child, Supervisor
+from proxyadmin.supervisor import STOP_GRACE, Child, Supervisor
 
 MANAGE = settings.BASE_DIR / "manage.py"
 ADMIN_USER_ENV = "PROXYADMIN_ADMIN_USER"
 ADMIN_PASSWORD_ENV = "PROXYADMIN_ADMIN_PASSWORD"  # noqa: S105 (a variable's name)
+# The node cuts what is still in flight itself, inside the supervisor's grace: it then
+# stops gracefully (access log flushed, agent link closed) instead of being killed.
+NODE_STOP_DEADLINE = STOP_GRACE - 2
 
 
 def parse_address(value: str, what: str) -> tuple[str, int]:
@@ -112,7 +116,8 @@ class Command(BaseCommand):
     def proxy_child(
         self, https: str, http: str, metrics: str | None = None, control: str | None = None
     ) -> Child:
-        argv = [sys.executable, str(MANAGE), "runproxy", "--https", https, "--http", http]
+        argv = [sys.executable, str(MANAGE), "runproxy", "--https", https, "--http", http,
+                "--stop-deadline", f"{NODE_STOP_DEADLINE:g}"]
         if control is not None:
             argv += ["--control", control]
         if metrics is not None:
