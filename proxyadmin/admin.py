@@ -20,10 +20,12 @@ from django.utils.html import format_html, format_html_join
 
 from proxyadmin import forms, localca, pki
 from proxyadmin import models as m
+from proxyadmin.loginguard.forms import ThrottledAuthenticationForm
 
 admin.site.site_header = "proxyadmin"
 admin.site.site_title = "proxyadmin"
 admin.site.index_title = "Proxy configuration"
+admin.site.login_form = ThrottledAuthenticationForm
 
 
 @admin.register(m.Certificate)

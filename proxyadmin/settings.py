@@ -70,6 +70,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "proxyadmin.apps.ProxyAdminConfig",
+    "proxyadmin.loginguard",
 ]
 
 MIDDLEWARE = [
