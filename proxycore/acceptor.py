@@ -7,7 +7,8 @@ reads the ClientHello itself (``proxycore.clienthello``), picks the host by SNI
 (``loop.start_tls``), so that verify mode and session resumption stay per host.
 A ClientHello naming no known host gets ``unrecognized_name`` (strict SNI, or no
 default certificate), and plain HTTP on this port a plain 400. Every failed
-handshake is counted by reason.
+handshake is counted by reason, and one OpenSSL refuses ends with OpenSSL's alert
+(``proxycore.tlsalert``).
 
 After the handshake the connection is a ``ClientConnection`` (HTTP) or, for a TCP
 host, an ``L4Pipe``.
@@ -31,6 +32,7 @@ from proxycore.clienthello import (
 )
 from proxycore.config import ClientAuthMode
 from proxycore.stats import UNMATCHED
+from proxycore.tlsalert import Handshake
 
 if TYPE_CHECKING:
     from proxycore.server import Listener, ProxyNode
@@ -131,6 +133,9 @@ class TLSAcceptor(asyncio.Protocol):
         node = self.node
         transport = self.transport
         timeout = max(0.1, self.deadline - node.loop.time())
+        # The SSLObject start_tls creates next for this context sends OpenSSL's alert if
+        # the handshake fails, counted here first (proxycore.tlsalert).
+        pending = Handshake.expect(context, transport, node.loop, lambda exc: self.count_failure(conn, exc))
         try:
             tls_transport = await node.loop.start_tls(
                 transport, conn, context, server_side=True, ssl_handshake_timeout=timeout,
@@ -141,12 +146,14 @@ class TLSAcceptor(asyncio.Protocol):
             transport.abort()
             raise
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self.done()
-            route = conn.sni_route
-            reason = tls.handshake_failure_reason(exc)
-            node.stats.host(route.name if route is not None else UNMATCHED).handshakes_failed[reason] += 1
-            if not transport.is_closing():
-                transport.abort()
+            if pending.error is None:  # else counted when its alert was written
+                self.count_failure(conn, exc)
+            self.failed()
+            return
+        finally:
+            pending.forget()
+        if pending.error is not None:  # refused, the alert sent, the connection closed
+            self.failed()
             return
         self.done()  # the slot passes to the connection, which the listener now counts
         if tls_transport is not None:
@@ -170,6 +177,17 @@ class TLSAcceptor(asyncio.Protocol):
                 n = len(data)
                 protocol.data_received(bytes(data))
             data = data[n:]
+
+    def count_failure(self, conn: ClientConnection, exc: BaseException) -> None:
+        route = conn.sni_route
+        reason = tls.handshake_failure_reason(exc)
+        self.node.stats.host(route.name if route is not None else UNMATCHED).handshakes_failed[reason] += 1
+
+    def failed(self) -> None:
+        """The handshake failed (and was counted): free the slot, make sure the connection is gone."""
+        self.done()
+        if not self.transport.is_closing():
+            self.transport.abort()
 
     # ---- helpers --------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from proxycore.config import (
     Snapshot,
     UpstreamTLS,
 )
+from proxycore.tlsalert import AlertingSSLObject
 
 # Mozilla server-side TLS guidelines 5.7, "intermediate": TLS 1.2 suites (TLS 1.3 uses
 # OpenSSL's defaults, which are the same three Mozilla lists), client's choice.
@@ -155,6 +156,7 @@ def _base_server_context() -> ssl.SSLContext:
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.sslobject_class = AlertingSSLObject  # a failed handshake sends its alert (tlsalert)
     with _in_memory_file(FFDHE2048_PEM) as dh:
         ctx.load_dh_params(dh)
     return ctx
