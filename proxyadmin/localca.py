@@ -1,7 +1,7 @@
 """The project's own certificate authority, so a newcomer can start without a PKI.
 
 Created on first use (ECDSA P-256, ten years); it issues server certificates of
-at most 398 days with the SANs of the hosts they are for. Its certificate can be
+200 days with the SANs of the hosts they are for. Its certificate can be
 downloaded from the admin and added to a trust store; its key is encrypted at
 rest like every other key.
 """
@@ -23,7 +23,9 @@ from proxyadmin import crypto, pki
 from proxyadmin import models as m
 
 CA_LIFETIME = dt.timedelta(days=3650)
-LEAF_LIFETIME = dt.timedelta(days=397)  # CA/Browser Forum cap is 398 days
+# From notBefore to notAfter: the CA/Browser Forum's cap since March 2026 (it was 398
+# days; Mozilla's "intermediate" profile, and so sslyze, wants under 366).
+LEAF_LIFETIME = dt.timedelta(days=200)
 BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew on clients
 
 
@@ -80,15 +82,15 @@ def issue(names: list[str], now: dt.datetime | None = None) -> tuple[x509.Certif
     ca_key = load_pem_private_key(crypto.decrypt(ca.key_token), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = now or timezone.now()
+    not_before = (now or timezone.now()) - BACKDATE
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + LEAF_LIFETIME)
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + LEAF_LIFETIME)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
