@@ -42,6 +42,7 @@ from proxycore.config import (
     UpstreamTLS,
 )
 from proxycore.tlsalert import AlertingSSLObject
+from proxycore.tlsgroups import offer_intermediate_groups
 
 # Mozilla server-side TLS guidelines 5.7, "intermediate": TLS 1.2 suites (TLS 1.3 uses
 # OpenSSL's defaults, which are the same three Mozilla lists), client's choice.
@@ -159,6 +160,7 @@ def _base_server_context() -> ssl.SSLContext:
     ctx.sslobject_class = AlertingSSLObject  # a failed handshake sends its alert (tlsalert)
     with _in_memory_file(FFDHE2048_PEM) as dh:
         ctx.load_dh_params(dh)
+    offer_intermediate_groups(ctx)  # X25519, P-256, P-384 (tlsgroups says how, and why)
     return ctx
 
 
@@ -212,6 +214,7 @@ def upstream_context(
         _load_chain(ctx, tls.client_certificate)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    offer_intermediate_groups(ctx)  # the same three groups towards upstreams
     return ctx
 
 
