@@ -51,6 +51,10 @@ class Decision:
 
 
 _FORWARD: Final = Decision(FORWARD)
+# Enum members as Final constants: compiled, a C static rather than a class attribute look-up
+# (measured with bench/hotpath.py under callgrind: 1.6% of the instructions per request).
+_TCP: Final = Mode.TCP
+_LENGTH: Final = Framing.LENGTH
 
 
 def decide(
@@ -61,12 +65,12 @@ def decide(
     SNI chose ``sni_route`` (None on plain HTTP, or when the default certificate served)."""
     if https:
         # One connection, one host: a Host naming another host than the SNI is misdirected.
-        if route is None or (sni_route is not None and route is not sni_route) or route.mode is Mode.TCP:
+        if route is None or (sni_route is not None and route is not sni_route) or route.mode is _TCP:
             return Decision(LOCAL, 421, sni_route)
     else:
         if head.target.startswith(ACME_PREFIX):
             return Decision(ACME, token=head.target[len(ACME_PREFIX):].decode("ascii", "replace"))
-        if route is None or route.mode is Mode.TCP:
+        if route is None or route.mode is _TCP:
             return Decision(LOCAL, 421)
         if route.redirect.enabled:
             return Decision(REDIRECT, route.redirect.status, route,
@@ -75,6 +79,6 @@ def decide(
         # TRACE echoes the request, cookies and credentials included: off unless a host wants it.
         return Decision(LOCAL, 405, route)
     limit = route.max_body_size
-    if limit and head.framing is Framing.LENGTH and head.content_length > limit:
+    if limit and head.framing is _LENGTH and head.content_length > limit:
         return Decision(LOCAL, 413, route)
     return _FORWARD

@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 # Requests that can be sent again when nothing of them reached the upstream (RFC 9110 §9.2.2).
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
+# Enum members as Final constants: compiled, a C static rather than a class attribute look-up
+# (measured with bench/hotpath.py under callgrind: 1.6% of the instructions per request).
+_PP_OFF: Final = ProxyProtocol.OFF
+_F_NONE: Final = Framing.NONE
+_F_CHUNKED: Final = Framing.CHUNKED
+_F_UNTIL_CLOSE: Final = Framing.UNTIL_CLOSE
+_F_LENGTH: Final = Framing.LENGTH
+
 _CHUNKED_LINE: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE_LINE: Final = b"connection: close\r\n"
 _KEEP_ALIVE_LINE: Final = b"connection: keep-alive\r\n"  # HTTP/1.0 clients need to be told
@@ -100,7 +108,7 @@ class Exchange:
         route = self.route
         assert route is not None
         # A connection that starts with a PROXY header speaks for one client only: never shared.
-        upstream = pool.take_idle() if route.proxy_protocol is ProxyProtocol.OFF else None
+        upstream = pool.take_idle() if route.proxy_protocol is _PP_OFF else None
         if upstream is not None:
             self.attach(upstream, reused=True)
             return
@@ -149,7 +157,7 @@ class Exchange:
         return self.conn.state.balancers[self.route.upstream.name].pick(exclude=failed)
 
     def may_resend(self) -> bool:
-        return self.request.method in IDEMPOTENT and self.request.framing is Framing.NONE
+        return self.request.method in IDEMPOTENT and self.request.framing is _F_NONE
 
     def attach(self, upstream: UpstreamConnection, reused: bool) -> None:
         self.upstream = upstream
@@ -159,7 +167,7 @@ class Exchange:
         parser.expect(self.request.method)
         data = self.upstream_head
         route = self.route
-        if not reused and route is not None and route.proxy_protocol is not ProxyProtocol.OFF:
+        if not reused and route is not None and route.proxy_protocol is not _PP_OFF:
             data = proxyproto.header_for(route.proxy_protocol, self.conn.transport) + data
         if self.pending_body:
             data += b"".join(self.pending_body)
@@ -185,7 +193,7 @@ class Exchange:
             else:
                 self.conn.abort()
             return
-        if self.request.framing is Framing.CHUNKED:
+        if self.request.framing is _F_CHUNKED:
             data = http1.encode_chunk(data)
         if self.upstream is not None:
             self.upstream.write(data)
@@ -200,7 +208,7 @@ class Exchange:
         if self.discard_body:
             self.finish()
             return
-        if self.request.framing is Framing.CHUNKED:
+        if self.request.framing is _F_CHUNKED:
             if self.upstream is not None:
                 self.upstream.write(http1.LAST_CHUNK)
             else:
@@ -295,7 +303,7 @@ class Exchange:
         added = b""
         self.response_chunked = False
         framing = head.framing
-        if framing is Framing.CHUNKED or framing is Framing.UNTIL_CLOSE:
+        if framing is _F_CHUNKED or framing is _F_UNTIL_CLOSE:
             if request.version == b"1.1":
                 self.response_chunked = True
                 added = _CHUNKED_LINE
@@ -315,7 +323,7 @@ class Exchange:
         response = self.response
         self.release_upstream(
             response is not None and response.keep_alive and self.request_done
-            and route is not None and route.proxy_protocol is ProxyProtocol.OFF
+            and route is not None and route.proxy_protocol is _PP_OFF
         )
         if not self.request_done:
             self.close_after = True  # the client is still sending a body nobody reads
@@ -420,7 +428,7 @@ class Exchange:
         request = self.request
         conn = self.conn
         close = not request.keep_alive or conn.closing or conn.node.stopping or request.upgrade is not None
-        if not self.request_done and request.framing is not Framing.NONE:
+        if not self.request_done and request.framing is not _F_NONE:
             close = True  # do not read a body we will not use
         self.send_local(status, route, close=close, extra=extra)
 
@@ -449,7 +457,7 @@ class Exchange:
         self.status = status
         self.close_after = close
         self.conn.write(data)
-        self.response = ResponseHead(status, responses.reason(status), b"1.1", b"", Framing.LENGTH,
+        self.response = ResponseHead(status, responses.reason(status), b"1.1", b"", _F_LENGTH,
                                      length, not close, {})
         if close or self.request_done:
             self.finish()

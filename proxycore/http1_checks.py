@@ -21,6 +21,7 @@ import enum
 import ipaddress
 import re
 from collections.abc import Iterable
+from typing import Final
 
 import httptools
 
@@ -48,12 +49,15 @@ class Framing(enum.Enum):
     UNTIL_CLOSE = "until-close"  # responses only: the body ends when the connection does
 
 
-# Members bound once: enum attribute look-ups are slow on Python 3.11.
-_NONE, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
+# Final: compiled, a C static rather than a class attribute look-up.
+_NONE: Final = Framing.NONE
+_LENGTH: Final = Framing.LENGTH
+_CHUNKED: Final = Framing.CHUNKED
 
 # Fields that decide framing, routing or connection handling; collected while
 # llhttp reports the head so that nothing loops over all fields twice.
-_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect"})
+_SPECIAL: Final = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect"})
 
 
 class HeadTokens:
@@ -108,9 +112,9 @@ def _bad(reason: str) -> ParseError:
 
 # --- lines and fields -------------------------------------------------------
 
-_CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
+_CTL: Final = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 # llhttp also accepts 0.9 (no version at all) and 2.0; a proxy speaks 1.0 and 1.1.
-_VERSIONS = frozenset({b"1.1", b"1.0"})
+_VERSIONS: Final = frozenset({b"1.1", b"1.0"})
 
 
 def has_ctl(value: bytes) -> bool:
@@ -118,7 +122,7 @@ def has_ctl(value: bytes) -> bool:
     return len(value.translate(None, _CTL)) != len(value)
 
 
-_REQUEST_VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
+_REQUEST_VERSIONS: Final = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 
 
 def request_line(head: bytes, method: bytes) -> tuple[bytes, bytes, bytes]:
@@ -141,10 +145,10 @@ def request_line(head: bytes, method: bytes) -> tuple[bytes, bytes, bytes]:
     return method, parts[1], version
 
 
-_STATUS_CODES = {status: b" %d " % status for status in range(100, 600)}
+_STATUS_CODES: Final = {status: b" %d " % status for status in range(100, 600)}
 # What the two checks below accept, as one pattern each: tried first, the checks say why not.
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]+) HTTP/(1\.[01])\r\n").match
-_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-5]\d\d)(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n").match
+_REQUEST_LINE: Final = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]+) HTTP/(1\.[01])\r\n").match
+_STATUS_LINE: Final = re.compile(rb"HTTP/(1\.[01]) ([1-5]\d\d)(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n").match
 
 
 def status_line(head: bytes, status: int) -> tuple[bytes, bytes]:
@@ -170,7 +174,7 @@ def status_line(head: bytes, status: int) -> tuple[bytes, bytes]:
     return version, reason
 
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -188,7 +192,7 @@ HOP_BY_HOP = frozenset(
 # --- the fields a proxy acts on ------------------------------------------------
 
 # Names a proxy sets itself: what a client sends under them is dropped, never trusted.
-PROXY_SET = frozenset({
+PROXY_SET: Final = frozenset({
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
     b"forwarded", b"x-real-ip", b"client-cert", b"client-cert-chain",
 })
@@ -217,13 +221,13 @@ def noted_pattern(
 
 # Framing, routing and connection handling need these; hop-by-hop and proxy-set fields are
 # noted so that the proxy knows at once whether a head can be forwarded as it came.
-_REQUEST_SPECIAL = frozenset({
+_REQUEST_SPECIAL: Final = frozenset({
     b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect",
 })
-REQUEST_NOTED = noted_pattern(_REQUEST_SPECIAL | HOP_BY_HOP, PROXY_SET)
-_RESPONSE_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade"})
-STS = b"strict-transport-security"
-RESPONSE_NOTED = noted_pattern(_RESPONSE_SPECIAL | HOP_BY_HOP | {STS})
+REQUEST_NOTED: Final = noted_pattern(_REQUEST_SPECIAL | HOP_BY_HOP, PROXY_SET)
+_RESPONSE_SPECIAL: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade"})
+STS: Final = b"strict-transport-security"
+RESPONSE_NOTED: Final = noted_pattern(_RESPONSE_SPECIAL | HOP_BY_HOP | {STS})
 
 
 def noted_fields(head: bytes, pattern: re.Pattern[bytes]) -> dict[bytes, list[bytes]]:
@@ -268,8 +272,8 @@ def body_framing(special: dict[bytes, list[bytes]]) -> tuple[Framing, int]:
     return _NONE, 0
 
 
-_HEX = b"0123456789abcdefABCDEF"
-MAX_CHUNK_LINE = 4096  # size plus extensions; extensions are ignored, not buffered forever
+_HEX: Final = b"0123456789abcdefABCDEF"
+MAX_CHUNK_LINE: Final = 4096  # size plus extensions; extensions are ignored, not buffered forever
 
 
 def chunk_size(line: bytes) -> int:
@@ -288,8 +292,8 @@ def chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
-_TRAILER_PREFIX = b"GET / HTTP/1.1\r\n"
-_FORBIDDEN_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_TRAILER_PREFIX: Final = b"GET / HTTP/1.1\r\n"
+_FORBIDDEN_TRAILERS: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 def trailer_fields(lines: list[bytes]) -> Fields:
@@ -316,7 +320,7 @@ def trailer_fields(lines: list[bytes]) -> Fields:
 # --- requests: Host and target ------------------------------------------------
 
 # A proxy routes on Host, so reg-names are held to DNS-like characters.
-_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789-._"
+_HOST_CHARS: Final = b"abcdefghijklmnopqrstuvwxyz0123456789-._"
 
 
 def _valid_port(port: bytes) -> bool:
@@ -392,9 +396,9 @@ def resolve_target(method: bytes, target: bytes, host: bytes) -> tuple[bytes, by
 # --- connection management ------------------------------------------------------
 
 # Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
-_NEVER_HOP_BY_HOP = frozenset({b"host", b"content-length"})
+_NEVER_HOP_BY_HOP: Final = frozenset({b"host", b"content-length"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
-_EMPTY = frozenset({b""})
+_EMPTY: Final = frozenset({b""})
 
 
 def tokens_of(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -425,7 +429,7 @@ def expect_continue(values: list[bytes]) -> bool:
 
 
 # Connection values seen on nearly every message, tokenised once.
-_COMMON_OPTIONS = {
+_COMMON_OPTIONS: Final = {
     value: tokens_of([value])
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade",
                   b"keep-alive, Upgrade", b"Keep-Alive, Upgrade")

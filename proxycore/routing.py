@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Final
 
 from proxycore import http1_checks
 from proxycore.config import HSTS, HostRoute, Snapshot
@@ -19,9 +20,9 @@ from proxycore.http1 import RequestHead, ResponseHead
 Headers = list[tuple[bytes, bytes]]
 
 # Headers a client may send but the proxy alone decides: never passed on.
-UNTRUSTED_REQUEST_HEADERS = http1_checks.PROXY_SET
-HOP_BY_HOP = http1_checks.HOP_BY_HOP
-STS = b"strict-transport-security"
+UNTRUSTED_REQUEST_HEADERS: Final = http1_checks.PROXY_SET
+HOP_BY_HOP: Final = http1_checks.HOP_BY_HOP
+STS: Final = b"strict-transport-security"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,18 +83,18 @@ def _forwarded_for(client_ip: str) -> str:
 # Request fields that may pass as they came: everything else noted is dropped.
 # Transfer-Encoding is hop-by-hop, but the only one accepted is a single "chunked" and
 # the body goes upstream chunked again, so its line stays.
-_REQUEST_KEPT = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
-_REQUEST_DROP = http1_checks.noted_pattern(
+_REQUEST_KEPT: Final = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+_REQUEST_DROP: Final = http1_checks.noted_pattern(
     HOP_BY_HOP - {b"transfer-encoding"}, UNTRUSTED_REQUEST_HEADERS, any_case=True)
 # Response fields that may pass as they came (and Strict-Transport-Security, when kept).
-_RESPONSE_KEPT = frozenset({b"content-length"})
-_RESPONSE_KEPT_STS = _RESPONSE_KEPT | {STS}
-_STS_LINE = http1_checks.noted_pattern({STS}, any_case=True)
-_RESPONSE_DROP = http1_checks.noted_pattern(HOP_BY_HOP, any_case=True)
-_RESPONSE_DROP_STS = http1_checks.noted_pattern(HOP_BY_HOP | {STS}, any_case=True)
+_RESPONSE_KEPT: Final = frozenset({b"content-length"})
+_RESPONSE_KEPT_STS: Final = _RESPONSE_KEPT | {STS}
+_STS_LINE: Final = http1_checks.noted_pattern({STS}, any_case=True)
+_RESPONSE_DROP: Final = http1_checks.noted_pattern(HOP_BY_HOP, any_case=True)
+_RESPONSE_DROP_STS: Final = http1_checks.noted_pattern(HOP_BY_HOP | {STS}, any_case=True)
 # Listing these in Connection must not make a proxy drop them (hop-by-hop abuse).
-_NEVER_LISTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
-_HOP_OR_CLOSE = HOP_BY_HOP | {b"close"}
+_NEVER_LISTED: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_HOP_OR_CLOSE: Final = HOP_BY_HOP | {b"close"}
 
 
 def forwarding_lines(client_ip: str, host: bytes, *, https: bool) -> bytes:
@@ -178,8 +179,8 @@ def client_response_head(head: ResponseHead, hsts: HSTS | None, *, https: bool, 
 
 
 # How servers spell the Connection field of a keep-alive or closing response.
-_CONNECTION = frozenset({b"connection"})
-_CONNECTION_LINES = tuple(
+_CONNECTION: Final = frozenset({b"connection"})
+_CONNECTION_LINES: Final = tuple(
     b"\r\n%s: %s\r\n" % (name, value)
     for value in (b"keep-alive", b"close", b"Keep-Alive", b"Close")
     for name in (b"Connection", b"connection")

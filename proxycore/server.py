@@ -117,6 +117,7 @@ class ProxyNode:
         self.listeners = [Listener("https", True, *https_address, self.stats.listener("https"))]
         if http_address is not None:
             self.listeners.append(Listener("http", False, *http_address, self.stats.listener("http")))
+        self.https_port = https_address[1]  # the bound port once started (redirects name it)
         self.stopping = False
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,10 +128,6 @@ class ProxyNode:
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None
         return self._loop
-
-    @property
-    def https_port(self) -> int:
-        return self.listeners[0].port
 
     # ---- start, reload, stop ---------------------------------------------------------
 
@@ -144,6 +141,7 @@ class ProxyNode:
             sock = listener.server.sockets[0]
             listener.port = sock.getsockname()[1]
             log.info("listening on %s://%s:%d", listener.name, listener.host, listener.port)
+        self.https_port = self.listeners[0].port
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
         self.adopt_upstreams()  # health checkers and draining for the first snapshot
 

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 # Upper bounds (seconds) of the upstream latency histogram buckets; the last is +Inf.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -94,7 +94,7 @@ class UpstreamStats:
 
 
 # Traffic that matched no host (unknown SNI, unknown Host header) is counted here.
-UNMATCHED = "-"
+UNMATCHED: Final = "-"
 
 
 class Stats:

@@ -15,15 +15,14 @@ import asyncio
 import ssl
 import time
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from proxycore import http1, tls
 from proxycore.config import Balancing, Target, Upstream
 from proxycore.health import TargetHealth, takes_requests
 
-IDLE_UPSTREAM_TIMEOUT = 30.0  # seconds an unused keep-alive connection is kept
-MAX_IDLE_PER_TARGET = 64
-_monotonic = time.monotonic
+IDLE_UPSTREAM_TIMEOUT: Final = 30.0  # seconds an unused keep-alive connection is kept
+MAX_IDLE_PER_TARGET: Final = 64
 
 
 class UpstreamOwner(Protocol):
@@ -111,7 +110,7 @@ class TargetPool:
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
             conn = self.idle.pop()
-            if _monotonic() - conn.idle_since > IDLE_UPSTREAM_TIMEOUT:
+            if time.monotonic() - conn.idle_since > IDLE_UPSTREAM_TIMEOUT:
                 conn.close()  # the upstream may be about to close it: do not race that
                 continue
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
@@ -150,7 +149,7 @@ class TargetPool:
             conn.close()
             return
         conn.requests += 1
-        conn.idle_since = _monotonic()  # no timer per request: Pools.sweep closes stale ones
+        conn.idle_since = time.monotonic()  # no timer per request: Pools.sweep closes stale ones
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -255,8 +254,8 @@ class Balancer:
             health = single.health
             if single is exclude or not health.healthy:
                 return None
-            return single if not health.down_until or health.down_until <= _monotonic() else None
-        now = _monotonic()
+            return single if not health.down_until or health.down_until <= time.monotonic() else None
+        now = time.monotonic()
         if self.least:
             return self._least_connections(exclude, now)
         return self._round_robin(exclude, now)
