@@ -58,13 +58,11 @@ from proxycore.http1_checks import (
     connection_options,
     connection_tokens,
     expect_continue,
-    hop_by_hop_names,
     noted_fields,
     request_host,
     request_line,
     resolve_target,
     status_line,
-    strip_hop_by_hop,
     trailer_fields,
 )
 
@@ -85,10 +83,7 @@ __all__ = [
     "Upgraded",
     "connection_tokens",
     "encode_chunk",
-    "hop_by_hop_names",
-    "serialize_request_head",
     "serialize_response_head",
-    "strip_hop_by_hop",
 ]
 
 
@@ -678,11 +673,6 @@ class ResponseParser(_MessageParser[ResponseHead]):
         """Record the method of a request sent upstream; its final response comes in order."""
         self._methods.append(method)
 
-    @property
-    def awaiting_response(self) -> bool:
-        """A request was sent whose final response has not started yet."""
-        return bool(self._methods)
-
     _llhttp: ClassVar[type[HttpParser]] = httptools.HttpResponseParser
 
     def _make_head(self, head: bytes, ll: HttpParser) -> tuple[ResponseHead, int]:
@@ -730,13 +720,6 @@ def _serialize(start: bytes, headers: Fields | list[tuple[bytes, bytes]]) -> byt
     if out.count(b"\n") != len(lines) - 1 or out.count(b"\r") != len(lines) - 1:
         raise ValueError("CR or LF inside a header name or value")
     return out
-
-
-def serialize_request_head(
-    method: bytes, target: bytes, headers: Fields | list[tuple[bytes, bytes]]
-) -> bytes:
-    """``METHOD target HTTP/1.1`` and ``headers`` as given, CRLF-terminated."""
-    return _serialize(b"%s %s HTTP/1.1" % (method, target), headers)
 
 
 def serialize_response_head(

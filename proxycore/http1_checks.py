@@ -411,18 +411,6 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return tokens_of(value for name, value in headers if name == b"connection")
 
 
-def hop_by_hop_names(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Names a proxy must not forward: the fixed set plus those Connection lists."""
-    listed = connection_tokens(headers)
-    return HOP_BY_HOP | (listed - _NEVER_HOP_BY_HOP) if listed else HOP_BY_HOP
-
-
-def strip_hop_by_hop(headers: Fields) -> Fields:
-    """``headers`` without hop-by-hop fields (an upgrade must re-add its own)."""
-    drop = hop_by_hop_names(headers)
-    return tuple(field for field in headers if field[0] not in drop)
-
-
 def expect_continue(values: list[bytes]) -> bool:
     """Expect holds 100-continue (other expectations are left to the caller)."""
     return any(value.lower() == b"100-continue" for value in values)

@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from proxycore import proxyproto as pp
+from tests import proxyproto_decode as ppd
 
 # The v2 signature as haproxy's proxy-protocol.txt spells it, byte by byte.
 SPEC_SIGNATURE = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
@@ -31,20 +32,20 @@ def test_v1_worst_cases_have_the_spec_lengths() -> None:
 def test_v1_ipv6_round_trip() -> None:
     header = pp.encode_v1(("2001:db8::1", 50000), ("2001:db8::11", 8443))
     assert header == b"PROXY TCP6 2001:db8::1 2001:db8::11 50000 8443\r\n"
-    assert pp.decode_v1(header + b"GET /") == (("2001:db8::1", 50000), ("2001:db8::11", 8443), b"GET /")
+    assert ppd.decode_v1(header + b"GET /") == (("2001:db8::1", 50000), ("2001:db8::11", 8443), b"GET /")
 
 
 def test_v1_ipv4_round_trip_keeps_the_following_bytes() -> None:
     header = pp.encode_v1(("10.1.2.3", 1), ("127.0.0.1", 65535))
-    assert pp.decode_v1(header + b"\x16\x03\x01") == (("10.1.2.3", 1), ("127.0.0.1", 65535), b"\x16\x03\x01")
+    assert ppd.decode_v1(header + b"\x16\x03\x01") == (("10.1.2.3", 1), ("127.0.0.1", 65535), b"\x16\x03\x01")
 
 
 def test_v1_is_unknown_when_families_differ_or_are_not_ip() -> None:
     assert pp.encode_v1(("192.0.2.1", 1000), ("2001:db8::1", 443)) == b"PROXY UNKNOWN\r\n"
     assert pp.encode_v1(("/run/sock", 0), ("192.0.2.1", 443)) == b"PROXY UNKNOWN\r\n"
-    assert pp.decode_v1(b"PROXY UNKNOWN\r\nrest") == (None, None, b"rest")
+    assert ppd.decode_v1(b"PROXY UNKNOWN\r\nrest") == (None, None, b"rest")
     # The spec lets a sender put addresses after UNKNOWN; the receiver ignores them.
-    assert pp.decode_v1(b"PROXY UNKNOWN ffff:: ffff:: 1 2\r\n")[:2] == (None, None)
+    assert ppd.decode_v1(b"PROXY UNKNOWN ffff:: ffff:: 1 2\r\n")[:2] == (None, None)
 
 
 def test_v1_sends_ipv4_mapped_addresses_as_ipv4() -> None:
@@ -53,15 +54,15 @@ def test_v1_sends_ipv4_mapped_addresses_as_ipv4() -> None:
 
 
 def test_v1_decoder_waits_for_more_and_rejects_garbage() -> None:
-    with pytest.raises(pp.IncompleteHeader):
-        pp.decode_v1(b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r")
-    with pytest.raises(pp.IncompleteHeader):
-        pp.decode_v1(b"PRO")
+    with pytest.raises(ppd.IncompleteHeader):
+        ppd.decode_v1(b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r")
+    with pytest.raises(ppd.IncompleteHeader):
+        ppd.decode_v1(b"PRO")
     for bad in (b"GET / HTTP/1.1\r\n", b"PROXY TCP5 1.2.3.4 1.2.3.4 1 2\r\n",
                 b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n", b"PROXY TCP4 1.2.3.4 1.2.3.4 1 70000\r\n",
                 b"PROXY " + b"x" * 120):
-        with pytest.raises(pp.ProxyHeaderError):
-            pp.decode_v1(bad)
+        with pytest.raises(ppd.ProxyHeaderError):
+            ppd.decode_v1(bad)
 
 
 # ---- version 2 ----------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_v2_ipv4_bytes_follow_the_spec_layout() -> None:
     expected = (SPEC_SIGNATURE + bytes([0x21, 0x11, 0x00, 0x0C])
                 + bytes([192, 168, 0, 1, 192, 168, 0, 11]) + bytes([0xDC, 0x04, 0x01, 0xBB]))
     assert header == expected
-    assert pp.decode_v2(header + b"tail") == (("192.168.0.1", 56324), ("192.168.0.11", 443), {}, b"tail")
+    assert ppd.decode_v2(header + b"tail") == (("192.168.0.1", 56324), ("192.168.0.11", 443), {}, b"tail")
 
 
 def test_v2_ipv6_bytes_follow_the_spec_layout() -> None:
@@ -85,13 +86,13 @@ def test_v2_ipv6_bytes_follow_the_spec_layout() -> None:
     dst = bytes(15) + b"\x01"
     ports = struct.pack("!HH", 50000, 8443)
     assert header == SPEC_SIGNATURE + bytes([0x21, 0x21, 0x00, 36]) + src + dst + ports
-    assert pp.decode_v2(header) == (("2001:db8::1", 50000), ("::1", 8443), {}, b"")
+    assert ppd.decode_v2(header) == (("2001:db8::1", 50000), ("::1", 8443), {}, b"")
 
 
 def test_v2_unspec_when_families_differ() -> None:
     header = pp.encode_v2(("192.0.2.1", 1), ("2001:db8::1", 2))
     assert header == SPEC_SIGNATURE + bytes([0x21, 0x00, 0x00, 0x00])
-    assert pp.decode_v2(header + b"x") == (None, None, {}, b"x")
+    assert ppd.decode_v2(header + b"x") == (None, None, {}, b"x")
 
 
 def test_v2_carries_alpn_authority_and_ssl_tlvs() -> None:
@@ -99,11 +100,11 @@ def test_v2_carries_alpn_authority_and_ssl_tlvs() -> None:
                       common_name="client.example")
     header = pp.encode_v2(("192.0.2.1", 40000), ("192.0.2.2", 443), alpn="http/1.1",
                           authority="shop.example", tls=info)
-    src, dst, tlvs, rest = pp.decode_v2(header + b"\x16")
+    src, dst, tlvs, rest = ppd.decode_v2(header + b"\x16")
     assert (src, dst, rest) == (("192.0.2.1", 40000), ("192.0.2.2", 443), b"\x16")
     assert tlvs[pp.PP2_TYPE_ALPN] == b"http/1.1"
     assert tlvs[pp.PP2_TYPE_AUTHORITY] == b"shop.example"
-    client, verify, subs = pp.decode_ssl_tlv(tlvs[pp.PP2_TYPE_SSL])
+    client, verify, subs = ppd.decode_ssl_tlv(tlvs[pp.PP2_TYPE_SSL])
     assert client == pp.PP2_CLIENT_SSL | pp.PP2_CLIENT_CERT_CONN
     assert verify == 0
     assert subs == {pp.PP2_SUBTYPE_SSL_VERSION: b"TLSv1.3",
@@ -121,21 +122,21 @@ def test_v2_ssl_tlv_bytes_for_a_client_without_certificate() -> None:
 
 def test_v2_local_command_has_no_addresses() -> None:
     local = SPEC_SIGNATURE + bytes([0x20, 0x11, 0x00, 0x0C]) + bytes(12) + b"after"
-    assert pp.decode_v2(local) == (None, None, {}, b"after")
+    assert ppd.decode_v2(local) == (None, None, {}, b"after")
 
 
 def test_v2_decoder_waits_for_more_and_rejects_garbage() -> None:
     header = pp.encode_v2(("192.0.2.1", 1), ("192.0.2.2", 2), authority="a.example")
     for cut in (5, 15, len(header) - 1):
-        with pytest.raises(pp.IncompleteHeader):
-            pp.decode_v2(header[:cut])
-    with pytest.raises(pp.ProxyHeaderError):
-        pp.decode_v2(b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\r\n")
-    with pytest.raises(pp.ProxyHeaderError):
-        pp.decode_v2(SPEC_SIGNATURE + bytes([0x31, 0x11, 0x00, 0x00]))  # version 3
+        with pytest.raises(ppd.IncompleteHeader):
+            ppd.decode_v2(header[:cut])
+    with pytest.raises(ppd.ProxyHeaderError):
+        ppd.decode_v2(b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\r\n")
+    with pytest.raises(ppd.ProxyHeaderError):
+        ppd.decode_v2(SPEC_SIGNATURE + bytes([0x31, 0x11, 0x00, 0x00]))  # version 3
     broken_tlv = SPEC_SIGNATURE + bytes([0x21, 0x11, 0x00, 0x0F]) + bytes(12) + bytes([0x02, 0x00, 0x09])
-    with pytest.raises(pp.ProxyHeaderError):
-        pp.decode_v2(broken_tlv)
+    with pytest.raises(ppd.ProxyHeaderError):
+        ppd.decode_v2(broken_tlv)
 
 
 @pytest.mark.parametrize(("src", "dst"), [
@@ -145,5 +146,5 @@ def test_v2_decoder_waits_for_more_and_rejects_garbage() -> None:
 ])
 def test_round_trips_at_the_edges(src: tuple[str, int], dst: tuple[str, int]) -> None:
     plain = (src[0].split("%")[0], src[1])
-    assert pp.decode_v1(pp.encode_v1(src, dst))[:2] == (plain, dst)
-    assert pp.decode_v2(pp.encode_v2(src, dst))[:2] == (plain, dst)
+    assert ppd.decode_v1(pp.encode_v1(src, dst))[:2] == (plain, dst)
+    assert ppd.decode_v2(pp.encode_v2(src, dst))[:2] == (plain, dst)
