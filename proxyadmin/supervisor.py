@@ -12,6 +12,7 @@ a KeyboardInterrupt traceback.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import subprocess
@@ -25,6 +26,7 @@ log = logging.getLogger("proxyadmin.up")
 RESTART_BACKOFF_MAX = 30.0
 STOP_GRACE = 10.0  # seconds each child gets after SIGTERM before it is killed
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
@@ -40,12 +42,26 @@ class Child:
     def start(self) -> None:
         # Its own process group: the terminal's signals are for `up`, which relays them.
         # No stdin: a background group reading the terminal would be stopped (SIGTTIN).
-        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, process_group=0)
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, process_group=0,
+                                        preexec_fn=_die_with_parent)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when ``up`` dies, even by SIGKILL (Linux only).
+
+    A child in a process group of its own no longer gets the terminal's signals, so a
+    killed ``up`` would otherwise leave its children running.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: children outlive a killed `up`, as any process group would
 
 
 class Supervisor:

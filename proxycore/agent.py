@@ -108,9 +108,11 @@ class AgentLink:
                     await asyncio.wait_for(socket.close(CloseCode.GOING_AWAY, "node stopping"), 2)
                 raise
             finally:
+                # asyncio.wait, not await: awaiting a cancelled task and suppressing its
+                # CancelledError would also swallow a cancel of this task that lands here,
+                # and a stopping node would reconnect instead of stopping.
                 sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+                await asyncio.wait({sender})
 
     def hello(self) -> Hello:
         return Hello(node=self.node, version=self.version, pid=os.getpid(), revision=self.revision(),

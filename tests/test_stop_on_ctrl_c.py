@@ -132,3 +132,26 @@ def test_a_node_stop_cancels_an_agent_link_again_after_it_swallowed_the_cancel()
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 1
+
+
+def test_the_parts_stop_when_up_itself_is_killed(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    admin = free_port()
+    argv = [sys.executable, "manage.py", "up", "--no-proxy", "--admin", f"127.0.0.1:{admin}"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=project.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    parts: list[int] = []
+    try:
+        wait_for_http(f"http://127.0.0.1:{admin}/admin/login/")
+        parts = children_of(proc.pid)
+        assert parts
+        proc.kill()  # SIGKILL: `up` cannot relay anything
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while [pid for pid in parts if alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in parts if alive(pid)]
+    finally:
+        for pid in [proc.pid, *parts]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

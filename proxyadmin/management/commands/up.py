@@ -64,6 +64,15 @@ class Command(BaseCommand):
         if options["metrics"] is not None:
             parse_address(options["metrics"], "--metrics")
         demo_port = parse_address(options["demo_upstream"], "--demo-upstream")[1]
+        try:
+            self.prepare_and_supervise(options, admin_host, admin_port, demo_port)
+        except KeyboardInterrupt:  # Ctrl-C before the children started: nothing to stop
+            self.stderr.write("Interrupted before the product started.")
+            sys.exit(130)
+
+    def prepare_and_supervise(
+        self, options: dict[str, Any], admin_host: str, admin_port: int, demo_port: int,
+    ) -> None:
         call_command("migrate", interactive=False, verbosity=0)
         self.ensure_admin_account()
         chartlib.ensure_installed(settings.BASE_DIR, settings.UPLOT_DIST, self.stdout)
