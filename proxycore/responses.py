@@ -24,7 +24,7 @@ BODIES: dict[int, bytes] = {
     400: b"400 Bad Request: the request is malformed.\n",
     404: b"404 Not Found\n",
     405: b"405 Method Not Allowed: this host does not accept TRACE.\n",
-    408: b"408 Request Timeout: the request head did not arrive in time.\n",
+    408: b"408 Request Timeout: the request did not arrive in time.\n",
     413: b"413 Content Too Large: the request body exceeds this host's limit.\n",
     414: b"414 URI Too Long: the request line is too long.\n",
     421: b"421 Misdirected Request: this host is not served on this connection.\n",

@@ -1,8 +1,9 @@
-"""Per-request decisions, as pure functions over the snapshot and the parsed request.
+"""Host routing and head rewriting, as pure functions over the snapshot and parsed heads.
 
-Which host a request is for, where a redirect goes,
-and which headers go to the upstream and back to the client. Tables are built
-once per snapshot load (``RouteTable``); the functions here do no I/O.
+Which host a request is for (``lookup_route``), where a redirect goes, and the
+heads that go to the upstream and back to the client, rewritten as bytes. What
+to do with a request is ``proxycore.decide``'s. Tables are built once per
+snapshot load (``RouteTable``); the functions here do no I/O.
 """
 
 from __future__ import annotations
