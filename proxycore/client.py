@@ -315,7 +315,7 @@ class ClientConnection(asyncio.Protocol):
         elif exchange.tunnel:
             self.watch = None
             return
-        elif not exchange.request_done and not self.read_paused:
+        elif exchange.reading_body() and not self.read_paused:
             watch = (BODY, self.exchanges, exchange.body_received)
         elif exchange.awaiting_upstream:
             watch = (UPSTREAM, self.exchanges, exchange.upstream_reads)

@@ -56,6 +56,7 @@ class Exchange:
         self.started_at = time.monotonic()
         # the request
         self.request_done = False  # its body (if any) has been read whole
+        self.continued = False  # a 100 (Continue) went to the client
         self.discard_body = False  # answered locally on a kept connection: read the body, drop it
         self.body_received = 0
         self.pending_body: list[bytes] = []  # body read before an upstream connection was attached
@@ -155,6 +156,10 @@ class Exchange:
         if self.retried or self.route is None or not self.may_resend():
             return None
         return self.conn.state.balancers[self.route.upstream.name].pick(exclude=failed)
+
+    def reading_body(self) -> bool:
+        """The client owes the rest of the request body (one that waits for a 100 owes nothing yet)."""
+        return not self.request_done and (self.continued or not self.request.expect_continue)
 
     def may_resend(self) -> bool:
         return self.request.method in IDEMPOTENT and self.request.framing is _F_NONE
@@ -285,6 +290,7 @@ class Exchange:
                 added = b"connection: upgrade\r\nupgrade: %s\r\n" % request.upgrade
                 return routing.client_response_head(head, hsts, https=https, added=added)
             if status != 100 or request.expect_continue:
+                self.continued = True
                 return routing.client_response_head(head, hsts, https=https)
             return b""
         self.response = head

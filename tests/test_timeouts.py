@@ -17,6 +17,7 @@ from proxycore import config as core
 from proxycore.limits import Limits
 from tests.proxyharness import (
     Exchange,
+    LoopServer,
     LoopThread,
     Upstream,
     bundle,
@@ -155,3 +156,31 @@ def test_a_body_that_keeps_arriving_slowly_is_not_cut(ca: trustme.CA, upstream: 
             sock.sendall(bytes([piece]))
         assert read_response(sock)[0] == 200
         assert upstream.requests[0].body == b"abcdef"
+
+
+class SlowContinue(LoopServer):
+    """Takes 1.5 s to say 100 (Continue), then reads the body and answers."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.5)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await reader.readexactly(3)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+
+def test_a_client_waiting_for_100_continue_is_not_the_one_stalling(
+    ca: trustme.CA, loop_thread: LoopThread,
+) -> None:
+    server = SlowContinue(loop_thread).start()
+    with running_node(snapshot(ca, server.port), Limits(body_timeout=1.0)) as node:
+        sock = tls_connect(node.https_port, ca, "a.example")
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: a.example\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        sock.settimeout(5)
+        assert read_response(sock)[0] == 100
+        sock.sendall(b"abc")
+        status, _, body = read_response(sock)
+        assert (status, body) == (200, b"abc")
+    server.stop()
