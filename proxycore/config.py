@@ -157,5 +157,9 @@ class Snapshot:
     hosts: tuple[HostRoute, ...] = ()
     default_certificate: CertificateBundle | None = None
     strict_sni: bool = False
-    # ACME http-01 challenges: (token, key authorization) pairs.
+    # ACME http-01 challenges: (token, key authorization) pairs, answered on the HTTP listener.
     acme_challenges: tuple[tuple[str, str], ...] = ()
+    # ACME tls-alpn-01 challenges (RFC 8737): (name, SHA-256 of the key authorization) pairs.
+    # A ClientHello for the name offering only ALPN "acme-tls/1" gets a self-signed
+    # certificate for it carrying the digest (each node makes its own; no key is shipped).
+    acme_tls_alpn: tuple[tuple[str, bytes], ...] = ()
