@@ -26,6 +26,7 @@ from proxycore.accesslog import AccessLog, Sink
 from proxycore.client import ClientConnection
 from proxycore.config import HostRoute, Snapshot
 from proxycore.healthcheck import HealthMonitor, describe_upstreams, plan_checks
+from proxycore.heaptrim import HeapTrim, glibc_malloc_trim
 from proxycore.l4 import L4Pipe
 from proxycore.limits import Limits
 from proxycore.stats import ListenerStats, Stats
@@ -123,6 +124,7 @@ class ProxyNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
+        self.heap = HeapTrim(glibc_malloc_trim())  # hands back what closed connections freed
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -153,6 +155,7 @@ class ProxyNode:
         self._sweeps += 1
         if self._sweeps % 4 == 0:
             self.pools.sweep()
+            self.heap.check(self._closed_connections())
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def reload(self, snapshot: Snapshot) -> bool:
@@ -205,6 +208,10 @@ class ProxyNode:
 
     def _all_connections(self) -> list[Stoppable]:
         return [c for listener in self.listeners for c in listener.connections]
+
+    def _closed_connections(self) -> int:
+        """Connections accepted (or refused) since the start that are gone."""
+        return sum(li.stats.connections - len(li.connections) - li.handshaking for li in self.listeners)
 
     # ---- accepting connections -------------------------------------------------------
 
