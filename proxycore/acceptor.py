@@ -7,8 +7,8 @@ reads the ClientHello itself (``proxycore.clienthello``), picks the host by SNI
 (``loop.start_tls``), so that verify mode and session resumption stay per host.
 A ClientHello naming no known host gets ``unrecognized_name`` (strict SNI, or no
 default certificate), and plain HTTP on this port a plain 400. Every failed
-handshake is counted by reason, and one OpenSSL refuses ends with OpenSSL's alert
-(``proxycore.tlsalert``).
+handshake is counted by reason, and a handshake OpenSSL refuses ends with the alert
+OpenSSL wrote (``proxycore.tlsalert``).
 
 After the handshake the connection is a ``ClientConnection`` (HTTP) or, for a TCP
 host, an ``L4Pipe``.
