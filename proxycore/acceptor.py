@@ -6,7 +6,9 @@ reads the ClientHello itself (``proxycore.clienthello``), picks the host by SNI
 (``tls.lookup``) and starts TLS with that host's own ``SSLContext``
 (``loop.start_tls``), so that verify mode and session resumption stay per host.
 A ClientHello naming no known host gets ``unrecognized_name`` (strict SNI, or no
-default certificate), and plain HTTP on this port a plain 400. Every failed
+default certificate), and plain HTTP on this port a plain 400. A ClientHello that
+offers only ALPN ``acme-tls/1`` is an ACME tls-alpn-01 validation: it gets the
+challenge certificate for its name (``proxycore.acmealpn``), never a host's. Every failed
 handshake is counted by reason, and a handshake OpenSSL refuses ends with the alert
 OpenSSL wrote (``proxycore.tlsalert``).
 
@@ -17,10 +19,12 @@ host, an ``L4Pipe``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from proxycore import responses, tls
+from proxycore import acmealpn, responses, tls
 from proxycore.client import ClientConnection
 from proxycore.clientcert import client_cert_headers
 from proxycore.clienthello import (
@@ -36,6 +40,8 @@ from proxycore.tlsalert import Handshake
 
 if TYPE_CHECKING:
     from proxycore.server import Listener, ProxyNode
+
+log = logging.getLogger("proxycore")
 
 # How long a closing TLS connection waits for the client's close_notify.
 TLS_SHUTDOWN_TIMEOUT = 5.0
@@ -118,6 +124,9 @@ class TLSAcceptor(asyncio.Protocol):
         """The ClientHello is in: pick the host by SNI and start TLS with its own context."""
         node = self.node
         state = node.state
+        if acmealpn.wants_challenge(hello.alpn):
+            self.answer_challenge(hello.server_name, state.acme_alpn)
+            return
         route, context = tls.lookup(state.sni, hello.server_name)
         if context is None:
             node.stats.host(UNMATCHED).handshakes_failed["unknown_sni"] += 1
@@ -159,6 +168,50 @@ class TLSAcceptor(asyncio.Protocol):
         if tls_transport is not None:
             record_handshake(node, conn, tls_transport)
             conn.connection_made(tls_transport)
+
+    def answer_challenge(self, server_name: str | None, challenges: Mapping[str, ssl.SSLContext]) -> None:
+        """An ACME tls-alpn-01 validation: the challenge certificate, then close (acmealpn)."""
+        context = challenges.get((server_name or "").lower().rstrip("."))
+        if context is None:
+            self.node.stats.host(UNMATCHED).handshakes_failed["no_acme_challenge"] += 1
+            self.refuse(acmealpn.ALERT_NO_APPLICATION_PROTOCOL)
+            return
+        node = self.node
+        node.track(node.loop.create_task(self.validation_handshake(server_name or "", context)))
+        node.loop.call_soon(self.hand_over)
+
+    async def validation_handshake(self, name: str, context: ssl.SSLContext) -> None:
+        node = self.node
+        transport = self.transport
+        timeout = max(0.1, self.deadline - node.loop.time())
+
+        def failed(exc: BaseException) -> None:
+            node.stats.host(UNMATCHED).handshakes_failed[tls.handshake_failure_reason(exc)] += 1
+
+        pending = Handshake.expect(context, transport, node.loop, failed)
+        try:
+            tls_transport = await node.loop.start_tls(
+                transport, asyncio.Protocol(), context, server_side=True, ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            )
+        except asyncio.CancelledError:
+            self.done()
+            transport.abort()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            if pending.error is None:
+                failed(exc)
+            self.failed()
+            return
+        finally:
+            pending.forget()
+        self.done()
+        if pending.error is not None:
+            self.failed()
+            return
+        log.info("answered the ACME tls-alpn-01 challenge for %s", name)
+        if tls_transport is not None:
+            tls_transport.close()  # RFC 8737 §3: the handshake is the whole answer
 
     def hand_over(self) -> None:
         """Give the bytes read so far to the TLS protocol that now owns the transport."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from proxycore import routing, tls
+from proxycore import acmealpn, routing, tls
 from proxycore.acceptor import TLSAcceptor
 from proxycore.accesslog import AccessLog, Sink
 from proxycore.client import ClientConnection
@@ -56,6 +57,7 @@ class NodeState:
     balancers: dict[str, Balancer]
     acme: dict[str, str]
     pools: tuple[TargetPool, ...]
+    acme_alpn: Mapping[str, ssl.SSLContext]  # tls-alpn-01 challenges by name (acmealpn)
 
 
 def build_state(snapshot: Snapshot, pools: Pools) -> NodeState:
@@ -80,6 +82,7 @@ def build_state(snapshot: Snapshot, pools: Pools) -> NodeState:
         balancers=balancers,
         acme=dict(snapshot.acme_challenges),
         pools=tuple(used),
+        acme_alpn=acmealpn.challenge_contexts(snapshot.acme_tls_alpn),
     )
 
 
