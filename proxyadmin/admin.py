@@ -20,6 +20,8 @@ from django.utils.html import format_html, format_html_join
 
 from proxyadmin import forms, localca, pki
 from proxyadmin import models as m
+from proxyadmin.acme.admin import acme_state_html, request_now
+from proxyadmin.acme.models import HostState
 from proxyadmin.loginguard.forms import ThrottledAuthenticationForm
 
 admin.site.site_header = "proxyadmin"
@@ -36,7 +38,7 @@ class CertificateAdmin(admin.ModelAdmin):
     search_fields = ["name", "subject", "sans", "fingerprint_sha256"]
     readonly_fields = [
         "subject", "sans_display", "issuer", "serial", "not_before", "not_after", "expiry",
-        "key_display", "fingerprint_display", "chain_complete", "source", "used_by",
+        "key_display", "fingerprint_display", "chain_complete", "source", "used_by", "acme_display",
     ]
     change_list_template = "admin/proxyadmin/certificate/change_list.html"
 
@@ -83,6 +85,14 @@ class CertificateAdmin(admin.ModelAdmin):
     @admin.display(description="used by hosts")
     def used_by(self, obj: m.Certificate) -> str:
         return ", ".join(h.name for h in obj.hosts.all()) or "—"
+
+    @admin.display(description="ACME")
+    def acme_display(self, obj: m.Certificate) -> str:
+        states = list(HostState.objects.filter(certificate=obj).select_related("host"))
+        if not states:
+            return "—"
+        return format_html_join(format_html("<br>"), "{}: {}",
+                                ((s.host.name, acme_state_html(s)) for s in states))
 
     @csrf_protect_m
     def changeform_view(
@@ -334,14 +344,16 @@ class HostAdmin(admin.ModelAdmin):
     inlines = [HostNameInline]
     list_display = [
         "name", "names_display", "mode", "upstream", "certificate", "hsts_policy", "client_auth",
-        "enabled",
+        "acme_display", "enabled",
     ]
-    list_filter = ["mode", "enabled", "client_auth"]
-    list_select_related = ["upstream", "certificate", "hsts_policy"]
+    list_filter = ["mode", "enabled", "client_auth", "acme"]
+    list_select_related = ["upstream", "certificate", "hsts_policy", "acme_state"]
     search_fields = ["name", "names__name"]
-    actions = ["generate_local_certificate"]
+    actions = ["generate_local_certificate", "request_acme_now"]
+    readonly_fields = ["acme_status"]
     fieldsets = [
         (None, {"fields": ["name", "enabled", "mode", "upstream", "certificate", "max_body_size"]}),
+        ("Automatic certificate (ACME)", {"fields": ["acme", "acme_status"]}),
         ("HTTP", {"fields": ["hsts_policy", "redirect_http", "redirect_status", "allow_trace"]}),
         ("Client certificates (mTLS)", {"fields": [
             "client_auth", "client_ca", "forward_client_cert", "forward_client_cert_chain",
@@ -355,6 +367,21 @@ class HostAdmin(admin.ModelAdmin):
     @admin.display(description="names")
     def names_display(self, obj: m.Host) -> str:
         return ", ".join(n.name for n in obj.names.all()) or "—"
+
+    @admin.display(description="ACME")
+    def acme_display(self, obj: m.Host) -> str:
+        if not obj.acme:
+            return "—"
+        state = getattr(obj, "acme_state", None)
+        return format_html("{}: {}", obj.acme, acme_state_html(state, brief=True))
+
+    @admin.display(description="ACME status")
+    def acme_status(self, obj: m.Host) -> str:
+        return acme_state_html(getattr(obj, "acme_state", None)) if obj.pk and obj.acme else "—"
+
+    @admin.action(description="Request an ACME certificate now for the selected hosts")
+    def request_acme_now(self, request: HttpRequest, queryset: QuerySet[m.Host]) -> None:
+        request_now(self, request, queryset)
 
     @admin.action(description="Generate a certificate from the local CA for the selected hosts")
     def generate_local_certificate(self, request: HttpRequest, queryset: QuerySet[m.Host]) -> None:

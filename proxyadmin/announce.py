@@ -23,6 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from proxyadmin import traffic
+from proxyadmin.acme.models import dashboard_warnings as acme_warnings
 from proxyadmin.models import Certificate, ConfigRevision, ProxyNode, Upstream
 from proxycore import agentproto
 
@@ -64,7 +65,8 @@ def expiring_certificates(now: dt.datetime) -> list[dict[str, Any]]:
 
 def config_warnings() -> list[str]:
     unverified = Upstream.objects.filter(tls=True, tls_verify=False).values_list("name", flat=True)
-    return [f"upstream '{name}' does not verify its targets' certificates" for name in unverified]
+    warnings = [f"upstream '{name}' does not verify its targets' certificates" for name in unverified]
+    return warnings + acme_warnings(timezone.now())
 
 
 def dashboard_state() -> dict[str, Any]:

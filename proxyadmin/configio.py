@@ -92,7 +92,8 @@ CERTIFICATES = Kind(
 CLIENT_CAS = Kind("client_cas", "client CA", m.ClientCA, {}, ("name", "bundle_pem"))
 HSTS_POLICIES = Kind("hsts_policies", "HSTS policy", m.HSTSPolicy, {})
 UPSTREAMS = Kind("upstreams", "upstream", m.Upstream, {"targets": (list,)})
-HOSTS = Kind("hosts", "host", m.Host, {"names": (list,)})
+# "acme" is the challenge ("http-01", "tls-alpn-01", "any") or null when off.
+HOSTS = Kind("hosts", "host", m.Host, {"names": (list,), "acme": (str, type(None))})
 # In the order of application: each kind refers only to kinds before it.
 KINDS = (CERTIFICATES, CLIENT_CAS, HSTS_POLICIES, UPSTREAMS, HOSTS)
 
@@ -136,8 +137,12 @@ def dump_upstream(upstream: m.Upstream) -> dict[str, Any]:
     return dump_object(upstream) | {"targets": [dump_object(t, TARGET_EXCLUDE) for t in targets]}
 
 
+def _dump_host_fields(host: m.Host) -> dict[str, Any]:
+    return dump_object(host) | {"acme": host.acme or None}
+
+
 def dump_host(host: m.Host) -> dict[str, Any]:
-    return dump_object(host) | {"names": host.hostnames() if host.pk else []}
+    return _dump_host_fields(host) | {"names": host.hostnames() if host.pk else []}
 
 
 def _settings_row() -> m.ProxySettings | None:
@@ -534,12 +539,13 @@ def import_host(entry: Mapping[str, Any]) -> Outcome:
     form = forms.HostForm(data, instance=existing)
     problems = _form_problems(form, known=missing)
     names, name_problems = forms.clean_host_names(
-        values["names"], form.cleaned_data.get("certificate"), existing
+        values["names"], form.cleaned_data.get("certificate"), existing,
+        acme=form.cleaned_data.get("acme") or "",
     )
     problems += [f"names: {problem}" for problem in name_problems]
     if problems:
         return Outcome("refused", what, tuple(problems))
-    after = dump_object(form.instance) | {"names": names}
+    after = _dump_host_fields(form.instance) | {"names": names}
     if before is not None and _same_host(before, after):
         return Outcome("unchanged", what)
     host = form.save()

@@ -95,3 +95,21 @@ def secret_from_env_or_file(name: str, path: Path, make: Callable[[], str]) -> s
 
 def random_secret_key() -> str:
     return secrets.token_urlsafe(50)
+
+
+def envurl(name: str, default: str) -> str:
+    """An http(s) URL, or ``default`` when the variable is unset or empty."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.startswith(("https://", "http://")) or len(raw) < len("http://x"):
+        raise ImproperlyConfigured(f"{name} must be an https:// (or http://) URL, not {raw!r}.")
+    return raw
+
+
+def envfile(name: str) -> str:
+    """The path of a readable file, or "" when the variable is unset or empty."""
+    raw = os.environ.get(name, "").strip()
+    if raw and not Path(raw).is_file():
+        raise ImproperlyConfigured(f"{name} names {raw!r}, which is not a readable file.")
+    return raw

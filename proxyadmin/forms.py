@@ -336,7 +336,7 @@ class HostForm(forms.ModelForm):
         fields = [
             "name", "enabled", "mode", "upstream", "certificate", "max_body_size", "hsts_policy",
             "redirect_http", "redirect_status", "client_auth", "client_ca", "forward_client_cert",
-            "forward_client_cert_chain", "proxy_protocol", "allow_trace",
+            "forward_client_cert_chain", "proxy_protocol", "allow_trace", "acme",
         ]
 
     def clean(self) -> dict[str, Any]:
@@ -351,9 +351,14 @@ class HostForm(forms.ModelForm):
 
 
 def clean_host_names(
-    raw_names: list[str], certificate: m.Certificate | None, host: m.Host | None
+    raw_names: list[str], certificate: m.Certificate | None, host: m.Host | None, acme: str = ""
 ) -> tuple[list[str], list[str]]:
-    """Normalise a host's names and check them; returns (names, error messages)."""
+    """Normalise a host's names and check them; returns (names, error messages).
+
+    With ``acme`` on, wildcards are refused (http-01 and tls-alpn-01 cannot validate
+    them), and a certificate from ACME need not cover new names: the worker orders one
+    that does.
+    """
     errors: list[str] = []
     names: list[str] = []
     for raw in raw_names:
@@ -372,7 +377,14 @@ def clean_host_names(
     if host is not None and host.pk:
         taken = taken.exclude(host=host)
     errors += [f"'{t.name}' is already used by host '{t.host.name}'." for t in taken]
-    if certificate is not None:
+    wildcards = [name for name in names if name.startswith("*.")]
+    if acme and wildcards:
+        errors.append(
+            f"{', '.join(wildcards)}: a wildcard name can only be validated by dns-01, and ACME "
+            f"here uses {acme if acme != m.Host.Acme.ANY else 'http-01 or tls-alpn-01'}. "
+            "Turn ACME off for this host or list the names one by one."
+        )
+    if certificate is not None and not (acme and certificate.source == m.Certificate.Source.ACME):
         missing = uncovered_names(certificate.sans, names)
         if missing:
             errors.append(
@@ -403,7 +415,9 @@ class HostNameFormSet(BaseInlineFormSet):
         ]
         host = self.instance
         certificate = host.certificate if host.certificate_id else None
-        names, errors = clean_host_names([f.cleaned_data["name"] for f in kept], certificate, host)
+        names, errors = clean_host_names(
+            [f.cleaned_data["name"] for f in kept], certificate, host, acme=host.acme
+        )
         if errors:
             raise ValidationError(errors)
         for form, name in zip(kept, names, strict=True):

@@ -244,6 +244,12 @@ class Host(models.Model):
         V1 = "v1", "Version 1 (text)"
         V2 = "v2", "Version 2 (binary)"
 
+    class Acme(models.TextChoices):
+        OFF = "", "Off"
+        HTTP_01 = "http-01", "http-01 (HTTP listener, port 80)"
+        TLS_ALPN_01 = "tls-alpn-01", "tls-alpn-01 (HTTPS listener, port 443)"
+        ANY = "any", "Either (tls-alpn-01, then http-01 after a failure)"
+
     name = models.CharField(max_length=200, unique=True, help_text="A label for this host in the admin.")
     certificate = models.ForeignKey(
         Certificate, null=True, blank=True, on_delete=models.PROTECT, related_name="hosts",
@@ -284,6 +290,12 @@ class Host(models.Model):
         "allow TRACE", default=False,
         help_text="Forward TRACE requests. Off: they get 405, since TRACE echoes the request "
                   "(cookies and credentials included) back to the client.",
+    )
+    acme = models.CharField(
+        "ACME", max_length=12, choices=Acme.choices, default=Acme.OFF, blank=True,
+        help_text="Obtain and renew the certificate automatically from the ACME directory "
+                  "(PROXYADMIN_ACME_DIRECTORY) for all the names, with this challenge. "
+                  "Wildcard names need dns-01, which is not offered.",
     )
     enabled = models.BooleanField(default=True)
 

@@ -17,8 +17,10 @@ from django.core.exceptions import ImproperlyConfigured
 
 from proxyadmin.env import (
     envbool,
+    envfile,
     envint,
     envlist,
+    envurl,
     private_sqlite_file,
     random_secret_key,
     secret_from_env_or_file,
@@ -71,6 +73,7 @@ INSTALLED_APPS = [
     "channels",
     "proxyadmin.apps.ProxyAdminConfig",
     "proxyadmin.loginguard",
+    "proxyadmin.acme",
 ]
 
 MIDDLEWARE = [
@@ -199,3 +202,13 @@ if len(AGENT_TOKEN) < 16:
     raise ImproperlyConfigured("PROXYADMIN_AGENT_TOKEN must be at least 16 characters long.")
 # Days of per-minute traffic kept for the dashboard's history (the chart shows the last day).
 TRAFFIC_HISTORY_DAYS = envint("PROXYADMIN_TRAFFIC_HISTORY_DAYS", 7, minimum=1)
+
+# --- Automatic certificates (ACME) ----------------------------------------------
+# The directory every ACME host orders from (one account per directory), the contact
+# address given to it, and a PEM bundle trusted for the directory's own HTTPS (a private
+# CA, or pebble in the tests); empty: the system's trust store.
+ACME_DIRECTORY = envurl("PROXYADMIN_ACME_DIRECTORY", "https://acme-v02.api.letsencrypt.org/directory")
+ACME_EMAIL = os.environ.get("PROXYADMIN_ACME_EMAIL", "").strip()
+if ACME_EMAIL and ("@" not in ACME_EMAIL or any(c.isspace() or c == "," for c in ACME_EMAIL)):
+    raise ImproperlyConfigured(f"PROXYADMIN_ACME_EMAIL must be one e-mail address, not {ACME_EMAIL!r}.")
+ACME_CA_BUNDLE = envfile("PROXYADMIN_ACME_CA_BUNDLE")

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from proxyadmin import crypto
 from proxyadmin import models as m
+from proxyadmin.acme.models import Challenge
 from proxycore import config as core
 from proxycore.names import uncovered_names
 
@@ -146,10 +147,17 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
                     allow_trace=host.allow_trace,
                 )
             )
+        challenges = list(Challenge.objects.all())
     default = settings_row.default_certificate if settings_row else None
     return core.Snapshot(
         revision=revision,
         hosts=tuple(routes),
         default_certificate=bundles[default.pk] if default is not None else None,
         strict_sni=settings_row.strict_sni if settings_row else False,
+        acme_challenges=tuple(
+            (c.token, c.key_authorization) for c in challenges if c.kind == Challenge.Kind.HTTP_01
+        ),
+        acme_tls_alpn=tuple(
+            (c.name, c.digest()) for c in challenges if c.kind == Challenge.Kind.TLS_ALPN_01
+        ),
     )

@@ -88,7 +88,7 @@ def test_up_demo_stops_every_part_gracefully_within_seconds(
         body = get_through_the_proxy(https, tmp_path / "var" / "local-ca.pem")
         assert b"Hello from the proxyadmin demo upstream." in body
         parts = children_of(proc.pid)
-        assert len(parts) == 3  # daphne, the demo upstream, the proxy node
+        assert len(parts) == 4  # daphne, the ACME worker, the demo upstream, the proxy node
         time.sleep(1.5)  # the node's agent link is up and has sent its counters
 
         started = time.monotonic()

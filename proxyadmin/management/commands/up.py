@@ -2,9 +2,9 @@
 
 Runs the migrations, creates the admin account on first run, installs the
 dashboard's chart library with npm when it is missing, and supervises the
-control plane (daphne: admin on 127.0.0.1:8000) and one proxy node (runproxy:
-HTTPS on 127.0.0.1:8443, HTTP on 127.0.0.1:8080) until Ctrl-C, SIGTERM or SIGHUP,
-then stops them (``proxyadmin.supervisor``).
+control plane (daphne: admin on 127.0.0.1:8000), the ACME worker (``manage.py acme``)
+and one proxy node (runproxy: HTTPS on 127.0.0.1:8443, HTTP on 127.0.0.1:8080) until
+Ctrl-C, SIGTERM or SIGHUP, then stops them (``proxyadmin.supervisor``).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         self.ensure_admin_account()
         chartlib.ensure_installed(settings.BASE_DIR, settings.UPLOT_DIST, self.stdout)
-        children = [self.daphne_child(admin_host, admin_port)]
+        children = [self.daphne_child(admin_host, admin_port), self.acme_child()]
         lines = [f"Admin:  http://{options['admin']}/admin/",
                  f"Dashboard:  http://{options['admin']}/dashboard/"]
         if options["demo"]:
@@ -132,6 +132,9 @@ class Command(BaseCommand):
         if metrics is not None:
             argv += ["--metrics", metrics]
         return Child("proxy node (runproxy)", argv)
+
+    def acme_child(self) -> Child:
+        return Child("ACME worker", [sys.executable, str(MANAGE), "acme"])
 
     def daphne_child(self, host: str, port: int) -> Child:
         argv = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
