@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from proxycore import acmealpn, responses, tls
@@ -139,15 +139,26 @@ class TLSAcceptor(asyncio.Protocol):
         node.loop.call_soon(self.hand_over)
 
     async def handshake(self, conn: ClientConnection, context: ssl.SSLContext) -> None:
+        tls_transport = await self.start_tls(conn, context, lambda exc: self.count_failure(conn, exc))
+        if tls_transport is not None:
+            record_handshake(self.node, conn, tls_transport)
+            conn.connection_made(tls_transport)
+
+    async def start_tls(
+        self, protocol: asyncio.Protocol, context: ssl.SSLContext, failed: Callable[[BaseException], None],
+    ) -> asyncio.Transport | None:
+        """The handshake with ``context``; the TLS transport, or None when it failed (counted
+        by ``failed``, the connection closed). Either way the listener slot is given back:
+        a connection that comes out of it counts among the listener's connections."""
         node = self.node
         transport = self.transport
         timeout = max(0.1, self.deadline - node.loop.time())
         # The SSLObject start_tls creates next for this context sends OpenSSL's alert if
         # the handshake fails, counted here first (proxycore.tlsalert).
-        pending = Handshake.expect(context, transport, node.loop, lambda exc: self.count_failure(conn, exc))
+        pending = Handshake.expect(context, transport, node.loop, failed)
         try:
             tls_transport = await node.loop.start_tls(
-                transport, conn, context, server_side=True, ssl_handshake_timeout=timeout,
+                transport, protocol, context, server_side=True, ssl_handshake_timeout=timeout,
                 ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
             )
         except asyncio.CancelledError:
@@ -156,18 +167,16 @@ class TLSAcceptor(asyncio.Protocol):
             raise
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             if pending.error is None:  # else counted when its alert was written
-                self.count_failure(conn, exc)
+                failed(exc)
             self.failed()
-            return
+            return None
         finally:
             pending.forget()
         if pending.error is not None:  # refused, the alert sent, the connection closed
             self.failed()
-            return
-        self.done()  # the slot passes to the connection, which the listener now counts
-        if tls_transport is not None:
-            record_handshake(node, conn, tls_transport)
-            conn.connection_made(tls_transport)
+            return None
+        self.done()
+        return tls_transport
 
     def answer_challenge(self, server_name: str | None, challenges: Mapping[str, ssl.SSLContext]) -> None:
         """An ACME tls-alpn-01 validation: the challenge certificate, then close (acmealpn)."""
@@ -181,36 +190,12 @@ class TLSAcceptor(asyncio.Protocol):
         node.loop.call_soon(self.hand_over)
 
     async def validation_handshake(self, name: str, context: ssl.SSLContext) -> None:
-        node = self.node
-        transport = self.transport
-        timeout = max(0.1, self.deadline - node.loop.time())
-
         def failed(exc: BaseException) -> None:
-            node.stats.host(UNMATCHED).handshakes_failed[tls.handshake_failure_reason(exc)] += 1
+            self.node.stats.host(UNMATCHED).handshakes_failed[tls.handshake_failure_reason(exc)] += 1
 
-        pending = Handshake.expect(context, transport, node.loop, failed)
-        try:
-            tls_transport = await node.loop.start_tls(
-                transport, asyncio.Protocol(), context, server_side=True, ssl_handshake_timeout=timeout,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
-            )
-        except asyncio.CancelledError:
-            self.done()
-            transport.abort()
-            raise
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            if pending.error is None:
-                failed(exc)
-            self.failed()
-            return
-        finally:
-            pending.forget()
-        self.done()
-        if pending.error is not None:
-            self.failed()
-            return
-        log.info("answered the ACME tls-alpn-01 challenge for %s", name)
+        tls_transport = await self.start_tls(asyncio.Protocol(), context, failed)
         if tls_transport is not None:
+            log.info("answered the ACME tls-alpn-01 challenge for %s", name)
             tls_transport.close()  # RFC 8737 §3: the handshake is the whole answer
 
     def hand_over(self) -> None:
