@@ -70,7 +70,8 @@ def pebble(tmp_path: Path, http_port: int, tls_port: int, *, eab: dict[str, str]
     }}
     config_path = tmp_path / "pebble.json"
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+    # No random sleeps, no rejected nonces, no reused authorizations: every order validates.
+    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
     log = tmp_path / "pebble.log"
     dns = [str(CHALLTESTSRV), "-defaultIPv6", "", "-defaultIPv4", "127.0.0.1",
            "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
@@ -117,8 +118,11 @@ class Stack:
 
 
 @contextlib.contextmanager
-def acme_stack(tmp_path: Path, *, node_name: str = "edge-1") -> Iterator[Stack]:
-    """pebble, daphne and one runproxy node on free ports, all on one project database."""
+def acme_stack(tmp_path: Path, *, node_name: str = "edge-1", http_listener: bool = True) -> Iterator[Stack]:
+    """pebble, daphne and one runproxy node on free ports, all on one project database.
+
+    Without ``http_listener`` the node has no HTTP listener: pebble's http-01 port is closed.
+    """
     http_port, https_port, admin_port = free_port(), free_port(), free_port()
     project = Project(tmp_path)
     project.manage("migrate", "--verbosity", "0")
@@ -129,7 +133,8 @@ def acme_stack(tmp_path: Path, *, node_name: str = "edge-1") -> Iterator[Stack]:
             "PROXYADMIN_ACME_EMAIL": "ops@example.com",
         })
         node = [sys.executable, "manage.py", "runproxy", "--name", node_name, "--no-access-log",
-                "--https", f"127.0.0.1:{https_port}", "--http", f"127.0.0.1:{http_port}",
+                "--https", f"127.0.0.1:{https_port}",
+                "--http", f"127.0.0.1:{http_port}" if http_listener else "off",
                 "--control", f"http://127.0.0.1:{admin_port}"]
         with daphne(project, admin_port):
             wait_for_http(f"http://127.0.0.1:{admin_port}/admin/login/")

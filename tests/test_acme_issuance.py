@@ -91,3 +91,13 @@ def test_keys_are_never_in_clear_in_the_database_exports_or_logs(tmp_path: Path,
         assert not keys_in_clear(logs)
         with_keys = export(stack, "--with-keys")
         assert keys_in_clear(json.dumps(with_keys))  # asked for: the certificate's key only
+
+
+def test_tls_alpn01_issuance_needs_no_http_listener(tmp_path: Path, upstream: Upstream) -> None:
+    with acme_stack(tmp_path, http_listener=False) as stack:
+        stack.project.import_config(acme_config(upstream.port, "tls-alpn-01"))
+        run = stack.acme_once()
+        assert "with tls-alpn-01" in run.stderr
+        for name in NAMES:
+            assert served_leaf(stack.https_port, name, stack.pebble.root_pem)
+        assert stack.host_state("site")["status"] == "valid"
