@@ -536,6 +536,7 @@ def import_host(entry: Mapping[str, Any]) -> Outcome:
     before = dump_host(existing) if existing else None
     values = {**(before or dump_host(m.Host())), **entry}
     data, missing = _form_data(m.Host, values)
+    data["acme"] = values.get("acme") or ""  # null is off: sent as the empty choice, not left out
     form = forms.HostForm(data, instance=existing)
     problems = _form_problems(form, known=missing)
     names, name_problems = forms.clean_host_names(
