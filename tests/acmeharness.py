@@ -100,6 +100,18 @@ class Stack:
     def start_acme(self, *args: str) -> subprocess.Popen[str]:
         return self.project.start("acme", "--once", "--node-wait", "15", *args)
 
+    def wait_served(self, names: list[str], timeout: float = 10) -> float:
+        """Waits until the node serves, for every name, a chain pebble's root verifies; seconds."""
+        started = time.monotonic()
+        while True:
+            try:
+                for name in names:
+                    served_leaf(self.https_port, name, self.pebble.root_pem)
+                return time.monotonic() - started
+            except OSError:  # ssl.SSLError included: not (yet) pebble's certificate
+                assert time.monotonic() - started < timeout, "pebble's certificate is not served"
+                time.sleep(0.05)
+
     def shell(self, code: str) -> str:
         """What ``code`` printed last, run by ``manage.py shell``."""
         return self.project.manage("shell", "-c", code).stdout.strip().splitlines()[-1]

@@ -98,6 +98,26 @@ def test_tls_alpn01_issuance_needs_no_http_listener(tmp_path: Path, upstream: Up
         stack.project.import_config(acme_config(upstream.port, "tls-alpn-01"))
         run = stack.acme_once()
         assert "with tls-alpn-01" in run.stderr
-        for name in NAMES:
-            assert served_leaf(stack.https_port, name, stack.pebble.root_pem)
+        stack.wait_served(NAMES)  # the node reloads within a second of the pass's end
         assert stack.host_state("site")["status"] == "valid"
+
+
+def test_the_running_worker_serves_a_saved_host_within_seconds_and_stops_on_sigterm(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    with acme_stack(tmp_path) as stack:
+        worker = stack.project.start("acme", "--node-wait", "15")  # as `up` runs it
+        try:
+            saved = time.monotonic()
+            stack.project.import_config(acme_config(upstream.port, "any"))
+            while not all(serves_pebble_certificate(stack, name) for name in NAMES):
+                assert time.monotonic() - saved < 60, "the pebble certificate is not served"
+                time.sleep(0.05)
+            took = time.monotonic() - saved
+            print(f"\nsaved host to serving (long-running worker): {took:.2f} s")
+        finally:
+            worker.terminate()
+            out, _ = worker.communicate(timeout=15)
+        assert worker.returncode == 0, out
+        assert "The ACME worker stopped." in out and "Traceback" not in out
+        assert stack.shell("from proxyadmin.acme.models import Lease; print(Lease.objects.count())") == "0"

@@ -47,6 +47,7 @@ def test_a_due_renewal_is_served_without_a_failed_request(tmp_path: Path, upstre
     with acme_stack(tmp_path) as stack:
         stack.project.import_config(acme_config(upstream.port, "http-01"))
         stack.acme_once()
+        stack.wait_served(NAMES)
         first = served_leaf(stack.https_port, NAMES[0], stack.pebble.root_pem)
         traffic = Traffic(stack.https_port, stack.pebble.root_pem)
         traffic.start()

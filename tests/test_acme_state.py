@@ -149,3 +149,15 @@ def test_the_account_page_never_shows_the_keys(admin_client_logged_in: Client) -
     assert "PRIVATE KEY" not in page and "c2VjcmV0LWhtYWMta2V5LXZhbHVl" not in page
     assert account.key_token not in page
     assert "BEGIN" not in account.key_token and account.eab_hmac_key() == "c2VjcmV0LWhtYWMta2V5LXZhbHVl"
+
+
+def test_bad_acme_settings_stop_the_program_with_a_sentence(tmp_path: Any) -> None:
+    from tests.test_settings_from_env import run_manage
+
+    for env, words in [
+        ({"PROXYADMIN_ACME_DIRECTORY": "acme.example/dir"}, "PROXYADMIN_ACME_DIRECTORY must be an https://"),
+        ({"PROXYADMIN_ACME_CA_BUNDLE": str(tmp_path / "missing.pem")}, "PROXYADMIN_ACME_CA_BUNDLE names"),
+        ({"PROXYADMIN_ACME_EMAIL": "ops at example.com"}, "PROXYADMIN_ACME_EMAIL must be one e-mail address"),
+    ]:
+        out = run_manage(["check"], env, tmp_path)
+        assert out.returncode != 0 and words in out.stderr, out.stderr[-500:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.acmeharness import Stack, acme_stack, needs_pebble, served_leaf
+from tests.acmeharness import Stack, acme_stack, needs_pebble
 from tests.proxyharness import Upstream, tls_connect
 from tests.test_acme_issuance import NAMES, acme_config
 
@@ -70,8 +70,7 @@ def test_a_worker_killed_mid_order_is_completed_by_the_next_pass(tmp_path: Path,
         run = stack.acme_once()
         assert "Removed the challenges of an interrupted ACME order for host 'site'" in run.stderr
         assert stack.host_state("site")["status"] == "valid"
-        for name in NAMES:
-            assert served_leaf(stack.https_port, name, stack.pebble.root_pem)
+        stack.wait_served(NAMES)
 
 
 def test_two_workers_at_once_make_one_order(tmp_path: Path, upstream: Upstream) -> None:
