@@ -330,6 +330,17 @@ class UpstreamTargetForm(forms.ModelForm):
         return validate_target_host(self.cleaned_data.get("host") or "")
 
 
+def acme_wildcard_refusal(wildcards: list[str], acme: str) -> str:
+    """Why an ACME host cannot have ``wildcards`` (said on the ACME field and on the names)."""
+    kinds = acme if acme != m.Host.Acme.ANY else "http-01 or tls-alpn-01"
+    return (f"{', '.join(wildcards)}: a wildcard name can only be validated by dns-01, and ACME "
+            f"here uses {kinds}. Turn ACME off for this host or list the names one by one.")
+
+
+# The prefix of the host's names in the admin's POST: the inline's default, HostName.host's related_name.
+NAMES_PREFIX = "names"
+
+
 class HostForm(forms.ModelForm):
     class Meta:
         model = m.Host
@@ -347,7 +358,29 @@ class HostForm(forms.ModelForm):
             self.add_error("client_ca", "Client authentication needs a client CA bundle to verify against.")
         if data.get("mode") == m.Host.Mode.TCP and data.get("hsts_policy"):
             self.add_error("hsts_policy", "HSTS is an HTTP header; a TCP host sends none. Clear it.")
+        wildcards = [n for n in self.submitted_names() if n.startswith("*.")]
+        if data.get("acme") and wildcards:
+            self.add_error("acme", acme_wildcard_refusal(wildcards, data["acme"]))
         return data
+
+    def submitted_names(self) -> list[str]:
+        """The names posted with this form in the admin's names inline, deleted rows left out.
+
+        The inline checks them itself (``HostNameFormSet``); they are read here too so
+        that the ACME field says why it cannot be on, next to where it was chosen.
+        """
+        try:
+            total = min(int(self.data.get(f"{NAMES_PREFIX}-TOTAL_FORMS", 0)), 1000)
+        except (TypeError, ValueError):
+            return []
+        names = []
+        for index in range(total):
+            if self.data.get(f"{NAMES_PREFIX}-{index}-DELETE"):
+                continue
+            name = str(self.data.get(f"{NAMES_PREFIX}-{index}-name") or "").strip().lower()
+            if name:
+                names.append(name)
+        return names
 
 
 def clean_host_names(
@@ -379,11 +412,7 @@ def clean_host_names(
     errors += [f"'{t.name}' is already used by host '{t.host.name}'." for t in taken]
     wildcards = [name for name in names if name.startswith("*.")]
     if acme and wildcards:
-        errors.append(
-            f"{', '.join(wildcards)}: a wildcard name can only be validated by dns-01, and ACME "
-            f"here uses {acme if acme != m.Host.Acme.ANY else 'http-01 or tls-alpn-01'}. "
-            "Turn ACME off for this host or list the names one by one."
-        )
+        errors.append(acme_wildcard_refusal(wildcards, acme))
     if certificate is not None and not (acme and certificate.source == m.Certificate.Source.ACME):
         missing = uncovered_names(certificate.sans, names)
         if missing:
