@@ -9,6 +9,7 @@ README. With none set, the product runs on one machine with SQLite under
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -212,3 +213,17 @@ ACME_EMAIL = os.environ.get("PROXYADMIN_ACME_EMAIL", "").strip()
 if ACME_EMAIL and ("@" not in ACME_EMAIL or any(c.isspace() or c == "," for c in ACME_EMAIL)):
     raise ImproperlyConfigured(f"PROXYADMIN_ACME_EMAIL must be one e-mail address, not {ACME_EMAIL!r}.")
 ACME_CA_BUNDLE = envfile("PROXYADMIN_ACME_CA_BUNDLE")
+# External account binding (RFC 8555 §7.3.4), for CAs that require it: the key id and the
+# base64url HMAC key the CA hands out, sent once, when the account is registered.
+ACME_EAB_KID = os.environ.get("PROXYADMIN_ACME_EAB_KID", "").strip()
+ACME_EAB_HMAC_KEY = os.environ.get("PROXYADMIN_ACME_EAB_HMAC_KEY", "").strip()
+if bool(ACME_EAB_KID) != bool(ACME_EAB_HMAC_KEY):
+    raise ImproperlyConfigured(
+        "PROXYADMIN_ACME_EAB_KID and PROXYADMIN_ACME_EAB_HMAC_KEY go together: set both, or neither."
+    )
+if ACME_EAB_HMAC_KEY and not re.fullmatch(r"[A-Za-z0-9_-]{16,}={0,2}", ACME_EAB_HMAC_KEY):
+    # The key itself is never repeated in the message.
+    raise ImproperlyConfigured(
+        "PROXYADMIN_ACME_EAB_HMAC_KEY must be the base64url HMAC key the CA gave you "
+        "(letters, digits, - and _, at least 16 of them)."
+    )

@@ -43,6 +43,14 @@ class Pebble:
     ca_bundle: Path  # trusts pebble's own HTTPS (PROXYADMIN_ACME_CA_BUNDLE)
     root_pem: bytes  # the root of the certificates pebble issues
     log: Path
+    dns_management: int  # challtestsrv's management port
+
+    def add_a(self, name: str, *addresses: str) -> None:
+        """challtestsrv answers ``name``'s A queries with ``addresses`` (its management API)."""
+        body = json.dumps({"host": name, "addresses": list(addresses)}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.dns_management}/add-a", data=body)
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (loopback)
+            assert response.status == 200
 
 
 def _get(url: str, cafile: Path) -> bytes:
@@ -52,9 +60,13 @@ def _get(url: str, cafile: Path) -> bytes:
 
 
 @contextlib.contextmanager
-def pebble(tmp_path: Path, http_port: int, tls_port: int, *, eab: dict[str, str] | None = None
-           ) -> Iterator[Pebble]:
-    """pebble and its DNS, validating on 127.0.0.1:``http_port`` (http-01) and ``tls_port``."""
+def pebble(tmp_path: Path, http_port: int, tls_port: int, *, eab: dict[str, str] | None = None,
+           default_ipv4: str = "127.0.0.1") -> Iterator[Pebble]:
+    """pebble and its DNS, validating on 127.0.0.1:``http_port`` (http-01) and ``tls_port``.
+
+    ``eab``: external account binding required, with these key ids and base64url HMAC keys.
+    ``default_ipv4`` empty: no name resolves but those given A records (``Pebble.add_a``).
+    """
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1", "localhost")
     cert, key, bundle = tmp_path / "pebble-cert.pem", tmp_path / "pebble-key.pem", tmp_path / "pebble-ca.pem"
@@ -73,7 +85,7 @@ def pebble(tmp_path: Path, http_port: int, tls_port: int, *, eab: dict[str, str]
     # No random sleeps, no rejected nonces, no reused authorizations: every order validates.
     env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
     log = tmp_path / "pebble.log"
-    dns = [str(CHALLTESTSRV), "-defaultIPv6", "", "-defaultIPv4", "127.0.0.1",
+    dns = [str(CHALLTESTSRV), "-defaultIPv6", "", "-defaultIPv4", default_ipv4,
            "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
            "-management", f"127.0.0.1:{dns_management}"]
     server = [str(PEBBLE), "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"]
@@ -81,7 +93,8 @@ def pebble(tmp_path: Path, http_port: int, tls_port: int, *, eab: dict[str, str]
         wait_for_port(acme_port)
         wait_for_port(management_port)
         root = _get(f"https://127.0.0.1:{management_port}/roots/0", bundle)
-        yield Pebble(f"https://127.0.0.1:{acme_port}/dir", bundle, root, log)
+        wait_for_port(dns_management)
+        yield Pebble(f"https://127.0.0.1:{acme_port}/dir", bundle, root, log, dns_management)
 
 
 @dataclass
@@ -130,15 +143,17 @@ class Stack:
 
 
 @contextlib.contextmanager
-def acme_stack(tmp_path: Path, *, node_name: str = "edge-1", http_listener: bool = True) -> Iterator[Stack]:
+def acme_stack(tmp_path: Path, *, node_name: str = "edge-1", http_listener: bool = True,
+               eab: dict[str, str] | None = None, default_ipv4: str = "127.0.0.1") -> Iterator[Stack]:
     """pebble, daphne and one runproxy node on free ports, all on one project database.
 
     Without ``http_listener`` the node has no HTTP listener: pebble's http-01 port is closed.
+    ``eab`` and ``default_ipv4`` are pebble's (see ``pebble``).
     """
     http_port, https_port, admin_port = free_port(), free_port(), free_port()
     project = Project(tmp_path)
     project.manage("migrate", "--verbosity", "0")
-    with pebble(tmp_path, http_port, https_port) as server:
+    with pebble(tmp_path, http_port, https_port, eab=eab, default_ipv4=default_ipv4) as server:
         project.env.update({
             "PROXYADMIN_ACME_DIRECTORY": server.directory,
             "PROXYADMIN_ACME_CA_BUNDLE": str(server.ca_bundle),

@@ -64,6 +64,18 @@ class Account(models.Model):
         except IntegrityError:  # another worker made it first
             return cls.objects.get(directory=directory)
 
+    def prepare_registration(self, email: str, eab_kid: str, eab_hmac_key: str) -> None:
+        """Before the account is registered: take the contact and, when the settings give
+        one, the external account binding from the settings (an EAB entered in the admin
+        stays when they give none)."""
+        if self.uri:
+            return
+        self.email = email
+        if eab_kid:
+            self.eab_kid = eab_kid
+            self.set_eab_hmac_key(eab_hmac_key)
+        self.save(update_fields=["email", "eab_kid", "eab_hmac_token"])
+
     def jwk(self) -> jose.JWKEC:
         key = load_pem_private_key(crypto.decrypt(self.key_token), None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)

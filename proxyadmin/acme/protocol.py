@@ -25,6 +25,8 @@ from proxyadmin.acme.models import Account
 
 USER_AGENT = "proxyadmin"
 NETWORK_TIMEOUT = 30
+# The library's own wait before asking a directory without renewalInfo again (RFC 9773 §4.3.3).
+NO_RENEWAL_INFO_RECHECK = dt.timedelta(hours=6)
 
 
 @challenges.ChallengeResponse.register
@@ -57,6 +59,9 @@ def problem_text(error: BaseException) -> str:
         words = error.detail or error.title or error.description or ""
         code = error.code or error.typ
         text = f"{words} ({code})" if words else str(code)
+        if error.code == "externalAccountRequired":
+            text += ("; this CA requires external account binding: set PROXYADMIN_ACME_EAB_KID "
+                     "and PROXYADMIN_ACME_EAB_HMAC_KEY to the key id and HMAC key it gave you")
         for sub in error.subproblems or ():
             text += f"; {problem_text(sub)}"
         return text
@@ -111,6 +116,17 @@ def register(acme: client.ClientV2, account: Account, jwk: jose.JWK) -> None:
     account.terms_of_service = (getattr(meta, "terms_of_service", None) or "")[:500]
     account.tos_agreed_at = timezone.now()
     account.save(update_fields=["uri", "terms_of_service", "tos_agreed_at"])
+
+
+def update_contact(acme: client.ClientV2, account: Account, email: str) -> tuple[str, ...]:
+    """Make ``email`` the account's only contact at the CA (none when empty); what the CA lists now."""
+    regr = acme.net.account
+    assert regr is not None, "update_contact needs a registered account (make_client)"
+    update = messages.Registration.from_data(email=email) if email else messages.Registration(contact=())
+    updated = acme.update_registration(regr, update)
+    account.email = email
+    account.save(update_fields=["email"])
+    return tuple(updated.body.contact)
 
 
 def new_key_and_csr(names: list[str]) -> tuple[bytes, bytes]:

@@ -46,6 +46,8 @@ LEASE = "acme-worker"
 # With no node linked to the control plane, unlinked nodes still poll the database every
 # second: give them that long to pick the challenges up.
 UNLINKED_NODES_GRACE = 1.5
+# After the CA could not be reached for the account's contact or renewal information.
+UPKEEP_RETRY = dt.timedelta(minutes=5)
 
 
 class OrderFailed(Exception):
@@ -69,6 +71,9 @@ class Command(BaseCommand):
         parser.add_argument("--node-wait", type=float, default=self.node_wait, metavar="SECONDS",
                             help="how long every online proxy node gets to apply the challenges "
                                  f"before the order fails (default {self.node_wait:g})")
+
+    upkeep_after = dt.datetime.min.replace(tzinfo=dt.UTC)
+    acme: ClientV2 | None = None
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -127,23 +132,52 @@ class Command(BaseCommand):
     # -- a pass ---------------------------------------------------------------------------
 
     def run_pass(self) -> int:
-        """Clean up after an interrupted order, then order for every due host."""
+        """Clean up after an interrupted order, order for every due host, then keep the
+        account's contact and the CA's renewal suggestions up to date."""
         self.remove_leftover_challenges()
         issued = 0
-        acme: ClientV2 | None = None
+        self.acme = None
         for host, names in self.due_hosts(timezone.now()):
             try:
-                acme = acme or self.connect()
-                issued += self.obtain(acme, host, names)
+                issued += self.obtain(self.client(), host, names)
             except LeaseLost:
                 log.warning("The ACME worker lost its lease during the order for host '%s'; "
                             "the worker that holds it now starts it again.", host.name)
                 return issued
             except Exception as exc:  # every failure, whatever its kind, is the host's state
                 self.fail(host, exc)
-        if acme is not None:
-            self.check_renewal_info(acme)
+        self.upkeep(timezone.now())
         return issued
+
+    def client(self) -> ClientV2:
+        """This pass's client of the directory, connected on first use."""
+        if self.acme is None:
+            self.acme = self.connect()
+        return self.acme
+
+    def upkeep(self, now: dt.datetime) -> None:
+        """A changed contact address told to the CA; renewal information asked for when due.
+
+        Neither is any host's failure: when the CA cannot be reached, say so and leave
+        it for ``UPKEEP_RETRY`` rather than asking again every pass.
+        """
+        if now < self.upkeep_after:
+            return
+        contact_changed = Account.objects.filter(directory=settings.ACME_DIRECTORY).exclude(
+            uri="").exclude(email=settings.ACME_EMAIL).exists()
+        renewal_info_due = HostState.objects.filter(
+            status=HostState.Status.VALID, ari_next_check__lte=now, certificate__isnull=False).exists()
+        if not (contact_changed or renewal_info_due):
+            return
+        try:
+            acme = self.client()  # connecting tells the CA a changed contact
+            if renewal_info_due:
+                self.check_renewal_info(acme)
+        except Exception as exc:
+            self.upkeep_after = now + UPKEEP_RETRY
+            log.warning("The ACME worker could not reach %s to update the account or ask for "
+                        "renewal information: %s. It tries again at %s.", settings.ACME_DIRECTORY,
+                        protocol.problem_text(exc), f"{self.upkeep_after:%Y-%m-%d %H:%M:%S} UTC")
 
     def due_hosts(self, now: dt.datetime) -> list[tuple[Host, list[str]]]:
         hosts = (Host.objects.filter(enabled=True).exclude(acme=Host.Acme.OFF)
@@ -156,13 +190,23 @@ class Command(BaseCommand):
         return due
 
     def connect(self) -> ClientV2:
+        """A client of the directory: the account registered on first use, its contact kept
+        equal to ``PROXYADMIN_ACME_EMAIL``."""
         account = Account.for_directory(settings.ACME_DIRECTORY, settings.ACME_EMAIL)
         registered = bool(account.uri)
+        account.prepare_registration(settings.ACME_EMAIL, settings.ACME_EAB_KID, settings.ACME_EAB_HMAC_KEY)
         acme = protocol.make_client(account)
         if not registered:
-            log.info("Registered the ACME account %s at %s (contact %s), agreeing to the terms "
+            binding = f", bound to the external account {account.eab_kid}" if account.eab_kid else ""
+            log.info("Registered the ACME account %s at %s (contact %s%s), agreeing to the terms "
                      "of service %s.", account.uri, account.directory, account.email or "none",
-                     account.terms_of_service or "(none published)")
+                     binding, account.terms_of_service or "(none published)")
+        elif account.email != settings.ACME_EMAIL:
+            old = account.email
+            listed = protocol.update_contact(acme, account, settings.ACME_EMAIL)
+            log.info("Changed the contact of the ACME account %s from %s to %s; the CA now lists %s.",
+                     account.uri, old or "none", settings.ACME_EMAIL or "none",
+                     ", ".join(listed) or "no contact")
         return acme
 
     def remove_leftover_challenges(self) -> None:
@@ -369,12 +413,14 @@ class Command(BaseCommand):
 
     def check_renewal_info(self, acme: ClientV2) -> None:
         """RFC 9773: move valid hosts' renewal to the CA's suggested window when it offers one."""
-        if not protocol.offers_renewal_info(acme):
-            return
         now = timezone.now()
         states = HostState.objects.filter(
             status=HostState.Status.VALID, ari_next_check__lte=now, certificate__isnull=False
         ).select_related("certificate", "host")
+        if not protocol.offers_renewal_info(acme):
+            # Asked again when the directory may have changed, not at every pass.
+            states.update(ari_next_check=now + protocol.NO_RENEWAL_INFO_RECHECK)
+            return
         for state in states:
             assert state.certificate is not None
             suggested, ask_again = protocol.renewal_info(acme, state.certificate.chain_pem)
