@@ -118,7 +118,7 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
         bundles = {c.pk: _bundle(c) for c in certificates}
         settings_row = m.ProxySettings.objects.filter(pk=1).select_related("default_certificate").first()
         hosts = (
-            m.Host.objects.filter(enabled=True)
+            m.Host.objects.all()
             .select_related("certificate", "upstream", "hsts_policy", "client_ca",
                             "upstream__tls_client_certificate")
             .prefetch_related("names", "upstream__targets")
@@ -129,6 +129,8 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
             names = [n.name for n in host.names.all()]
             if not names:
                 continue  # a host without names can match nothing
+            if not host.enabled and host.mode != m.Host.Mode.HTTP:
+                continue  # a disabled TCP host has no page to show: its names are unknown
             cert = host.certificate or best_certificate(certificates, names, now)
             if host.upstream_id not in upstreams:
                 upstreams[host.upstream_id] = _upstream(host.upstream, bundles)
@@ -145,6 +147,7 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
                     proxy_protocol=core.ProxyProtocol(host.proxy_protocol),
                     max_body_size=host.max_body_size,
                     allow_trace=host.allow_trace,
+                    enabled=host.enabled,
                 )
             )
         challenges = list(Challenge.objects.all())

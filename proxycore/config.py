@@ -147,6 +147,7 @@ class HostRoute:
     proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
     max_body_size: int = 10 * 1024 * 1024  # 0: no limit
     allow_trace: bool = False  # TRACE is refused (405) unless the host allows it
+    enabled: bool = True  # a disabled HTTP host is still known: its requests get a 503 page
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,9 @@ from proxycore.routing import redirect_location
 
 ACME_PREFIX: Final = b"/.well-known/acme-challenge/"
 
+# What a disabled host's requests get: the operator turned it off, nothing is broken.
+DISABLED_BODY: Final = b"503 Service Unavailable: this host is disabled.\n"
+
 # Decision.action
 FORWARD: Final = 0
 LOCAL: Final = 1  # answer ``status`` here (an error page), HSTS as ``route`` says
@@ -32,17 +35,18 @@ ACME: Final = 3  # the key authorization of ``token``, from the snapshot's chall
 class Decision:
     """One request's fate. ``route`` is the host whose HSTS policy a local answer carries."""
 
-    __slots__ = ("action", "location", "route", "status", "token")
+    __slots__ = ("action", "body", "location", "route", "status", "token")
 
     def __init__(
         self, action: int, status: int = 0, route: HostRoute | None = None,
-        location: bytes = b"", token: str = "",
+        location: bytes = b"", token: str = "", body: bytes | None = None,
     ) -> None:
         self.action = action
         self.status = status
         self.route = route
         self.location = location
         self.token = token
+        self.body = body  # a local answer's own body (None: the status's documented one)
 
     def __repr__(self) -> str:
         names = ("FORWARD", "LOCAL", "REDIRECT", "ACME")
@@ -72,9 +76,13 @@ def decide(
             return Decision(ACME, token=head.target[len(ACME_PREFIX):].decode("ascii", "replace"))
         if route is None or route.mode is _TCP:
             return Decision(LOCAL, 421)
+        if not route.enabled:
+            return Decision(LOCAL, 503, route, body=DISABLED_BODY)
         if route.redirect.enabled:
             return Decision(REDIRECT, route.redirect.status, route,
                             location=redirect_location(head.host, head.target, https_port))
+    if not route.enabled:  # (over HTTPS: checked here, once the host is known to be this one)
+        return Decision(LOCAL, 503, route, body=DISABLED_BODY)
     if head.method == b"TRACE" and not route.allow_trace:
         # TRACE echoes the request, cookies and credentials included: off unless a host wants it.
         return Decision(LOCAL, 405, route)

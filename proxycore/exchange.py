@@ -86,7 +86,7 @@ class Exchange:
         if action == decide.FORWARD:
             self.forward()
         elif action == decide.LOCAL:
-            self.local_response(decision.status, decision.route)
+            self.local_response(decision.status, decision.route, body=decision.body)
         elif action == decide.REDIRECT:
             self.local_response(decision.status, decision.route, extra=[(b"location", decision.location)])
         else:
@@ -429,6 +429,7 @@ class Exchange:
 
     def local_response(
         self, status: int, route: HostRoute | None, extra: list[tuple[bytes, bytes]] | None = None,
+        body: bytes | None = None,
     ) -> None:
         """Answer the request ourselves; its body, if any, is read and dropped."""
         request = self.request
@@ -436,7 +437,7 @@ class Exchange:
         close = not request.keep_alive or conn.closing or conn.node.stopping or request.upgrade is not None
         if not self.request_done and request.framing is not _F_NONE:
             close = True  # do not read a body we will not use
-        self.send_local(status, route, close=close, extra=extra)
+        self.send_local(status, route, close=close, extra=extra, body=body)
 
     def acme_response(self, token: str) -> None:
         answer = self.conn.state.acme.get(token)

@@ -43,6 +43,8 @@ def plan_checks(snapshot: Snapshot, balancers: Mapping[str, Balancer]) -> dict[T
     upstreams: dict[str, Upstream] = {}
     http_used: set[str] = set()
     for route in snapshot.hosts:
+        if not route.enabled:
+            continue  # nothing is sent to a disabled host's upstream: no reason to check it
         upstreams.setdefault(route.upstream.name, route.upstream)
         if route.mode is Mode.HTTP:
             http_used.add(route.upstream.name)

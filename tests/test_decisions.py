@@ -109,3 +109,11 @@ def test_a_chunked_body_is_forwarded_and_counted_as_it_comes() -> None:
 def test_a_redirect_comes_before_the_body_limit_and_trace() -> None:
     assert on_http(head("POST / HTTP/1.1", "Content-Length: 101"), A).action == d.REDIRECT
     assert on_http(head("TRACE / HTTP/1.1"), A).action == d.REDIRECT
+
+
+def test_a_disabled_host_gets_a_503_page_that_says_so_never_a_redirect() -> None:
+    off = replace(A, enabled=False)
+    for decision in (on_https(head(), off, sni=off), on_http(head(), off)):
+        assert (decision.action, decision.status, decision.route) == (d.LOCAL, 503, off)
+        assert decision.body == d.DISABLED_BODY
+    assert on_http(head("GET /.well-known/acme-challenge/t HTTP/1.1"), off).action == d.ACME

@@ -78,3 +78,22 @@ def test_an_acme_answer_during_a_stop_closes_the_connection(ca: trustme.CA, upst
         assert (status, body, headers[b"connection"]) == (200, b"tok.keyauth", [b"close"])
         assert sock.recv(1) == b""
         sock.close()
+
+
+def test_a_disabled_host_answers_a_503_page_with_its_hsts(ca: trustme.CA, upstream: Upstream) -> None:
+    cert = bundle(ca, "a.example")
+    snap = core.Snapshot(revision=1, hosts=(
+        route("a", ("a.example",), upstream.port, cert, hsts=HSTS, enabled=False),))
+    with running_node(snap) as node:
+        sock = tls_connect(node.https_port, ca, "a.example")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        status, headers, body = read_response(sock)
+        assert (status, body) == (503, b"503 Service Unavailable: this host is disabled.\n")
+        assert headers[b"strict-transport-security"] == [HSTS.header]
+        sock.close()
+        plain = socket.create_connection(("127.0.0.1", node.http_port), timeout=10)
+        plain.sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        status, headers, _ = read_response(plain)  # no redirect to a host that is off
+        assert status == 503 and b"location" not in headers and b"strict-transport-security" not in headers
+        plain.close()
+    assert upstream.requests == []

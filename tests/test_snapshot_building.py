@@ -85,10 +85,13 @@ def test_host_without_certificate_gets_the_best_covering_one() -> None:
 
 
 @pytest.mark.django_db
-def test_disabled_hosts_are_left_out() -> None:
+def test_disabled_http_hosts_are_kept_as_disabled_and_tcp_ones_left_out() -> None:
+    # A disabled HTTP host is answered with a 503 page (the node must know it); a disabled
+    # TCP host has no page, so its names are simply not served.
     make_host("on", ["on.example"])
     make_host("off", ["off.example"], enabled=False)
-    assert [h.name for h in build_snapshot().hosts] == ["on"]
+    make_host("pipe", ["pipe.example"], enabled=False, mode="tcp")
+    assert [(h.name, h.enabled) for h in build_snapshot().hosts] == [("off", False), ("on", True)]
 
 
 @pytest.mark.django_db
