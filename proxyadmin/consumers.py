@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from proxyadmin import agentauth, announce, traffic
 from proxyadmin.announce import AGENTS_GROUP, DASHBOARD_GROUP
+from proxyadmin.livehistory import history as live_history
 from proxyadmin.models import ConfigRevision, ProxyNode
 from proxyadmin.revisionwatcher import watcher
 from proxycore import agentproto
@@ -217,7 +218,9 @@ class AgentConsumer(GroupMember):
             return
         await self.rejoin_group_if_due()
         if delta is not None:
-            await self.channel_layer.group_send(DASHBOARD_GROUP, announce.tick_message(self.node, delta))
+            tick = announce.tick_message(self.node, delta)
+            live_history.add_tick(tick, time.time())
+            await self.channel_layer.group_send(DASHBOARD_GROUP, tick)
 
     async def on_config_report(self, report: agentproto.ConfigApplied | agentproto.ConfigRejected) -> None:
         assert self.node is not None
@@ -263,7 +266,11 @@ class DashboardConsumer(GroupMember):
             return
         await self.join_group()
         await self.accept()
-        await self.send_json(await database_sync_to_async(announce.dashboard_state)())
+        state = await database_sync_to_async(announce.dashboard_state)()
+        # Built here, on the event loop that records ticks, after joining the group: the
+        # ticks relayed from now on are the ones the snapshot does not hold yet.
+        state["live"] = live_history.snapshot(time.time())
+        await self.send_json(state)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """The dashboard only listens; whatever the browser sends is dropped."""
@@ -272,6 +279,8 @@ class DashboardConsumer(GroupMember):
 
     async def tick(self, event: dict[str, Any]) -> None:
         await self.rejoin_group_if_due()
+        # A tick of another process's node: this process keeps it too (counted once).
+        live_history.add_tick(event, time.time())
         await self.send_json(event)
 
     async def nodes(self, event: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import pytest
@@ -214,5 +215,39 @@ def test_agent_stats_reach_the_dashboard_as_ticks_of_deltas() -> None:
         nodes = await next_of_type(browser, "nodes")
         assert [(n["name"], n["status"]) for n in nodes["nodes"]] == [("edge-1", "stale")]
         await browser.disconnect(timeout=TIMEOUT)
+
+    run(scenario)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dashboard_opened_after_traffic_gets_the_last_15_minutes_in_its_state() -> None:
+    from proxyadmin.livehistory import history as live_history
+
+    live_history.__init__()  # type: ignore[misc]  # this process's memory, as a fresh daphne has it
+    cookie = staff_cookie()
+    stats = Stats()
+    stats.started_at = time.time() - 3
+    shop = stats.host("shop")
+
+    async def scenario() -> None:
+        first, node, _ = await dashboard_and_node(cookie)
+        for _ in range(7):
+            shop.requests += 1
+            shop.response(200)
+        report = agentproto.StatsReport("edge-1", time.time(), stats.as_dict())
+        await node.send_json_to(report.to_message())
+        await next_of_type(first, "tick")
+        await first.disconnect(timeout=TIMEOUT)
+
+        later = dashboard(ALLOWED_ORIGIN, cookie)  # opened after the traffic
+        assert (await later.connect(timeout=TIMEOUT))[0]
+        state = await next_of_type(later, "state")
+        live = state["live"]
+        requests = 1 + live["counters"].index("requests")
+        assert sum(row[requests] for row in live["seconds"]) == pytest.approx(7)
+        assert sum(row[requests] for row in live["hosts"]["shop"]) == 7
+        assert live["nodes"] == {"edge-1": report.time}
+        await later.disconnect(timeout=TIMEOUT)
+        await node.disconnect(timeout=TIMEOUT)
 
     run(scenario)

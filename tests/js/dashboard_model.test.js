@@ -153,3 +153,30 @@ test("the upstream table lists targets per node and sums retries over the window
   assert.equal(row.down[0].lastError, "connection refused");
   assert.deepEqual(new LiveModel().upstreams(0), []);
 });
+
+test("a page opened after traffic starts from the control plane's window, and counts no tick twice", () => {
+  const live = {
+    time: 1010.2, window: 900, host_step: 10,
+    counters: ["requests", "2xx", "3xx", "4xx", "5xx", "bytes_in", "bytes_out", "handshake_failures"],
+    seconds: [[1008, 6, 6, 0, 0, 0, 60, 600, 0, 2], [1009, 4, 3, 0, 0, 1, 40, 400, 0, 2]],
+    hosts: { web: [[1000, 10, 9, 0, 0, 1, 100, 1000, 0]] },
+    tls: [[1000, { "TLSv1.3": 3 }, {}]],
+    nodes: { a: 1009.5 },
+  };
+  const model = new LiveModel();
+  model.load(live, 1010.2);
+  assert.equal(model.totals(1010.2).requests, 10);
+  assert.equal(model.totals(1010.2).nodes, 0); // the loaded node is not a current one
+  assert.deepEqual(model.hosts(1010.2).map((r) => [r.host, r.counts.requests, r.counts["5xx"]]), [["web", 10, 1]]);
+  assert.equal(at(model.series(1010.2), 1009, "active"), 2);
+  assert.deepEqual(model.tls(1010.2).versions, [["TLSv1.3", 3]]);
+  // A tick the window already holds is refused; the next one goes on from it.
+  assert.equal(model.addTick(tick("a", 1009.5, { web: host({ requests: 4 }) }), 1010.3), false);
+  assert.equal(model.addTick(tick("a", 1010.5, { web: host({ requests: 2, "2xx": 2 }) }), 1010.6), true);
+  assert.ok(Math.abs(model.seconds.get(1009).counts.requests - 5) < 1e-9); // 4 loaded + half of 2
+  assert.equal(model.totals(1010.6).requests, 12);
+  // Loading the same window again (a reconnection) adds nothing the page already has.
+  model.load(live, 1011);
+  assert.equal(model.totals(1011).requests, 12);
+  assert.equal(model.hosts(1011)[0].counts.requests, 12);
+});

@@ -144,6 +144,56 @@
       this.tickCount = 0;
     }
 
+    /**
+     * Start from the control plane's memory of the window (the "live" part of "state",
+     * proxyadmin/livehistory.py): per-second totals, per-host counts every few seconds,
+     * TLS tallies, and each node's last tick, so that its next tick goes on from there
+     * and none is counted twice. ``received`` is the local time (seconds) it arrived.
+     */
+    load(live, received) {
+      const l = plainObject(live);
+      const names = Array.isArray(l.counters) ? l.counters : COUNTERS;
+      const counts = (row, from) => {
+        const found = zeroCounts();
+        names.forEach((name, i) => {
+          if (COUNTERS.includes(name)) found[name] = number(row[from + i]);
+        });
+        return found;
+      };
+      const step = number(l.host_step) || 1;
+      const rows = (value) => (Array.isArray(value) ? value.filter((r) => Array.isArray(r) && optionalNumber(r[0]) !== null) : []);
+      // Only what the page has no figures for: after a reconnection it already has its own.
+      for (const row of rows(l.seconds)) {
+        if (this.seconds.has(row[0])) continue;
+        const bucket = this.bucket(row[0]);
+        addCounts(bucket.counts, counts(row, 1), 1);
+        const active = optionalNumber(row[1 + names.length]);
+        if (active !== null) bucket.active.set("", active); // summed over nodes already
+      }
+      for (const [host, steps] of Object.entries(plainObject(l.hosts))) {
+        let perSecond = this.hostSeconds.get(host);
+        if (!perSecond) this.hostSeconds.set(host, (perSecond = new Map()));
+        const seen = [...perSecond.keys()];
+        for (const row of rows(steps)) {
+          if (!seen.some((second) => second >= row[0] && second < row[0] + step)) perSecond.set(row[0], counts(row, 1));
+        }
+      }
+      for (const row of rows(l.tls)) {
+        if (this.tlsSeconds.has(row[0])) continue;
+        const tls = { versions: {}, ciphers: {} };
+        addTallies(tls.versions, row[1], 1);
+        addTallies(tls.ciphers, row[2], 1);
+        this.tlsSeconds.set(row[0], tls);
+      }
+      for (const [node, time] of Object.entries(plainObject(l.nodes))) {
+        if (optionalNumber(time) === null || this.nodes.has(node)) continue;
+        // Not current (received long ago): it only marks where the node's next tick starts.
+        this.nodes.set(node, { time, received: -Infinity, interval: 1, tick: readTick({}) });
+      }
+      const time = optionalNumber(l.time);
+      if (time !== null && this.clockOffset === null) this.clockOffset = time - received;
+    }
+
     /** Take one "tick" message; ``received`` is the local time (seconds) it arrived. */
     addTick(message, received) {
       const time = optionalNumber(message.time);

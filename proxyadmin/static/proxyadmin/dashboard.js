@@ -474,6 +474,7 @@
       page.warnings = Array.isArray(message.warnings) ? message.warnings : [];
       page.listsDirty = true;
       history.load(message.history);
+      live.load(message.live, now());
       connection.attempts = 0;
       connection.status = "live";
       render();
