@@ -19,7 +19,6 @@ import datetime as dt
 import hashlib
 import json
 import signal
-import ssl
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -58,28 +57,14 @@ def bench_snapshot(bundle: core.CertificateBundle, backend_port: int) -> core.Sn
     return core.Snapshot(revision=1, hosts=(host,), default_certificate=bundle)
 
 
-def no_session_resumption(node: ProxyNode) -> None:
-    """Bench only: issue no TLS 1.3 session tickets, so every connection is a full handshake.
-
-    What nginx's ``ssl_session_cache off; ssl_session_tickets off`` and HAProxy's
-    ``no-tls-tickets`` with ``tune.ssl.cachesize 0`` do in the same run.
-    """
-    sni = node.state.sni
-    contexts = [ctx for _, ctx in (*sni.exact.values(), *sni.wildcard.values())]
-    for ctx in [*contexts, sni.default]:
-        if ctx is not None:
-            ctx.num_tickets = 0
-            ctx.options |= ssl.OP_NO_TICKET
-
-
 async def serve(snapshot: core.Snapshot, https_port: int, access: BinaryIO | None,
                 resumption: bool = True) -> None:
     writer = AccessLogWriter(access) if access is not None else None
+    # Without resumption (the product's own switch): what nginx's ``ssl_session_cache off;
+    # ssl_session_tickets off`` and HAProxy's ``no-tls-tickets`` + ``tune.ssl.cachesize 0`` do.
     node = ProxyNode(snapshot, https_address=("127.0.0.1", https_port),
-                     http_address=("127.0.0.1", 0), access_log=writer)
+                     http_address=("127.0.0.1", 0), access_log=writer, session_resumption=resumption)
     await node.start()
-    if not resumption:
-        no_session_resumption(node)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

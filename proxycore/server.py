@@ -60,8 +60,8 @@ class NodeState:
     acme_alpn: Mapping[str, ssl.SSLContext]  # tls-alpn-01 challenges by name (acmealpn)
 
 
-def build_state(snapshot: Snapshot, pools: Pools) -> NodeState:
-    sni = tls.build_sni_table(snapshot)
+def build_state(snapshot: Snapshot, pools: Pools, *, resumption: bool = True) -> NodeState:
+    sni = tls.build_sni_table(snapshot, resumption=resumption)
     balancers: dict[str, Balancer] = {}
     used: list[TargetPool] = []
     for route in snapshot.hosts:
@@ -108,12 +108,14 @@ class ProxyNode:
         limits: Limits | None = None,
         stats: Stats | None = None,
         access_log: Sink | None = None,
+        session_resumption: bool = True,
     ) -> None:
         self.limits = limits or Limits()
         self.stats = stats or Stats()
         self.access_log = AccessLog(access_log) if access_log is not None else None
         self.pools = Pools()
-        self.state = build_state(snapshot, self.pools)  # a bad first snapshot is fatal
+        self.session_resumption = session_resumption  # off: every TLS handshake is a full one
+        self.state = build_state(snapshot, self.pools, resumption=session_resumption)  # bad: fatal
         self.health = HealthMonitor(self.stats)
         self.stats.upstream_states = lambda: describe_upstreams(self.state.balancers, time.monotonic())
         self.stats.host_upstreams = lambda: {r.name: r.upstream.name for r in self.state.snapshot.hosts}
@@ -164,7 +166,7 @@ class ProxyNode:
     def reload(self, snapshot: Snapshot) -> bool:
         """Serve ``snapshot`` to new connections; keep the old one if it cannot be built."""
         try:
-            state = build_state(snapshot, self.pools)
+            state = build_state(snapshot, self.pools, resumption=self.session_resumption)
         except Exception as exc:  # any failure rejects the whole snapshot
             error = str(exc) or type(exc).__name__
             log.error("config revision %d rejected, still serving %d: %s",

@@ -43,6 +43,7 @@ from proxycore.config import (
 )
 from proxycore.tlsalert import AlertingSSLObject
 from proxycore.tlsgroups import offer_intermediate_groups
+from proxycore.tlssessions import no_session_resumption
 
 # Mozilla server-side TLS guidelines 5.7, "intermediate": TLS 1.2 suites (TLS 1.3 uses
 # OpenSSL's defaults, which are the same three Mozilla lists), client's choice.
@@ -259,8 +260,10 @@ def lookup(
     return (None, None) if table.strict else (None, table.default)
 
 
-def build_sni_table(snapshot: Snapshot) -> SNITable:
+def build_sni_table(snapshot: Snapshot, *, resumption: bool = True) -> SNITable:
     """Every context a snapshot needs, each built once; raises ``TLSConfigError``.
+
+    ``resumption=False``: no session is ever resumed, every handshake is full (tlssessions).
 
     A host with no certificate of its own uses the default one; with neither it is left
     out (it can still answer ACME challenges on plain HTTP while it waits for one).
@@ -274,7 +277,9 @@ def build_sni_table(snapshot: Snapshot) -> SNITable:
                auth.mode if auth else None, auth.ca_pem if auth else None,
                auth.crl_pem if auth else None)
         if key not in built:
-            built[key] = server_context(bundle, alpn=alpn, client_auth=auth, label=label)
+            built[key] = ctx = server_context(bundle, alpn=alpn, client_auth=auth, label=label)
+            if not resumption:
+                no_session_resumption(ctx)
         return built[key]
 
     default = snapshot.default_certificate

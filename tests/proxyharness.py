@@ -140,13 +140,15 @@ def handshake_failures(node: RunningNode, host: str, expected: dict[str, int]) -
 
 
 @contextlib.contextmanager
-def running_node(snapshot: core.Snapshot, limits: Limits | None = None) -> Iterator[RunningNode]:
+def running_node(snapshot: core.Snapshot, limits: Limits | None = None,
+                 **options: Any) -> Iterator[RunningNode]:
+    """A node serving ``snapshot``; ``options`` go to ``ProxyNode`` (``session_resumption``)."""
     loop = LoopThread()
     lines: list[bytes] = []
 
     async def start() -> ProxyNode:
         node = ProxyNode(snapshot, https_address=("127.0.0.1", 0), http_address=("127.0.0.1", 0),
-                         limits=limits, access_log=lines.append)
+                         limits=limits, access_log=lines.append, **options)
         await node.start()
         return node
 

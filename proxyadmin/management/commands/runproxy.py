@@ -133,6 +133,7 @@ async def stop_agent_link(running: RunningLink, timeout: float = LINK_STOP_TIMEO
 
 class Command(BaseCommand):
     help = "Run a proxy node: terminate TLS for the configured hosts and forward to upstreams."
+    session_resumption = True  # --no-session-resumption turns it off
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--https", default="127.0.0.1:8443", help="HTTPS listener (127.0.0.1:8443)")
@@ -142,6 +143,8 @@ class Command(BaseCommand):
         parser.add_argument("--no-access-log", action="store_true", help="log no requests")
         defaults = Limits()
         parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
+        parser.add_argument("--no-session-resumption", action="store_true",
+                            help="resume no TLS session: every handshake is a full one")
         parser.add_argument("--stop-deadline", type=float, default=defaults.stop_deadline,
                             help="seconds in-flight requests get on SIGTERM (30)")
         parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
@@ -171,6 +174,7 @@ class Command(BaseCommand):
         access = self.open_access_log(options)
         self.control = None if options["no_control"] else agent_url(options["control"])
         self.node_name = options["name"] or f"{socket.gethostname()}:{https[1]}"
+        self.session_resumption = not options["no_session_resumption"]
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -201,7 +205,7 @@ class Command(BaseCommand):
         writer = AccessLogWriter(access) if access is not None else None
         try:
             node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
-                             access_log=writer)
+                             access_log=writer, session_resumption=self.session_resumption)
             await node.start()
         except TLSConfigError as exc:
             raise CommandError(f"The configuration cannot be served: {exc}") from None

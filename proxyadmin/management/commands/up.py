@@ -51,6 +51,8 @@ class Command(BaseCommand):
                             help="Prometheus metrics of the proxy node at http://HOST:PORT/metrics "
                                  "(default: off)")
         parser.add_argument("--no-proxy", action="store_true", help="run the admin only")
+        parser.add_argument("--no-session-resumption", action="store_true",
+                            help="the proxy node resumes no TLS session (runproxy's option)")
         parser.add_argument("--demo", action="store_true",
                             help="add a working example on first run (host 'localhost', its "
                                  "certificate, an HSTS policy) and run its demo upstream")
@@ -84,7 +86,8 @@ class Command(BaseCommand):
             lines += self.demo_lines(demo.install_demo(demo_port), options["https"])
         if not options["no_proxy"]:
             children.append(self.proxy_child(options["https"], options["http"], options["metrics"],
-                                             control=f"http://{options['admin']}"))
+                                             control=f"http://{options['admin']}",
+                                             resumption=not options["no_session_resumption"]))
             lines += [f"Proxy:  https://{options['https']}/  and  http://{options['http']}/"]
             if options["metrics"] is not None:
                 lines += [f"Metrics: http://{options['metrics']}/metrics"]
@@ -123,10 +126,13 @@ class Command(BaseCommand):
         return Child("demo upstream", argv)
 
     def proxy_child(
-        self, https: str, http: str, metrics: str | None = None, control: str | None = None
+        self, https: str, http: str, metrics: str | None = None, control: str | None = None,
+        resumption: bool = True,
     ) -> Child:
         argv = [sys.executable, str(MANAGE), "runproxy", "--https", https, "--http", http,
                 "--stop-deadline", f"{NODE_STOP_DEADLINE:g}"]
+        if not resumption:
+            argv.append("--no-session-resumption")
         if control is not None:
             argv += ["--control", control]
         if metrics is not None:
