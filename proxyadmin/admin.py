@@ -352,7 +352,9 @@ class HostAdmin(admin.ModelAdmin):
     actions = ["generate_local_certificate", "request_acme_now"]
     readonly_fields = ["acme_status"]
     fieldsets = [
-        (None, {"fields": ["name", "enabled", "mode", "upstream", "certificate", "max_body_size"]}),
+        (None, {"fields": [
+            "name", "enabled", "mode", "upstream", "certificate", "local_certificate", "max_body_size",
+        ]}),
         ("Automatic certificate (ACME)", {"fields": ["acme", "acme_status"]}),
         ("HTTP", {"fields": ["hsts_policy", "redirect_http", "redirect_status", "allow_trace"]}),
         ("Client certificates (mTLS)", {"fields": [
@@ -363,6 +365,28 @@ class HostAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[m.Host]:
         return super().get_queryset(request).prefetch_related("names")
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        if form.cleaned_data.get("local_certificate"):
+            self.issue_local_certificate(request, form.instance)
+
+    def issue_local_certificate(self, request: HttpRequest, host: m.Host) -> bool:
+        try:
+            cert = localca.certificate_for_host(host)
+        except pki.CertificateProblem as exc:
+            self.message_user(request, f"Host '{host.name}': {exc.message}", messages.ERROR)
+            return False
+        self.message_user(
+            request,
+            format_html(
+                "Host '{}' now uses the new certificate '{}' for {}. "
+                '<a href="{}">Download the local CA</a> to trust it.',
+                host.name, cert.name, ", ".join(cert.sans), reverse("admin:proxyadmin_local_ca"),
+            ),
+            messages.SUCCESS,
+        )
+        return True
 
     @admin.display(description="names")
     def names_display(self, obj: m.Host) -> str:
@@ -389,21 +413,7 @@ class HostAdmin(admin.ModelAdmin):
             if not host.hostnames():
                 self.message_user(request, f"Host '{host.name}' has no names: skipped.", messages.WARNING)
                 continue
-            try:
-                cert = localca.certificate_for_host(host)
-            except pki.CertificateProblem as exc:
-                self.message_user(request, f"Host '{host.name}': {exc.message}", messages.ERROR)
-                continue
-            self.message_user(
-                request,
-                format_html(
-                    "Host '{}' now uses the new certificate '{}' for {}. "
-                    '<a href="{}">Download the local CA</a> to trust it.',
-                    host.name, cert.name, ", ".join(cert.sans),
-                    reverse("admin:proxyadmin_local_ca"),
-                ),
-                messages.SUCCESS,
-            )
+            self.issue_local_certificate(request, host)
 
 
 @admin.register(m.ProxySettings)

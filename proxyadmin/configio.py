@@ -537,7 +537,7 @@ def import_host(entry: Mapping[str, Any]) -> Outcome:
     values = {**(before or dump_host(m.Host())), **entry}
     data, missing = _form_data(m.Host, values)
     data["acme"] = values.get("acme") or ""  # null is off: sent as the empty choice, not left out
-    form = forms.HostForm(data, instance=existing)
+    form = forms.HostForm(data, instance=existing, names=values["names"])
     problems = _form_problems(form, known=missing)
     names, name_problems = forms.clean_host_names(
         values["names"], form.cleaned_data.get("certificate"), existing,

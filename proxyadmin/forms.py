@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.forms.models import BaseInlineFormSet
 from django.utils import timezone
 
-from proxyadmin import crypto, localca, pki
+from proxyadmin import coverage, crypto, localca, pki
 from proxyadmin import models as m
 from proxycore.names import InvalidHostname, normalize_hostname, uncovered_names
 
@@ -342,6 +342,12 @@ NAMES_PREFIX = "names"
 
 
 class HostForm(forms.ModelForm):
+    local_certificate = forms.BooleanField(
+        required=False, label="Generate a certificate from the local CA",
+        help_text="On saving, the local CA issues a certificate for all the names and the host "
+                  "uses it. Download the local CA from the certificate list to trust it.",
+    )
+
     class Meta:
         model = m.Host
         fields = [
@@ -350,8 +356,14 @@ class HostForm(forms.ModelForm):
             "forward_client_cert_chain", "proxy_protocol", "allow_trace", "acme",
         ]
 
+    def __init__(self, *args: Any, names: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # importconfig passes the names; the admin posts them in the names inline.
+        self.names = names
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or self.cleaned_data
+        self._check_certificate_choice(data)
         if data.get("client_auth", m.Host.ClientAuth.OFF) != m.Host.ClientAuth.OFF and not data.get(
             "client_ca"
         ):
@@ -362,6 +374,20 @@ class HostForm(forms.ModelForm):
         if data.get("acme") and wildcards:
             self.add_error("acme", acme_wildcard_refusal(wildcards, data["acme"]))
         return data
+
+    def _check_certificate_choice(self, data: dict[str, Any]) -> None:
+        """A host is saved only with a certificate that covers it, or one on its way."""
+        local = data.get("local_certificate")
+        if local and (data.get("certificate") or data.get("acme")):
+            self.add_error("local_certificate", "Choose one: a stored certificate, the local CA, or ACME.")
+            return
+        if local or data.get("certificate") or data.get("acme"):
+            return  # a chosen certificate's coverage is checked with the names
+        names = coverage.normalized(self.submitted_names() if self.names is None else self.names)
+        choices = coverage.ADMIN_CHOICES if self.names is None else coverage.IMPORT_CHOICES
+        problem = coverage.missing_certificate(names, choices=choices)
+        if problem:
+            self.add_error("certificate", problem)
 
     def submitted_names(self) -> list[str]:
         """The names posted with this form in the admin's names inline, deleted rows left out.

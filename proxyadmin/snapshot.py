@@ -8,7 +8,6 @@ node's memory.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
 
 from django.db import transaction
 from django.utils import timezone
@@ -16,8 +15,8 @@ from django.utils import timezone
 from proxyadmin import crypto
 from proxyadmin import models as m
 from proxyadmin.acme.models import Challenge
+from proxyadmin.coverage import served_certificate
 from proxycore import config as core
-from proxycore.names import uncovered_names
 
 
 class SnapshotError(Exception):
@@ -38,17 +37,6 @@ def _bundle(cert: m.Certificate) -> core.CertificateBundle:
         sans=tuple(cert.sans),
         not_after=cert.not_after,
     )
-
-
-def best_certificate(
-    certificates: Iterable[m.Certificate], names: list[str], now: dt.datetime
-) -> m.Certificate | None:
-    """The valid certificate that covers all ``names`` and expires last, if any."""
-    covering = [
-        c for c in certificates
-        if c.not_before <= now <= c.not_after and not uncovered_names(c.sans, names)
-    ]
-    return max(covering, key=lambda c: c.not_after, default=None)
 
 
 def _upstream(up: m.Upstream, bundles: dict[int, core.CertificateBundle]) -> core.Upstream:
@@ -131,7 +119,9 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
                 continue  # a host without names can match nothing
             if not host.enabled and host.mode != m.Host.Mode.HTTP:
                 continue  # a disabled TCP host has no page to show: its names are unknown
-            cert = host.certificate or best_certificate(certificates, names, now)
+            # Never a certificate that does not cover the host: with none of its own and none
+            # covering its names, the route carries none (the default one is for no SNI).
+            cert = served_certificate(host, names, certificates, now)
             if host.upstream_id not in upstreams:
                 upstreams[host.upstream_id] = _upstream(host.upstream, bundles)
             routes.append(

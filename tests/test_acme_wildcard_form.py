@@ -15,7 +15,7 @@ from django.test import Client
 
 from proxyadmin.models import Host, Upstream
 from tests.conftest import page_text
-from tests.test_host_names import HOST_ADD_URL, host_post
+from tests.test_host_names import HOST_ADD_URL, host_post, stored_certificate
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
 
@@ -53,6 +53,7 @@ def test_adding_an_acme_host_with_a_wildcard_name_says_so_on_the_acme_field(
 def test_turning_acme_on_for_a_host_with_a_wildcard_name_is_refused_on_the_change_page(
     admin_client_logged_in: Client, upstream: Upstream
 ) -> None:
+    stored_certificate("wild", ["*.example.com"])
     assert admin_client_logged_in.post(
         HOST_ADD_URL, host_post(upstream, ["*.example.com"])).status_code == 302
     host = Host.objects.get(name="web")
@@ -75,5 +76,6 @@ def test_a_deleted_wildcard_row_or_acme_off_is_accepted(
     response = admin_client_logged_in.post(HOST_ADD_URL, deleting)
     assert response.status_code == 302, page_text(response)
     assert list(Host.objects.get(name="web").names.values_list("name", flat=True)) == ["example.com"]
+    stored_certificate("wild", ["*.example.org"])
     off = host_post(upstream, ["*.example.org"], name="wild")
     assert admin_client_logged_in.post(HOST_ADD_URL, off).status_code == 302

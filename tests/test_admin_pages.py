@@ -237,6 +237,7 @@ def test_required_client_certificates_with_a_client_ca_are_accepted(
     bundle = ClientCA(name="staff")
     bundle.set_bundle(pki.inspect_ca_bundle(ca.cert_pem.bytes(), timezone.now()))
     bundle.save()
+    store("site", ["www.example.com"], timezone.now() + dt.timedelta(days=90))
     response = admin_client_logged_in.post(
         "/admin/proxyadmin/host/add/",
         host_post(upstream, ["www.example.com"], client_auth="required", client_ca=str(bundle.pk)),

@@ -158,6 +158,7 @@ def test_host_add_page_has_the_names_inline_management_form(
 def test_host_with_inline_names_is_saved_with_normalised_names(
     admin_client_logged_in: Client, upstream: Upstream
 ) -> None:
+    stored_certificate("covering", ["*.example.com", "xn--bcher-kva.example"])
     response = admin_client_logged_in.post(
         HOST_ADD_URL, host_post(upstream, ["WWW.Example.COM", "bücher.example", "api.example.com."])
     )
@@ -256,6 +257,7 @@ def test_editing_a_host_keeps_its_own_names_without_a_conflict(
 ) -> None:
     host = Host.objects.create(name="web", upstream=upstream)
     kept = HostName.objects.create(host=host, name="www.example.com")
+    stored_certificate("covering", ["*.example.com"])
     data = host_post(upstream, ["www.example.com", "Api.Example.com"])
     data.update({"names-INITIAL_FORMS": "1", "names-0-id": str(kept.pk), "names-0-host": str(host.pk)})
     response = admin_client_logged_in.post(f"/admin/proxyadmin/host/{host.pk}/change/", data)

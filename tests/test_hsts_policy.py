@@ -10,7 +10,7 @@ from django.test import Client
 from proxyadmin.forms import HSTSPolicyForm
 from proxyadmin.models import Host, HSTSPolicy, Upstream
 from tests.conftest import page_text
-from tests.test_host_names import host_post
+from tests.test_host_names import host_post, stored_certificate
 
 ADD_URL = "/admin/proxyadmin/hstspolicy/add/"
 ONE_YEAR = 31536000
@@ -144,6 +144,7 @@ def test_hsts_policy_on_a_tcp_host_is_refused(admin_client_logged_in: Client, up
 @pytest.mark.django_db
 def test_hsts_policy_on_an_http_host_is_accepted(admin_client_logged_in: Client, upstream: Upstream) -> None:
     policy = HSTSPolicy.objects.create(name="strict")
+    stored_certificate("site", ["www.example.com"])
     response = admin_client_logged_in.post(
         "/admin/proxyadmin/host/add/",
         host_post(upstream, ["www.example.com"], hsts_policy=str(policy.pk)),
