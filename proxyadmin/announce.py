@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from proxyadmin import traffic
 from proxyadmin.acme.models import dashboard_warnings as acme_warnings
-from proxyadmin.models import Certificate, ConfigRevision, ProxyNode, Upstream
+from proxyadmin.models import Certificate, ConfigRevision, Host, ProxyNode, Upstream
 from proxycore import agentproto
 
 log = logging.getLogger("proxyadmin.agentlink")
@@ -44,10 +44,18 @@ def config_changed(revision: int) -> dict[str, Any]:
 # -- to the dashboards (sync, database) -----------------------------------------
 
 
+def host_pages() -> dict[str, str]:
+    """Each configured host's admin page, by the name nodes report it under."""
+    return {name: reverse("admin:proxyadmin_host_change", args=[pk])
+            for pk, name in Host.objects.values_list("pk", "name")}
+
+
 def nodes_message() -> dict[str, Any]:
+    """The node table; sent on every node and config change, so it carries the host links too."""
     current = ConfigRevision.current()
     now = timezone.now()
-    return {"type": "nodes", "nodes": [n.as_dashboard(current, now) for n in ProxyNode.objects.all()]}
+    return {"type": "nodes", "nodes": [n.as_dashboard(current, now) for n in ProxyNode.objects.all()],
+            "host_pages": host_pages()}
 
 
 def expiring_certificates(now: dt.datetime) -> list[dict[str, Any]]:
@@ -71,10 +79,12 @@ def config_warnings() -> list[str]:
 
 def dashboard_state() -> dict[str, Any]:
     now = timezone.now()
+    nodes = nodes_message()
     return {
         "type": "state",
         "revision": ConfigRevision.current(),
-        "nodes": nodes_message()["nodes"],
+        "nodes": nodes["nodes"],
+        "host_pages": nodes["host_pages"],
         "history": traffic.history(now),
         "certificates": expiring_certificates(now),
         "warnings": config_warnings(),

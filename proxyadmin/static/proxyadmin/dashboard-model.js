@@ -486,11 +486,12 @@
       if (this.first !== null && this.first <= oldest) this.first = oldest + 60;
     }
 
-    /** Per-minute series over the 24 hours to ``now`` (server seconds); zero after the first record. */
-    series(now) {
+    /** Per-minute series over the ``minutes`` (24 hours by default) to ``now`` (server seconds); zero after the first record. */
+    series(now, minutes) {
+      const span = Math.min(HISTORY_MINUTES, minutes || HISTORY_MINUTES);
       const end = Math.floor(now / 60) * 60;
       const out = { time: [], requests: [], errors: [], bytes_in: [], bytes_out: [] };
-      for (let start = end - (HISTORY_MINUTES - 1) * 60; start <= end; start += 60) {
+      for (let start = end - (span - 1) * 60; start <= end; start += 60) {
         out.time.push(start);
         const counts = this.minutes.get(start) || (this.first !== null && start >= this.first ? zeroCounts() : null);
         out.requests.push(counts ? counts.requests : null);

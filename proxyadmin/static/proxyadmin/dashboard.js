@@ -29,7 +29,12 @@
   const live = new Model.LiveModel();
   const history = new Model.HistoryModel();
   const warnDays = Number(root.dataset.certWarningDays) || 30;
-  const page = { received: false, revision: null, nodes: [], certificates: [], warnings: [], listsDirty: false };
+  // Time ranges of the charts: the live per-second charts, or the per-minute ones over 1 h or 24 h.
+  const RANGES = { "15m": null, "1h": { minutes: 60, text: "last hour" }, "24h": { minutes: 1440, text: "last 24 hours" } };
+  const page = {
+    received: false, revision: null, nodes: [], certificates: [], warnings: [], listsDirty: false,
+    hostPages: {}, range: "15m",
+  };
   const connection = { socket: null, status: "connecting", attempts: 0, retryAt: 0, closeCode: null };
   const charts = {};
   let rawLive = null; // the unstacked series behind the stacked requests chart, for its legend
@@ -242,9 +247,35 @@
     }
     if (charts.bandwidth) charts.bandwidth.setData([series.time, series.bytes_in, series.bytes_out]);
     if (charts.active) charts.active.setData([series.time, series.active]);
-    const day = history.series(serverNow());
+    const range = RANGES[page.range];
+    const day = history.series(serverNow(), range ? range.minutes : undefined);
     if (charts.dayRequests) charts.dayRequests.setData([day.time, day.requests, day.errors]);
     if (charts.dayBandwidth) charts.dayBandwidth.setData([day.time, day.bytes_in, day.bytes_out]);
+  }
+
+  /** Show the charts of one time range ("15m", "1h", "24h"); kept in the address as #range=1h. */
+  function setRange(name) {
+    if (!Object.prototype.hasOwnProperty.call(RANGES, name)) return;
+    page.range = name;
+    const range = RANGES[name];
+    byId("charts-seconds").hidden = range !== null;
+    byId("charts-minutes").hidden = range === null;
+    for (const node of root.querySelectorAll(".dash-range-text")) node.textContent = range ? range.text : "";
+    for (const button of root.querySelectorAll(".dash-range-button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.range === name));
+    }
+    if (window.history && window.history.replaceState) {
+      window.history.replaceState(null, "", name === "15m" ? window.location.pathname : "#range=" + name);
+    }
+    drawCharts(now());
+  }
+
+  function setUpRanges() {
+    for (const button of root.querySelectorAll(".dash-range-button")) {
+      button.addEventListener("click", () => setRange(button.dataset.range));
+    }
+    const asked = /^#range=(\w+)$/.exec(window.location.hash);
+    if (asked && asked[1] !== "15m") setRange(asked[1]);
   }
 
   // ---- page sections ------------------------------------------------------------
@@ -270,7 +301,7 @@
         row.host === "-"
           ? { text: "-", className: "host unmatched", title: "traffic that matched no host",
             build: () => el("span", null, "-", el("span", "quiet", " no matching host")) }
-          : { text: row.host, className: "host" },
+          : hostCell(row.host),
         { text: formatRate(row.rps), className: "num" },
         { text: formatCount(row.active), className: "num" },
         { text: formatCount(row.counts["2xx"]), className: "num" },
@@ -288,6 +319,21 @@
     }));
     fillTable(byId("hosts-table").tBodies[0], rows);
     showEmpty("hosts-empty", rows.length === 0);
+  }
+
+  /** The host's name, linked to its admin page when the configuration has it (not a removed host). */
+  function hostCell(host) {
+    const href = Object.prototype.hasOwnProperty.call(page.hostPages, host) ? sitePath(page.hostPages[host]) : null;
+    return {
+      text: host + " " + (href || ""), className: "host",
+      build: () => {
+        if (!href) return document.createTextNode(host);
+        const link = el("a", null, host);
+        link.href = href;
+        link.title = "Open the host " + host + " in the admin";
+        return link;
+      },
+    };
   }
 
   /** "address on node: cooling down (last error)", one line per target some node finds down. */
@@ -472,6 +518,7 @@
       page.nodes = Array.isArray(message.nodes) ? message.nodes : [];
       page.certificates = Array.isArray(message.certificates) ? message.certificates : [];
       page.warnings = Array.isArray(message.warnings) ? message.warnings : [];
+      page.hostPages = readHostPages(message.host_pages);
       page.listsDirty = true;
       history.load(message.history);
       live.load(message.live, now());
@@ -485,9 +532,14 @@
       }
     } else if (message.type === "nodes") {
       page.nodes = Array.isArray(message.nodes) ? message.nodes : [];
+      if (message.host_pages !== undefined) page.hostPages = readHostPages(message.host_pages);
       drawNodes();
       drawTotals(now());
     }
+  }
+
+  function readHostPages(value) {
+    return value !== null && typeof value === "object" && !Array.isArray(value) ? value : {};
   }
 
   function socketUrl() {
@@ -533,6 +585,7 @@
   }
 
   createCharts();
+  setUpRanges();
   render();
   connect();
   window.setInterval(render, 1000);
