@@ -31,6 +31,7 @@ from proxycore.heaptrim import HeapTrim, glibc_malloc_trim
 from proxycore.l4 import L4Pipe
 from proxycore.limits import Limits
 from proxycore.stats import ListenerStats, Stats
+from proxycore.tlssessions import TicketKeys
 from proxycore.upstream import Balancer, Pools, TargetPool
 
 log = logging.getLogger("proxycore")
@@ -60,8 +61,10 @@ class NodeState:
     acme_alpn: Mapping[str, ssl.SSLContext]  # tls-alpn-01 challenges by name (acmealpn)
 
 
-def build_state(snapshot: Snapshot, pools: Pools, *, resumption: bool = True) -> NodeState:
-    sni = tls.build_sni_table(snapshot, resumption=resumption)
+def build_state(
+    snapshot: Snapshot, pools: Pools, *, resumption: bool = True, tickets: TicketKeys | None = None,
+) -> NodeState:
+    sni = tls.build_sni_table(snapshot, resumption=resumption, tickets=tickets, now=time.time())
     balancers: dict[str, Balancer] = {}
     used: list[TargetPool] = []
     for route in snapshot.hosts:
@@ -109,13 +112,16 @@ class ProxyNode:
         stats: Stats | None = None,
         access_log: Sink | None = None,
         session_resumption: bool = True,
+        ticket_keys: TicketKeys | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.stats = stats or Stats()
         self.access_log = AccessLog(access_log) if access_log is not None else None
         self.pools = Pools()
         self.session_resumption = session_resumption  # off: every TLS handshake is a full one
-        self.state = build_state(snapshot, self.pools, resumption=session_resumption)  # bad: fatal
+        self.tickets = ticket_keys or TicketKeys()  # one secret for the node's life: survives reloads
+        self.ticket_epoch = self.tickets.epoch(time.time())
+        self.state = self.build(snapshot)  # a bad first snapshot is fatal
         self.health = HealthMonitor(self.stats)
         self.stats.upstream_states = lambda: describe_upstreams(self.state.balancers, time.monotonic())
         self.stats.host_upstreams = lambda: {r.name: r.upstream.name for r in self.state.snapshot.hosts}
@@ -152,6 +158,17 @@ class ProxyNode:
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
         self.adopt_upstreams()  # health checkers and draining for the first snapshot
 
+    def build(self, snapshot: Snapshot) -> NodeState:
+        return build_state(snapshot, self.pools, resumption=self.session_resumption, tickets=self.tickets)
+
+    def rotate_ticket_keys(self, now: float) -> None:
+        """A new ticket-key period: every current context takes its next key."""
+        epoch = self.tickets.epoch(now)
+        if epoch != self.ticket_epoch:
+            self.ticket_epoch = epoch
+            for ctx, identity in self.state.sni.keyed:
+                self.tickets.apply(ctx, identity, epoch)
+
     def sweep(self) -> None:
         """Act on passed connection deadlines (head, idle, upstream read): no timer per request."""
         now = self.loop.time()
@@ -160,13 +177,14 @@ class ProxyNode:
         self._sweeps += 1
         if self._sweeps % 4 == 0:
             self.pools.sweep()
+            self.rotate_ticket_keys(time.time())
             self.heap.check(self._closed_connections())
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def reload(self, snapshot: Snapshot) -> bool:
         """Serve ``snapshot`` to new connections; keep the old one if it cannot be built."""
         try:
-            state = build_state(snapshot, self.pools, resumption=self.session_resumption)
+            state = self.build(snapshot)
         except Exception as exc:  # any failure rejects the whole snapshot
             error = str(exc) or type(exc).__name__
             log.error("config revision %d rejected, still serving %d: %s",

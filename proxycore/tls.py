@@ -43,7 +43,7 @@ from proxycore.config import (
 )
 from proxycore.tlsalert import AlertingSSLObject
 from proxycore.tlsgroups import offer_intermediate_groups
-from proxycore.tlssessions import no_session_resumption
+from proxycore.tlssessions import TicketKeys, context_identity, no_session_resumption
 
 # Mozilla server-side TLS guidelines 5.7, "intermediate": TLS 1.2 suites (TLS 1.3 uses
 # OpenSSL's defaults, which are the same three Mozilla lists), client's choice.
@@ -238,6 +238,7 @@ class SNITable:
     default: ssl.SSLContext | None
     strict: bool
     revision: int = 0
+    keyed: tuple[tuple[ssl.SSLContext, bytes], ...] = ()  # contexts with ticket keys, and their identity
 
 
 def _normal(name: str) -> str:
@@ -260,15 +261,19 @@ def lookup(
     return (None, None) if table.strict else (None, table.default)
 
 
-def build_sni_table(snapshot: Snapshot, *, resumption: bool = True) -> SNITable:
+def build_sni_table(
+    snapshot: Snapshot, *, resumption: bool = True, tickets: TicketKeys | None = None, now: float = 0.0,
+) -> SNITable:
     """Every context a snapshot needs, each built once; raises ``TLSConfigError``.
 
-    ``resumption=False``: no session is ever resumed, every handshake is full (tlssessions).
+    ``resumption=False``: no session is ever resumed, every handshake is full. Otherwise,
+    with ``tickets``, each context gets its ticket key for the period of ``now`` (tlssessions).
 
     A host with no certificate of its own uses the default one; with neither it is left
     out (it can still answer ACME challenges on plain HTTP while it waits for one).
     """
     built: dict[tuple[object, ...], ssl.SSLContext] = {}
+    keyed: list[tuple[ssl.SSLContext, bytes]] = []
 
     def context_for(
         bundle: CertificateBundle, alpn: tuple[str, ...], auth: ClientAuth | None, label: str
@@ -280,6 +285,12 @@ def build_sni_table(snapshot: Snapshot, *, resumption: bool = True) -> SNITable:
             built[key] = ctx = server_context(bundle, alpn=alpn, client_auth=auth, label=label)
             if not resumption:
                 no_session_resumption(ctx)
+            elif tickets is not None:
+                identity = context_identity(bundle.fingerprint_sha256, ",".join(alpn),
+                                            auth.mode.value if auth else None,
+                                            auth.ca_pem if auth else None, auth.crl_pem if auth else None)
+                keyed.append((ctx, identity))
+                tickets.apply(ctx, identity, tickets.epoch(now))
         return built[key]
 
     default = snapshot.default_certificate
@@ -303,7 +314,7 @@ def build_sni_table(snapshot: Snapshot, *, resumption: bool = True) -> SNITable:
                 )
             table[key] = choice
     return SNITable(MappingProxyType(exact), MappingProxyType(wildcard), default_ctx,
-                    snapshot.strict_sni, snapshot.revision)
+                    snapshot.strict_sni, snapshot.revision, tuple(keyed))
 
 
 # --- why handshakes fail ------------------------------------------------------------
