@@ -5,7 +5,6 @@ Private keys are write-only here: no form, list, history entry or export shows o
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from django.contrib import admin, messages
@@ -18,10 +17,11 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from proxyadmin import forms, localca, pki
+from proxyadmin import coverage, forms, localca, pki
 from proxyadmin import models as m
 from proxyadmin.acme.admin import acme_state_html, request_now
 from proxyadmin.acme.models import HostState
+from proxyadmin.hoststatus import Overview, reported_upstream, reporting_nodes
 from proxyadmin.loginguard.forms import ThrottledAuthenticationForm
 
 admin.site.site_header = "proxyadmin"
@@ -192,27 +192,6 @@ class UpstreamTargetInline(admin.TabularInline):
 
 # -- target health as the nodes report it (read-only) -------------------------
 
-REPORTING = (m.ProxyNode.Status.ONLINE.value, m.ProxyNode.Status.STALE.value)
-
-
-def reporting_nodes() -> list[tuple[m.ProxyNode, str]]:
-    """Online and stale nodes with their status, freshest first: whose targets are worth showing."""
-    now = timezone.now()
-    nodes = m.ProxyNode.objects.filter(
-        last_seen__gte=now - dt.timedelta(seconds=m.ProxyNode.STALE_SECONDS),
-    ).order_by("-last_seen")
-    return [(node, status) for node in nodes if (status := node.status_at(now)) in REPORTING]
-
-
-def reported_upstream(node: m.ProxyNode, name: str) -> dict[str, Any] | None:
-    """The upstream's state in the node's latest stats (validated by the agent link), if any."""
-    stored = node.last_stats if isinstance(node.last_stats, dict) else {}
-    totals = stored.get("totals")
-    upstreams = totals.get("upstreams") if isinstance(totals, dict) else None
-    state = upstreams.get(name) if isinstance(upstreams, dict) else None
-    return state if isinstance(state, dict) else None
-
-
 def target_state(target: dict[str, Any]) -> str:
     if target.get("enabled") is False:
         return "disabled"
@@ -330,6 +309,16 @@ class UpstreamAdmin(admin.ModelAdmin):
         return ""
 
 
+class HostChangeList(ChangeList):
+    """Reads what the status column needs (certificates, nodes, revision) once per page."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        overview = Overview.load()
+        for host in self.result_list:
+            host.overview = overview
+
+
 class HostNameInline(admin.TabularInline):
     model = m.HostName
     form = forms.HostNameForm
@@ -343,13 +332,12 @@ class HostAdmin(admin.ModelAdmin):
     form = forms.HostForm
     inlines = [HostNameInline]
     list_display = [
-        "name", "names_display", "mode", "upstream", "certificate", "hsts_policy", "client_auth",
-        "acme_display", "enabled",
+        "name", "status_display", "names_display", "certificate_display", "upstream_display", "enabled",
     ]
-    list_filter = ["mode", "enabled", "client_auth", "acme"]
-    list_select_related = ["upstream", "certificate", "hsts_policy", "acme_state"]
+    list_filter = ["enabled", "mode", "client_auth", "acme"]
+    list_select_related = ["upstream", "certificate", "acme_state"]
     search_fields = ["name", "names__name"]
-    actions = ["generate_local_certificate", "request_acme_now"]
+    actions = ["enable_hosts", "disable_hosts", "generate_local_certificate", "request_acme_now"]
     readonly_fields = ["acme_status"]
     fieldsets = [
         (None, {"fields": [
@@ -388,9 +376,86 @@ class HostAdmin(admin.ModelAdmin):
         )
         return True
 
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return HostChangeList
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        # The page operators live on gets the whole width: at 1366 px the navigation
+        # sidebar (the index, again) would push the status columns off the screen.
+        return super().changelist_view(request, {"is_nav_sidebar_enabled": False, **(extra_context or {})})
+
+    @staticmethod
+    def overview(obj: m.Host) -> Overview:
+        return getattr(obj, "overview", None) or Overview.load()
+
     @admin.display(description="names")
     def names_display(self, obj: m.Host) -> str:
-        return ", ".join(n.name for n in obj.names.all()) or "—"
+        return format_html_join("", '<div class="host-name">{}</div>',
+                                ((n.name,) for n in obj.names.all())) or "—"
+
+    @admin.display(description="status")
+    def status_display(self, obj: m.Host) -> str:
+        return format_html_join(
+            "", '<div class="host-status status-{}">{}</div>',
+            ((s.level, s.text) for s in self.overview(obj).status(obj)),
+        )
+
+    @admin.display(description="certificate served")
+    def certificate_display(self, obj: m.Host) -> str:
+        overview = self.overview(obj)
+        cert = overview.served_certificate(obj)
+        acme = format_html("<div>{}</div>", self.acme_display(obj)) if obj.acme else ""
+        if cert is None:
+            return format_html('<span class="status-bad">{}</span>{}', "none", acme)
+        days = cert.days_to_expiry(overview.now)
+        level = "bad" if days < 0 else "warn" if cert.expires_soon() else "ok"
+        when = f"expired {-days} days ago" if days < 0 else f"expires in {days} days"
+        chosen = "" if obj.certificate_id else " (automatic)"
+        return format_html(
+            '<a href="{}">{}</a>{}<div class="status-{}">{}</div>{}',
+            reverse("admin:proxyadmin_certificate_change", args=[cert.pk]), cert.name, chosen, level, when,
+            acme,
+        )
+
+    @admin.display(description="upstream", ordering="upstream__name")
+    def upstream_display(self, obj: m.Host) -> str:
+        health = self.overview(obj).upstream_health(obj.upstream)
+        if health is None:
+            state = format_html('<div class="status-off">{}</div>', "not reported")
+        else:
+            level = "bad" if health.healthy < health.total else "ok"
+            state = format_html('<div class="status-{}" title="as node {} reports it">{} / {} healthy</div>',
+                                level, health.node, health.healthy, health.total)
+        return format_html('<a href="{}">{}</a>{}', reverse(
+            "admin:proxyadmin_upstream_change", args=[obj.upstream_id]), obj.upstream.name, state)
+
+    @admin.action(description="Enable the selected hosts")
+    def enable_hosts(self, request: HttpRequest, queryset: QuerySet[m.Host]) -> None:
+        enabled = []
+        for host in queryset.filter(enabled=False).prefetch_related("names"):
+            if not host.certificate_id and not host.acme:
+                problem = coverage.missing_certificate(host.hostnames())
+                if problem:
+                    self.message_user(request, f"Host '{host.name}' stays disabled: {problem}",
+                                      messages.ERROR)
+                    continue
+            host.enabled = True
+            host.save(update_fields=["enabled"])
+            self.log_change(request, host, [{"changed": {"fields": ["Enabled"]}}])
+            enabled.append(host.name)
+        if enabled:
+            self.message_user(request, f"Enabled: {', '.join(enabled)}.", messages.SUCCESS)
+
+    @admin.action(description="Disable the selected hosts (they answer 503)")
+    def disable_hosts(self, request: HttpRequest, queryset: QuerySet[m.Host]) -> None:
+        disabled = []
+        for host in queryset.filter(enabled=True):
+            host.enabled = False
+            host.save(update_fields=["enabled"])
+            self.log_change(request, host, [{"changed": {"fields": ["Enabled"]}}])
+            disabled.append(host.name)
+        if disabled:
+            self.message_user(request, f"Disabled: {', '.join(disabled)}.", messages.SUCCESS)
 
     @admin.display(description="ACME")
     def acme_display(self, obj: m.Host) -> str:
