@@ -11,6 +11,7 @@ models, commands and consumers can all use it without an import cycle.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from typing import Any
 
@@ -105,6 +106,38 @@ def tick_message(node: str, delta: traffic.StatsDelta) -> dict[str, Any]:
         "ciphers": delta.ciphers,
         "upstreams": delta.upstreams,
     }
+
+
+# -- recent requests ----------------------------------------------------------------
+
+# A dashboard showing a host's recent requests asks the nodes for its lines for this long,
+# and renews the request every 10 s; staff pages cannot make nodes do more than this.
+RECENT_WATCH_SECONDS = 30
+RECENT_WATCH_MIN_INTERVAL = 5.0
+MAX_BROWSER_MESSAGE = 1024
+
+
+def parse_recent_watch(text: str | None) -> str | None:
+    """The host a page asks the recent requests of ("" to stop showing them); None if malformed."""
+    if text is None or len(text) > MAX_BROWSER_MESSAGE:
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "recent.watch":
+        return None
+    host = message.get("host")
+    if host is None:
+        return ""
+    valid = isinstance(host, str) and 0 < len(host) <= agentproto.MAX_NAME_LENGTH and "\x00" not in host
+    return host if valid else None
+
+
+def recent_lines_message(message: agentproto.RecentRequests) -> dict[str, Any]:
+    """A node's ``requests`` as the group event the dashboards' consumers take (``recent.lines``)."""
+    return {"type": "recent.lines", "node": message.node,
+            "hosts": {host: [[seq, line] for seq, line in lines] for host, lines in message.hosts.items()}}
 
 
 # -- a new revision -----------------------------------------------------------------

@@ -185,6 +185,8 @@ class AgentConsumer(GroupMember):
             self.drop(f"{message.type} before hello")
         elif isinstance(message, agentproto.StatsReport):
             await self.on_stats(message)
+        elif isinstance(message, agentproto.RecentRequests):
+            await self.on_recent_requests(message)
         else:
             await self.on_config_report(message)
 
@@ -222,6 +224,13 @@ class AgentConsumer(GroupMember):
             live_history.add_tick(tick, time.time())
             await self.channel_layer.group_send(DASHBOARD_GROUP, tick)
 
+    async def on_recent_requests(self, message: agentproto.RecentRequests) -> None:
+        """Lines of watched hosts: to the dashboards, which keep those of the host they show."""
+        if message.node != self.node:
+            self.drop(f"requests naming another node ({message.node!r})")
+            return
+        await self.channel_layer.group_send(DASHBOARD_GROUP, announce.recent_lines_message(message))
+
     async def on_config_report(self, report: agentproto.ConfigApplied | agentproto.ConfigRejected) -> None:
         assert self.node is not None
         if isinstance(report, agentproto.ConfigRejected):
@@ -248,6 +257,10 @@ class AgentConsumer(GroupMember):
         """A new revision, from the announcement on commit or from this process's revision watcher."""
         await self.tell(event["revision"])
 
+    async def requests_watch(self, event: dict[str, Any]) -> None:
+        """A dashboard shows a host's recent requests: the node sends that host's lines."""
+        await self.send_json(event)
+
     async def tell(self, revision: int) -> None:
         if revision > self.told:
             self.told = revision
@@ -272,8 +285,30 @@ class DashboardConsumer(GroupMember):
         state["live"] = live_history.snapshot(time.time())
         await self.send_json(state)
 
+    recent_host: str | None = None
+    recent_asked = 0.0
+
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """The dashboard only listens; whatever the browser sends is dropped."""
+        """The browser may say which host's recent requests it shows; anything else is dropped."""
+        host = announce.parse_recent_watch(text_data)
+        if host is None:
+            return
+        started = host != self.recent_host
+        self.recent_host = host or None
+        now = time.monotonic()
+        # The page renews its watch every 10 s; more often than this is not passed on to the nodes.
+        if not host or (not started and now - self.recent_asked < announce.RECENT_WATCH_MIN_INTERVAL):
+            return
+        self.recent_asked = now
+        watch = agentproto.RequestsWatch(host, announce.RECENT_WATCH_SECONDS, resend=started)
+        await self.channel_layer.group_send(AGENTS_GROUP, watch.to_message())
+
+    async def recent_lines(self, event: dict[str, Any]) -> None:
+        """Nodes' recent lines: those of the host this page shows, as text (the page never parses HTML)."""
+        lines = event["hosts"].get(self.recent_host) if self.recent_host else None
+        if lines:
+            await self.send_json({"type": "recent", "node": event["node"], "host": self.recent_host,
+                                  "lines": lines})
 
     # relayed group messages: they are already in the dashboard's format
 

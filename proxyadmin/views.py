@@ -16,6 +16,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
+from proxycore.agentproto import MAX_RECENT_PER_HOST
+
 UPLOT_SCRIPT = "vendor/uplot/uPlot.iife.min.js"
 UPLOT_STYLESHEET = "vendor/uplot/uPlot.min.css"
 DASHBOARD_SOCKET_PATH = "/ws/dashboard/"
@@ -39,5 +41,6 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "uplot_stylesheet": UPLOT_STYLESHEET,
         "socket_path": DASHBOARD_SOCKET_PATH,
         "cert_warning_days": settings.CERT_EXPIRY_WARNING_DAYS,
+        "recent_lines": MAX_RECENT_PER_HOST,
     }
     return render(request, "proxyadmin/dashboard.html", context)

@@ -34,6 +34,14 @@ node → control plane
         host's name to its upstream's name. Both are optional, and an entry of
         either that does not follow this shape is dropped, not the report: a
         node's traffic still counts when one upstream's description is odd.
+    ``{"type": "requests", "node": str, "hosts": {host: [[seq, line], ...]}}``
+        The node's latest access-log lines of the hosts a dashboard watches (see
+        ``requests.watch``), each with the node's sequence number of the line (it
+        grows by one per line; a dashboard drops a line it already has). Sent with
+        the stats, each second while a host is watched and has new lines; at most
+        ``MAX_RECENT_PER_HOST`` lines per host and ``MAX_RECENT_LINES`` in all, each
+        at most ``MAX_LINE_LENGTH`` characters (the node cuts longer ones). The lines
+        hold what clients sent (request targets): text to show, never markup.
     ``{"type": "config.applied", "revision": int}``
     ``{"type": "config.rejected", "revision": int, "error": str}``
         After every reload attempt: the revision now served, or the revision
@@ -46,6 +54,11 @@ control plane → node
         behind; at most once per revision and link. The node reloads from the
         database unless it already serves (or rejected) that revision, and
         answers ``config.applied`` or ``config.rejected``.
+    ``{"type": "requests.watch", "host": str, "seconds": int, "resend": bool}``
+        A staff dashboard shows this host's recent requests: send its new lines
+        for the next ``seconds`` (1 to ``MAX_WATCH_SECONDS``; the dashboard renews
+        it while it looks), and with ``resend`` all the lines kept for it, not only
+        the new ones (a dashboard that just opened the view). Sent to every node.
 
 Bounds
     Every integer is a whole number from 0 to 2**63-1 (PostgreSQL's bigint, the type
@@ -53,7 +66,9 @@ Bounds
     Times and latency figures are finite numbers. Names are at most 253 characters,
     ``version`` 100; error texts are cut to 4000. A report holds at most 10,000
     hosts, 10,000 upstreams of at most 1,000 targets each, 64 listeners, 256 entries
-    per counter map and 64 latency buckets (the ``MAX_*`` constants below).
+    per counter map and 64 latency buckets (the ``MAX_*`` constants below). A
+    ``requests`` message holds at most 200 lines per host and 1,000 in all, of at
+    most 512 characters each.
 
 Anything else (not a JSON object, an unknown ``type``, a field of the wrong type, a
 number or a count out of bounds) is a ``ProtocolError``: the receiver drops that
@@ -99,6 +114,12 @@ MAX_LISTENERS = 64  # a node has two (https, http)
 MAX_MAP_ENTRIES = 256
 MAX_LATENCY_BUCKETS = 64  # proxycore.stats has 13
 MAX_LATENCY_SECONDS = 86_400.0  # a bucket bound; no upstream answer is awaited longer
+# The recent-requests view: the last 200 lines per host are what it shows; 1,000 lines of
+# at most 512 characters keep a message under 600 KB (the node's link allows 1 MiB).
+MAX_RECENT_PER_HOST = 200
+MAX_RECENT_LINES = 1000
+MAX_LINE_LENGTH = 512
+MAX_WATCH_SECONDS = 300
 
 HOST_COUNTERS = (
     "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
@@ -158,6 +179,17 @@ class StatsReport:
 
 
 @dataclass(frozen=True, slots=True)
+class RecentRequests:
+    type: ClassVar[str] = "requests"
+    node: str
+    hosts: dict[str, list[tuple[int, str]]]  # host -> [(sequence number, access-log line)]
+
+    def to_message(self) -> dict[str, Any]:
+        return {"type": self.type, "node": self.node,
+                "hosts": {host: [[seq, line] for seq, line in lines] for host, lines in self.hosts.items()}}
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigApplied:
     type: ClassVar[str] = "config.applied"
     revision: int
@@ -185,7 +217,19 @@ class ConfigChanged:
         return {"type": self.type, "revision": self.revision}
 
 
-NodeMessage = Hello | StatsReport | ConfigApplied | ConfigRejected
+@dataclass(frozen=True, slots=True)
+class RequestsWatch:
+    type: ClassVar[str] = "requests.watch"
+    host: str
+    seconds: int
+    resend: bool = False
+
+    def to_message(self) -> dict[str, Any]:
+        return {"type": self.type, "host": self.host, "seconds": self.seconds, "resend": self.resend}
+
+
+NodeMessage = Hello | StatsReport | RecentRequests | ConfigApplied | ConfigRejected
+ControlMessage = ConfigChanged | RequestsWatch
 
 
 # -- validation -------------------------------------------------------------
@@ -367,6 +411,29 @@ def validate_totals(totals: object) -> dict[str, Any]:
     }
 
 
+def _recent_lines(value: object, host: str) -> list[tuple[int, str]]:
+    what = f"requests for {host[:40]!r}"
+    if not isinstance(value, list) or len(value) > MAX_RECENT_PER_HOST:
+        raise ProtocolError(f"{what} must be a list of at most {MAX_RECENT_PER_HOST} lines")
+    lines = []
+    for entry in value:
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise ProtocolError(f"{what}: each line must be [sequence number, text]")
+        line = entry[1]
+        if not isinstance(line, str) or len(line) > MAX_LINE_LENGTH or "\x00" in line:
+            raise ProtocolError(f"{what}: a line must be a string of at most {MAX_LINE_LENGTH} characters")
+        lines.append((_whole(entry[0], f"{what}: a sequence number"), line))
+    return lines
+
+
+def _recent_requests(message: dict[str, Any]) -> RecentRequests:
+    hosts = _object(message.get("hosts"), "requests: 'hosts'", limit=MAX_RECENT_LINES)
+    found = {_name(host, "requests: 'hosts'"): _recent_lines(lines, host) for host, lines in hosts.items()}
+    if sum(len(lines) for lines in found.values()) > MAX_RECENT_LINES:
+        raise ProtocolError(f"requests: at most {MAX_RECENT_LINES} lines in all")
+    return RecentRequests(node=_str(message, "node", "requests"), hosts=found)
+
+
 def _listeners(value: object) -> tuple[Listener, ...]:
     if not isinstance(value, list) or len(value) > MAX_LISTENERS:
         raise ProtocolError(f"hello: 'listeners' must be a list of at most {MAX_LISTENERS}")
@@ -396,6 +463,8 @@ def parse_node_message(content: object) -> NodeMessage:
             time=_epoch(message, "time", "stats"),
             totals=validate_totals(message.get("totals")),
         )
+    if kind == RecentRequests.type:
+        return _recent_requests(message)
     if kind == ConfigApplied.type:
         return ConfigApplied(revision=_int(message, "revision", "config.applied"))
     if kind == ConfigRejected.type:
@@ -406,12 +475,20 @@ def parse_node_message(content: object) -> NodeMessage:
     raise ProtocolError("message has no 'type'")
 
 
-def parse_control_message(content: object) -> ConfigChanged:
+def parse_control_message(content: object) -> ControlMessage:
     """The typed message the control plane sent a node."""
     message = _object(content, "message")
-    if message.get("type") != ConfigChanged.type:
-        raise ProtocolError("unknown message type from the control plane")
-    return ConfigChanged(revision=_int(message, "revision", "config.changed"))
+    kind = message.get("type")
+    if kind == ConfigChanged.type:
+        return ConfigChanged(revision=_int(message, "revision", "config.changed"))
+    if kind == RequestsWatch.type:
+        resend = message.get("resend", False)
+        if not isinstance(resend, bool):
+            raise ProtocolError("requests.watch: 'resend' must be true or false")
+        seconds = _int(message, "seconds", "requests.watch", limit=MAX_WATCH_SECONDS)
+        return RequestsWatch(host=_str(message, "host", "requests.watch"), seconds=max(seconds, 1),
+                             resend=resend)
+    raise ProtocolError("unknown message type from the control plane")
 
 
 # -- latency ----------------------------------------------------------------

@@ -186,3 +186,49 @@ def test_dashboard_fits_the_screen_without_horizontal_scroll(site: Site, width: 
             box = page.evaluate(f"() => window.dashboard.charts.{key}.root.getBoundingClientRect().toJSON()")
             assert box["left"] >= 0 and box["right"] <= width, (key, box)
         page.screenshot(path=str(ARTIFACTS / f"dashboard-{width}px-24h.png"), full_page=True)
+
+
+HOSTILE_TARGET = '/<img/src=x/onerror=alert(1)>"<b>bold</b>&amp;'
+
+
+def test_recent_requests_of_a_host_are_shown_as_text_and_filtered_by_status(site: Site) -> None:
+    from playwright.sync_api import expect
+
+    with dashboard(site, 390, 844) as page:
+        dialogs: list[str] = []
+
+        def on_dialog(dialog: Any) -> None:
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
+        page.locator('#hosts-table tr[data-key="a"] .dash-recent-button').click()
+        panel = page.locator("#recent")
+        expect(panel).to_be_visible()
+        expect(page.locator("#recent-host")).to_have_text("a")
+        # The lines sent before the view opened come first (the node keeps them)...
+        expect(panel.locator("li").filter(has_text="GET /before HTTP/1.1").first).to_be_visible(timeout=10_000)
+        # ...then new ones, a hostile target and a request the proxy refuses itself (405) among them.
+        head = f"GET {HOSTILE_TARGET} HTTP/1.1\r\nHost: a.example\r\n\r\n".encode()
+        assert send(site.https_port, site.ca, head) == 200
+        assert send(site.https_port, site.ca, b"TRACE /traced HTTP/1.1\r\nHost: a.example\r\n\r\n") == 405
+        hostile = panel.locator("li").filter(has_text=HOSTILE_TARGET)
+        expect(hostile).to_have_count(1, timeout=10_000)
+        assert HOSTILE_TARGET in hostile.text_content()
+        assert panel.locator("img, b").count() == 0  # text, never markup
+        assert not dialogs
+        assert page.evaluate(NO_SCROLL_JS)  # long lines wrap on a phone
+
+        traced = panel.locator("li").filter(has_text="TRACE /traced")
+        page.click('.dash-status-button[data-status="4xx"]')
+        expect(traced).to_have_count(1)
+        expect(hostile).to_have_count(0)
+        assert "405" in traced.text_content()
+        page.click('.dash-status-button[data-status="2xx"]')
+        expect(hostile).to_have_count(1)
+        expect(traced).to_have_count(0)
+        page.click('.dash-status-button[data-status="5xx"]')
+        expect(page.locator("#recent-empty")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-recent-390px.png"), full_page=True)
+        page.click("#recent-close")
+        expect(panel).to_be_hidden()

@@ -251,3 +251,31 @@ def test_a_dashboard_opened_after_traffic_gets_the_last_15_minutes_in_its_state(
         await node.disconnect(timeout=TIMEOUT)
 
     run(scenario)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dashboard_showing_a_hosts_recent_requests_gets_its_lines_from_the_nodes() -> None:
+    cookie = staff_cookie()
+    hostile = '2026-11-28T06:25:39.143Z 127.0.0.1 https shop "GET /<script>x</script> HTTP/1.1" 404 9 1.0ms -'
+
+    async def scenario() -> None:
+        browser, node, _ = await dashboard_and_node(cookie)
+        await browser.send_to(text_data='{"type": "recent.watch", "host": "shop"}')
+        watch = await next_of_type(node, "requests.watch")
+        assert agentproto.parse_control_message(watch) == agentproto.RequestsWatch("shop", 30, resend=True)
+        await browser.send_to(text_data='{"type": "recent.watch", "host": "shop"}')  # a renewal too soon
+        await browser.send_to(text_data="not json")
+        assert await node.receive_nothing(timeout=0.3)
+
+        lines = agentproto.RecentRequests("edge-1", {"shop": [(1, hostile)], "other": [(2, "x")]})
+        await node.send_json_to(lines.to_message())
+        recent = await next_of_type(browser, "recent")
+        assert recent == {"type": "recent", "node": "edge-1", "host": "shop", "lines": [[1, hostile]]}
+
+        await browser.send_to(text_data='{"type": "recent.watch", "host": null}')  # the view closed
+        await node.send_json_to(lines.to_message())
+        assert await browser.receive_nothing(timeout=0.3)
+        await browser.disconnect(timeout=TIMEOUT)
+        await node.disconnect(timeout=TIMEOUT)
+
+    run(scenario)

@@ -26,8 +26,8 @@ from django.db import close_old_connections
 from proxyadmin.models import ConfigRevision
 from proxyadmin.snapshot import SnapshotError, build_snapshot
 from proxycore import compiled
-from proxycore.accesslog import AccessLogWriter
-from proxycore.agent import AgentLink
+from proxycore.accesslog import AccessLogWriter, Sink
+from proxycore.agent import AgentLink, RecentLines
 from proxycore.agentproto import ConfigApplied, ConfigRejected, Listener
 from proxycore.config import Snapshot
 from proxycore.limits import Limits
@@ -40,6 +40,18 @@ POLL_INTERVAL = 1.0
 LINKED_POLL_EVERY = 5  # with the agent link up, poll the database every 5th interval only
 VERSION = "0.1.0"
 LINK_STOP_TIMEOUT = 3.0  # the link's goodbye takes up to 2 s
+
+
+def access_sink(writer: AccessLogWriter | None, recent: RecentLines | None) -> Sink | None:
+    """Each access-log line to the log file and to the recent lines, whichever there are."""
+    if writer is None or recent is None:
+        return writer or recent
+
+    def both(line: bytes) -> None:
+        writer(line)
+        recent(line)
+
+    return both
 
 
 @dataclass
@@ -203,9 +215,14 @@ class Command(BaseCommand):
         limits: Limits, access: BinaryIO | None, *, metrics: tuple[str, int] | None = None,
     ) -> None:
         writer = AccessLogWriter(access) if access is not None else None
+        # A linked node keeps its last lines per host for the dashboard's recent requests,
+        # with --no-access-log too.
+        linked = self.control is not None and bool(getattr(settings, "AGENT_TOKEN", ""))
+        self.recent = RecentLines() if linked else None
         try:
             node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
-                             access_log=writer, session_resumption=self.session_resumption)
+                             access_log=access_sink(writer, self.recent),
+                             session_resumption=self.session_resumption)
             await node.start()
         except TLSConfigError as exc:
             raise CommandError(f"The configuration cannot be served: {exc}") from None
@@ -258,7 +275,7 @@ class Command(BaseCommand):
         link = AgentLink(
             self.control, token, node=self.node_name, version=VERSION, stats=node.stats,
             listeners=listeners, revision=lambda: node.state.snapshot.revision,
-            on_config_changed=lambda revision: wake.check(),
+            on_config_changed=lambda revision: wake.check(), recent=self.recent,
         )
         return RunningLink(link, asyncio.get_running_loop().create_task(link.run()))
 

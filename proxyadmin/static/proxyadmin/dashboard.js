@@ -298,10 +298,7 @@
     const rows = live.hosts(at).map((row) => ({
       key: row.host,
       cells: [
-        row.host === "-"
-          ? { text: "-", className: "host unmatched", title: "traffic that matched no host",
-            build: () => el("span", null, "-", el("span", "quiet", " no matching host")) }
-          : hostCell(row.host),
+        hostCell(row.host),
         { text: formatRate(row.rps), className: "num" },
         { text: formatCount(row.active), className: "num" },
         { text: formatCount(row.counts["2xx"]), className: "num" },
@@ -321,19 +318,120 @@
     showEmpty("hosts-empty", rows.length === 0);
   }
 
-  /** The host's name, linked to its admin page when the configuration has it (not a removed host). */
+  /**
+   * The host's name, linked to its admin page when the configuration has it (not "-" or a
+   * removed host), and a button that shows its recent requests.
+   */
   function hostCell(host) {
     const href = Object.prototype.hasOwnProperty.call(page.hostPages, host) ? sitePath(page.hostPages[host]) : null;
+    const unmatched = host === "-";
     return {
-      text: host + " " + (href || ""), className: "host",
+      text: host + " " + (href || ""), className: unmatched ? "host unmatched" : "host",
+      title: unmatched ? "traffic that matched no host" : "",
       build: () => {
-        if (!href) return document.createTextNode(host);
-        const link = el("a", null, host);
-        link.href = href;
-        link.title = "Open the host " + host + " in the admin";
-        return link;
+        const fragment = document.createDocumentFragment();
+        if (href) {
+          const link = el("a", null, host);
+          link.href = href;
+          link.title = "Open the host " + host + " in the admin";
+          fragment.append(link);
+        } else {
+          fragment.append(host, unmatched ? el("span", "quiet", " no matching host") : "");
+        }
+        const button = el("button", "dash-recent-button", "recent");
+        button.type = "button";
+        button.title = "Show the recent requests of " + host;
+        button.addEventListener("click", () => showRecent(host));
+        fragment.append(" ", button);
+        return fragment;
       },
     };
+  }
+
+  // ---- recent requests of one host ------------------------------------------------
+
+  const RECENT_LINES = 200; // per host, as agentproto.MAX_RECENT_PER_HOST
+  const RECENT_RENEW = 10; // seconds between the page's renewals of its watch
+  const recent = { host: null, lines: new Map(), filter: "all", timer: null };
+  dashboard.recent = recent;
+
+  /** "2xx" … "5xx" from an access-log line (its status is the field after the quoted request). */
+  function lineStatus(line) {
+    const match = /" ([1-5])\d\d \d+ [\d.]+ms \S+$/.exec(line);
+    return match ? match[1] + "xx" : null;
+  }
+
+  function sendWatch() {
+    const socket = connection.socket;
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify({ type: "recent.watch", host: recent.host }));
+    }
+  }
+
+  function showRecent(host) {
+    if (recent.host !== host) {
+      recent.host = host;
+      recent.lines.clear();
+    }
+    byId("recent").hidden = false;
+    setText("recent-host", host);
+    sendWatch();
+    if (recent.timer === null) recent.timer = window.setInterval(sendWatch, RECENT_RENEW * 1000);
+    drawRecent();
+    byId("recent").scrollIntoView({ block: "nearest" });
+  }
+
+  function hideRecent() {
+    recent.host = null;
+    recent.lines.clear();
+    byId("recent").hidden = true;
+    sendWatch();
+    if (recent.timer !== null) window.clearInterval(recent.timer);
+    recent.timer = null;
+  }
+
+  function addRecent(message) {
+    if (message.host !== recent.host || !Array.isArray(message.lines)) return;
+    const node = String(message.node);
+    for (const entry of message.lines) {
+      if (!Array.isArray(entry) || typeof entry[1] !== "string") continue;
+      recent.lines.set(node + "\n" + String(entry[0]), { node, seq: number(entry[0]), line: entry[1] });
+    }
+    // Newest first: lines start with their UTC time; the node's numbering breaks ties.
+    const sorted = [...recent.lines.entries()].sort(([, a], [, b]) =>
+      (a.line < b.line ? 1 : a.line > b.line ? -1 : b.seq - a.seq));
+    recent.lines = new Map(sorted.slice(0, RECENT_LINES));
+    drawRecent();
+  }
+
+  function number(value) {
+    return typeof value === "number" && Number.isFinite(value) ? value : 0;
+  }
+
+  function drawRecent() {
+    if (recent.host === null) return;
+    const shown = [...recent.lines.values()].filter((entry) => recent.filter === "all"
+      || lineStatus(entry.line) === recent.filter);
+    // textContent only: request targets are whatever clients sent.
+    byId("recent-lines").replaceChildren(...shown.map((entry) => {
+      const item = el("li", "status-line status-line-" + (lineStatus(entry.line) || "other"), entry.line);
+      item.title = "node " + entry.node;
+      return item;
+    }));
+    showEmpty("recent-empty", shown.length === 0);
+  }
+
+  function setUpRecent() {
+    for (const button of root.querySelectorAll(".dash-status-button")) {
+      button.addEventListener("click", () => {
+        recent.filter = button.dataset.status;
+        for (const other of root.querySelectorAll(".dash-status-button")) {
+          other.setAttribute("aria-pressed", String(other === button));
+        }
+        drawRecent();
+      });
+    }
+    byId("recent-close").addEventListener("click", hideRecent);
   }
 
   /** "address on node: cooling down (last error)", one line per target some node finds down. */
@@ -524,12 +622,15 @@
       live.load(message.live, now());
       connection.attempts = 0;
       connection.status = "live";
+      if (recent.host !== null) sendWatch(); // a new socket: the nodes send the host's lines again
       render();
     } else if (message.type === "tick") {
       if (live.addTick(message, now())) {
         history.addTick(message);
         dashboard.ticks += 1;
       }
+    } else if (message.type === "recent") {
+      addRecent(message);
     } else if (message.type === "nodes") {
       page.nodes = Array.isArray(message.nodes) ? message.nodes : [];
       if (message.host_pages !== undefined) page.hostPages = readHostPages(message.host_pages);
@@ -586,6 +687,7 @@
 
   createCharts();
   setUpRanges();
+  setUpRecent();
   render();
   connect();
   window.setInterval(render, 1000);
