@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 # The traffic, before any dashboard is open.
                 for _ in range(OK_REQUESTS):
                     assert send(https_port, ca, b"GET /before HTTP/1.1\r\nHost: a.example\r\n\r\n") == 200
+                # The node reports once a second: after this its reports have covered all of it,
+                # and any tick a page gets from now on carries none of these requests.
+                time.sleep(2.5)
                 yield Site(base, https_port, ca, browser, storage)
             finally:
                 browser.close()
