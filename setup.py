@@ -1,7 +1,8 @@
 """Build hook: the sans-I/O core of the data plane, compiled with mypyc.
 
 The modules of the per-request path (``proxycore.http1``, ``http1_checks``,
-``routing``, ``client``, ``upstream``, ``stats``) are plain, fully typed Python. mypyc
+``routing``, ``decide``, ``exchange``, ``client``, ``upstream``, ``stats``, ``accesslog``)
+are plain, fully typed Python. mypyc
 (part of mypy) compiles them to C extension modules that Python imports in place of
 the .py files; nothing else changes, and their per-request Python time roughly
 halves (README, "Speed"). Everything else in setup is in pyproject.toml.
@@ -23,9 +24,12 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-# The hot path: parsing and head rewriting, the client and upstream protocols, the counters.
+# The hot path: parsing, decisions and head rewriting, the client, exchange and upstream
+# protocols, the counters and the access log.
 # (as proxycore.COMPILED)
-MODULES = ("http1", "http1_checks", "routing", "decide", "exchange", "client", "upstream", "stats")
+MODULES = (
+    "http1", "http1_checks", "routing", "decide", "exchange", "client", "upstream", "stats", "accesslog",
+)
 COMPILED = tuple(f"proxycore/{name}.py" for name in MODULES)
 
 

@@ -8,7 +8,9 @@ import os
 import sys
 
 # The modules setup.py compiles with mypyc (it keeps its own list: it cannot import this).
-COMPILED = ("http1", "http1_checks", "routing", "decide", "exchange", "client", "upstream", "stats")
+COMPILED = (
+    "http1", "http1_checks", "routing", "decide", "exchange", "client", "upstream", "stats", "accesslog",
+)
 
 if os.environ.get("PROXYADMIN_PURE_PYTHON"):
     # Run the modules setup.py compiles from their .py sources even where compiled ones

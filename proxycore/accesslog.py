@@ -31,28 +31,35 @@ class AccessLog:
         self._second = -1
         self._stamp = b""
 
-    def now(self) -> bytes:
-        """UTC time with milliseconds; the formatted second is made once per second."""
-        now = time.time()
-        second = int(now)
+    def _second_stamp(self, second: int) -> bytes:
+        """``second`` as UTC date and time, formatted once per second."""
         if second != self._second:
             self._second = second
             self._stamp = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
-        return b"%s.%03dZ" % (self._stamp, int((now - second) * 1000))
+        return self._stamp
 
     def request(
         self, prefix: bytes, host: bytes, request: RequestHead, status: int, body_bytes: int,
         elapsed: float, upstream: bytes,
     ) -> None:
         """A request's line. ``prefix`` is the client address and listener; ``elapsed`` in seconds."""
-        self.sink(b'%s %s %s "%s %s HTTP/%s" %d %d %.1fms %s' % (
-            self.now(), prefix, host, request.method, request.target, request.version, status,
-            body_bytes, elapsed * 1000, upstream,
+        # One formatting operation, integers only: the time's milliseconds and the elapsed
+        # tenths of a millisecond are cheaper as %d than as float formatting.
+        now = time.time()
+        second = int(now)
+        tenths = int(elapsed * 10_000 + 0.5)
+        self.sink(b'%s.%03dZ %s %s "%s %s HTTP/%s" %d %d %d.%dms %s' % (
+            self._second_stamp(second), int((now - second) * 1000), prefix, host, request.method,
+            request.target, request.version, status, body_bytes, tenths // 10, tenths % 10, upstream,
         ))
 
     def no_request(self, prefix: bytes, status: int) -> None:
         """The line of an answer to a head that made no request (malformed, or too late)."""
-        self.sink(b'%s %s - "-" %d 0 0.0ms -' % (self.now(), prefix, status))
+        now = time.time()
+        second = int(now)
+        self.sink(b'%s.%03dZ %s - "-" %d 0 0.0ms -' % (
+            self._second_stamp(second), int((now - second) * 1000), prefix, status))
+
 
 # Past this many waiting lines, write at once rather than at the next tick.
 MAX_PENDING_LINES = 10_000
