@@ -17,7 +17,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from proxyadmin import coverage, forms, localca, pki
+from proxyadmin import coverage, forms, localca, pki, proxyhost
 from proxyadmin import models as m
 from proxyadmin.acme.admin import acme_state_html, request_now
 from proxyadmin.acme.models import HostState
@@ -375,6 +375,22 @@ class HostAdmin(admin.ModelAdmin):
             messages.SUCCESS,
         )
         return True
+
+    change_list_template = "admin/proxyadmin/host/change_list.html"
+    change_form_template = "admin/proxyadmin/host/change_form.html"
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view
+        extra = [
+            path("proxy-host/", view(lambda r: proxyhost.proxy_host_view(self, r)),
+                 name="proxyadmin_host_proxy_add"),
+            path("proxy-host/certificate/", view(lambda r: proxyhost.certificate_preview_view(self, r)),
+                 name="proxyadmin_host_certificate_preview"),
+            path("<path:object_id>/proxy-host/",
+                 view(lambda r, object_id: proxyhost.proxy_host_view(self, r, object_id)),
+                 name="proxyadmin_host_proxy_change"),
+        ]
+        return extra + super().get_urls()
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return HostChangeList

@@ -7,6 +7,7 @@ unless every check passes.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from django import forms
@@ -327,7 +328,17 @@ class UpstreamTargetForm(forms.ModelForm):
         fields = ["host", "port", "weight", "enabled", "draining"]
 
     def clean_host(self) -> str:
-        return validate_target_host(self.cleaned_data.get("host") or "")
+        value = (self.cleaned_data.get("host") or "").strip()
+        with_port = HOST_WITH_PORT.fullmatch(value)
+        if with_port:
+            raise ValidationError(
+                f"Put the port in Port: enter {with_port[1]} here and {with_port[2]} under Port."
+            )
+        return validate_target_host(value)
+
+
+# "127.0.0.1:7081" or "[::1]:7081" typed into a target's Host field (a bare IPv6 address is not).
+HOST_WITH_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):(\d{1,5})")
 
 
 def acme_wildcard_refusal(wildcards: list[str], acme: str) -> str:
@@ -355,6 +366,9 @@ class HostForm(forms.ModelForm):
             "redirect_http", "redirect_status", "client_auth", "client_ca", "forward_client_cert",
             "forward_client_cert_chain", "proxy_protocol", "allow_trace", "acme",
         ]
+
+    # How the refusal of a host without a certificate words the ways to get one.
+    certificate_choices: str | None = None
 
     def __init__(self, *args: Any, names: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -384,7 +398,8 @@ class HostForm(forms.ModelForm):
         if local or data.get("certificate") or data.get("acme"):
             return  # a chosen certificate's coverage is checked with the names
         names = coverage.normalized(self.submitted_names() if self.names is None else self.names)
-        choices = coverage.ADMIN_CHOICES if self.names is None else coverage.IMPORT_CHOICES
+        choices = self.certificate_choices or (
+            coverage.ADMIN_CHOICES if self.names is None else coverage.IMPORT_CHOICES)
         problem = coverage.missing_certificate(names, choices=choices)
         if problem:
             self.add_error("certificate", problem)

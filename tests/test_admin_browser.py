@@ -1,12 +1,17 @@
 """The admin in a real browser (Debian's Chromium through Playwright) at 1366 px.
 
 Against a real control plane (daphne): the host list fits the screen with its status,
-names, certificate and upstream columns, and hosts are disabled and enabled from it.
-Leaves screenshots in tests/artifacts/.
+names, certificate and upstream columns, and hosts are disabled and enabled from it; a
+route added on the proxy host page (names, ``host:port``, a local-CA certificate) answers
+200 through a real proxy node (runproxy) with the certificate that covers it, after the
+save without a covering certificate was refused. Leaves screenshots in tests/artifacts/.
 """
 
 from __future__ import annotations
 
+import socket
+import ssl
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +20,8 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.processes import ROOT, Project, config, daphne, wait_for_http
-from tests.proxyharness import free_port
+from tests.processes import ROOT, Project, config, daphne, process, wait_for_http, wait_for_port
+from tests.proxyharness import Upstream, free_port, read_response
 from tests.test_dashboard_browser import CHROMIUM_ARGS, chromium
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -102,3 +107,53 @@ def test_host_list_fits_1366_px_and_enables_and_disables_hosts(admin: Admin) -> 
     page.click("button[name=index]")
     expect(page.locator(".messagelist")).to_contain_text("Enabled: b.")
     expect(page.locator("#result_list tbody tr", has_text="b.example")).not_to_contain_text("disabled")
+
+
+def get_through_node(port: int, ca_pem: str, name: str) -> tuple[int, list[str]]:
+    """GET / for ``name`` through the node trusting only ``ca_pem``: status and the SANs served."""
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=name) as sock:
+        cert: dict[str, Any] = dict(sock.getpeercert() or {})
+        sans = [str(value) for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        return read_response(sock)[0], sans
+
+
+def test_a_route_added_on_the_proxy_host_page_answers_through_a_node(
+    admin: Admin, upstream: Upstream, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    page = admin.page
+    page.goto(f"{admin.base}/admin/proxyadmin/host/")
+    page.click("#add-proxy-host")
+    page.wait_for_load_state()
+    served = page.locator("#served-certificate")
+    page.fill("#id_names", "route.example")
+    expect(served).to_contain_text("No valid stored certificate covers route.example")
+    page.fill("#id_forward_to", f"127.0.0.1:{upstream.port}")
+    page.click("input[name=_save]")
+    # Refused: nothing covers the name, and the page says how to get a certificate.
+    expect(page.locator(".field-certificate .errorlist")).to_contain_text(
+        "No valid stored certificate covers route.example")
+    expect(page.locator("#id_forward_to")).to_have_value(f"127.0.0.1:{upstream.port}")
+    page.screenshot(path=str(ARTIFACTS / "proxy-host-refused.png"), full_page=True)
+
+    page.get_by_label("Generate one from the local CA").check()
+    expect(served).to_contain_text("A new certificate from the local CA for route.example")
+    assert page.evaluate(NO_HORIZONTAL_SCROLL_JS)
+    page.click("input[name=_save]")
+    expect(page.locator(".messagelist")).to_contain_text("Host 'route.example' saved")
+    expect(page.locator("#result_list tbody tr", has_text="route.example")).to_contain_text(
+        "route.example (local CA)")
+
+    ca_pem = page.request.get(f"{admin.base}/admin/proxyadmin/certificate/local-ca.pem").text()
+    https = free_port()
+    node = [sys.executable, "manage.py", "runproxy", "--no-control", "--https", f"127.0.0.1:{https}",
+            "--http", "off", "--no-access-log"]
+    with process(node, admin.project.env, tmp_path / "runproxy.log"):
+        wait_for_port(https)
+        status, sans = get_through_node(https, ca_pem, "route.example")
+    assert status == 200
+    assert sans == ["route.example"]
