@@ -28,6 +28,30 @@ admin.site.site_header = "proxyadmin"
 admin.site.site_title = "proxyadmin"
 admin.site.index_title = "Proxy configuration"
 admin.site.login_form = ThrottledAuthenticationForm
+admin.site.site_url = "/dashboard/"  # "View site": the live dashboard, not the admin again
+
+# The index by task: what operators come for first, the bookkeeping under "Administration".
+TASK_ORDER = ("Host", "Upstream", "Certificate", "HSTSPolicy", "ClientCA", "ProxySettings",
+              "Account", "HostState", "Challenge")
+ADMINISTRATION = ("User", "Group", "ConfigRevision", "ProxyNode", "TrafficRollup", "LoginFailures")
+
+
+def app_list_by_task(request: HttpRequest, app_label: str | None = None) -> list[dict[str, Any]]:
+    apps = admin.AdminSite.get_app_list(admin.site, request, app_label)
+    if app_label is not None:
+        return apps
+    models = [model for app in apps for model in app["models"]]
+    tasks = sorted((x for x in models if x["object_name"] not in ADMINISTRATION),
+                   key=lambda x: TASK_ORDER.index(x["object_name"]) if x["object_name"] in TASK_ORDER
+                   else len(TASK_ORDER))
+    kept = sorted((x for x in models if x["object_name"] in ADMINISTRATION),
+                  key=lambda x: ADMINISTRATION.index(x["object_name"]))
+    sections = [("Proxy configuration", "proxyadmin", tasks), ("Administration", "administration", kept)]
+    return [{"name": name, "app_label": label, "app_url": apps[0]["app_url"] if label == "proxyadmin" else "",
+             "has_module_perms": True, "models": listed} for name, label, listed in sections if listed]
+
+
+admin.site.get_app_list = app_list_by_task  # type: ignore[method-assign]
 
 
 @admin.register(m.Certificate)
@@ -237,6 +261,13 @@ class UpstreamAdmin(admin.ModelAdmin):
         "name", "targets_display", "healthy_display", "balancing", "tls_display", "health_check_enabled",
     ]
     readonly_fields = ["tls_warning", "target_health"]
+
+    def get_fieldsets(self, request: HttpRequest, obj: m.Upstream | None = None) -> Any:
+        # The warning is a row of its own only when there is one: no stray empty label.
+        if obj is not None and obj.tls and not obj.tls_verify:
+            return self.fieldsets
+        return [(name, {**opts, "fields": [f for f in opts["fields"] if f != "tls_warning"]})
+                for name, opts in self.fieldsets or []]
     fieldsets = [
         (None, {"fields": ["name", "balancing", "connect_timeout", "read_timeout"]}),
         ("TLS to the upstream", {"fields": [
@@ -298,7 +329,7 @@ class UpstreamAdmin(admin.ModelAdmin):
             return format_html('<strong class="status-bad">{}</strong>', "⚠ TLS, not verified")
         return "TLS, verified"
 
-    @admin.display(description="")
+    @admin.display(description="Warning")
     def tls_warning(self, obj: m.Upstream) -> str:
         if obj.pk and obj.tls and not obj.tls_verify:
             return format_html(
