@@ -43,3 +43,8 @@ def test_the_upstream_form_labels_read_well_and_checks_targets_by_default(
     upstream = m.Upstream.objects.create(name="app", tls=True, tls_verify=False)
     change = page_text(admin_client_logged_in.get(f"/admin/proxyadmin/upstream/{upstream.pk}/change/"))
     assert "Certificate verification is off" in change
+
+
+def test_the_index_links_to_the_proxy_host_page(admin_client_logged_in: Client) -> None:
+    html = admin_client_logged_in.get("/admin/").content.decode()
+    assert 'href="/admin/proxyadmin/host/proxy-host/"' in html
