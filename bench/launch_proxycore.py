@@ -30,6 +30,7 @@ from cryptography import x509
 
 from proxycore import config as core
 from proxycore.accesslog import AccessLogWriter
+from proxycore.limits import Limits
 from proxycore.server import ProxyNode
 
 HSTS_MAX_AGE = 31536000
@@ -58,12 +59,13 @@ def bench_snapshot(bundle: core.CertificateBundle, backend_port: int) -> core.Sn
 
 
 async def serve(snapshot: core.Snapshot, https_port: int, access: BinaryIO | None,
-                resumption: bool = True) -> None:
+                resumption: bool = True, max_connections: int | None = None) -> None:
     writer = AccessLogWriter(access) if access is not None else None
     # Without resumption (the product's own switch): what nginx's ``ssl_session_cache off;
     # ssl_session_tickets off`` and HAProxy's ``no-tls-tickets`` + ``tune.ssl.cachesize 0`` do.
-    node = ProxyNode(snapshot, https_address=("127.0.0.1", https_port),
-                     http_address=("127.0.0.1", 0), access_log=writer, session_resumption=resumption)
+    limits = Limits(max_connections=max_connections) if max_connections else None
+    node = ProxyNode(snapshot, https_address=("127.0.0.1", https_port), http_address=("127.0.0.1", 0),
+                     limits=limits, access_log=writer, session_resumption=resumption)
     await node.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,11 +90,12 @@ def main() -> None:
     parser.add_argument("--access-log", type=Path, help="file for the access log; none: no log")
     parser.add_argument("--no-resumption", action="store_true",
                         help="issue no session tickets (full-handshake measurement)")
+    parser.add_argument("--max-connections", type=int, help="the node's connection limit per listener")
     args = parser.parse_args()
     snapshot = bench_snapshot(certificate_bundle(args.cert, args.key), args.backend_port)
     access = open(args.access_log, "ab") if args.access_log else None  # noqa: SIM115
     try:
-        uvloop.run(serve(snapshot, args.https_port, access, not args.no_resumption))
+        uvloop.run(serve(snapshot, args.https_port, access, not args.no_resumption, args.max_connections))
     finally:
         if access is not None:
             access.close()
