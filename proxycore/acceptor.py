@@ -129,7 +129,10 @@ class TLSAcceptor(asyncio.Protocol):
             return
         route, context = tls.lookup(state.sni, hello.server_name)
         if context is None:
-            node.stats.host(UNMATCHED).handshakes_failed["unknown_sni"] += 1
+            if route is None:
+                node.stats.host(UNMATCHED).handshakes_failed["unknown_sni"] += 1
+            else:  # a known host with no certificate yet: never another host's certificate
+                node.stats.host(route.name).handshakes_failed["no_certificate"] += 1
             self.refuse(ALERT_UNRECOGNIZED_NAME)
             return
         conn = ClientConnection(node, self.listener, state=state, sni_route=route)

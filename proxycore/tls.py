@@ -6,7 +6,11 @@ every host that uses that combination, so a reload with 1000 hosts on one wildca
 certificate builds one context. Anything that cannot be built (a key that does not
 match, a CA bundle that is not PEM) raises ``TLSConfigError`` and the caller keeps the
 old table. ``lookup`` is the pure decision: exact name, then a one-label wildcard, then
-the default certificate, or nothing in strict mode.
+the default certificate, or nothing in strict mode. A host without a certificate of
+its own is in the table with no context: its names are refused (``unrecognized_name``),
+never answered with the default certificate, which is for clients that send no known
+name, not a stand-in for a named host (browsers would refuse it, and it is another
+host's).
 
 The node reads the SNI from the ClientHello itself (``proxycore.clienthello``) and
 starts TLS directly with the chosen host's context. It does not switch contexts in an
@@ -226,7 +230,7 @@ def upstream_server_name(tls: UpstreamTLS, target_host: str) -> str:
 
 # --- the SNI table ----------------------------------------------------------------
 
-Choice = tuple[HostRoute, ssl.SSLContext]
+Choice = tuple[HostRoute, ssl.SSLContext | None]  # None: the host has no certificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,8 +273,8 @@ def build_sni_table(
     ``resumption=False``: no session is ever resumed, every handshake is full. Otherwise,
     with ``tickets``, each context gets its ticket key for the period of ``now`` (tlssessions).
 
-    A host with no certificate of its own uses the default one; with neither it is left
-    out (it can still answer ACME challenges on plain HTTP while it waits for one).
+    A host with no certificate has no context: its names are refused at the handshake
+    (it still answers ACME challenges, http-01 and tls-alpn-01, while it waits for one).
     """
     built: dict[tuple[object, ...], ssl.SSLContext] = {}
     keyed: list[tuple[ssl.SSLContext, bytes]] = []
@@ -298,13 +302,12 @@ def build_sni_table(
     exact: dict[str, Choice] = {}
     wildcard: dict[str, Choice] = {}
     for route in snapshot.hosts:
-        bundle = route.certificate or default
-        if bundle is None:
-            continue
+        bundle = route.certificate
         auth = route.client_auth if route.client_auth.mode is not ClientAuthMode.OFF else None
         label = f"host '{route.name}'"
         alpn = HTTP_ALPN if route.mode is Mode.HTTP else ()
-        choice = (route, context_for(bundle, alpn, auth, label))
+        context = context_for(bundle, alpn, auth, label) if bundle is not None else None
+        choice: Choice = (route, context)
         for raw in route.names:
             name = _normal(raw)
             table, key = (wildcard, name[2:]) if name.startswith("*.") else (exact, name)
@@ -320,8 +323,8 @@ def build_sni_table(
 # --- why handshakes fail ------------------------------------------------------------
 
 HANDSHAKE_FAILURE_REASONS = (
-    "unknown_sni", "no_client_cert", "bad_client_cert", "expired_client_cert", "revoked_client_cert",
-    "cert_rejected_by_client",
+    "unknown_sni", "no_certificate", "no_client_cert", "bad_client_cert", "expired_client_cert",
+    "revoked_client_cert", "cert_rejected_by_client",
     "protocol_version", "no_shared_cipher", "http_request", "not_tls", "timeout", "eof", "other",
 )
 

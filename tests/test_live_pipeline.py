@@ -129,14 +129,15 @@ def test_traffic_reaches_the_dashboard_and_the_node_outlives_the_control_plane(
             # 2. A host added in the admin is served without restarting the node.
             page = session.post("/admin/proxyadmin/host/add/", {
                 "name": "c", "enabled": "on", "mode": "http", "upstream": "1", "certificate": "",
+                "local_certificate": "on",  # a host is saved only with a certificate that covers it
                 "max_body_size": "1000", "redirect_http": "on", "redirect_status": "308",
                 "client_auth": "off", "forward_client_cert": "on", "proxy_protocol": "off",
                 "names-TOTAL_FORMS": "1", "names-INITIAL_FORMS": "0", "names-MIN_NUM_FORMS": "0",
                 "names-MAX_NUM_FORMS": "1000", "names-0-name": "a2.example",
             })
             assert "errornote" not in page, page[:3000]
-            # No stored certificate covers a2.example, so the HTTP listener shows the node
-            # knows the host: it redirects instead of answering 421. The save pushed
+            # The HTTP listener shows the node knows the new host: it redirects instead of
+            # answering 421. The save pushed
             # config.changed, so this takes well under the 5 s of the slow poll.
             deadline = time.monotonic() + 3
             while True:

@@ -94,6 +94,19 @@ def test_without_a_default_certificate_unknown_names_fail(
         served_certificate(node.https_port, "unknown.example")
 
 
+def test_a_host_without_a_certificate_is_refused_not_served_the_default(
+    certs: dict[str, core.CertificateBundle], upstream: Upstream
+) -> None:
+    base = snapshot(certs, upstream.port, strict=False)
+    snap = replace(base, hosts=(*base.hosts, route("bare", ("bare.example",), upstream.port, None)))
+    with running_node(snap) as node:
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            served_certificate(node.https_port, "bare.example")
+        assert served_certificate(node.https_port, "unknown.example").serial_number == serial_of(certs["default"])
+        stats = node.stats()
+    assert stats["hosts"]["bare"]["handshakes_failed"] == {"no_certificate": 1}
+
+
 def test_tls_1_1_is_refused(certs: dict[str, core.CertificateBundle], upstream: Upstream) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
