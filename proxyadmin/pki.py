@@ -183,13 +183,34 @@ def load_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
     return key  # type: ignore[return-value]
 
 
+def _looks_like_pkcs12(data: bytes) -> bool:
+    """Whether ``data`` opens like a PKCS#12 PFX: a DER SEQUENCE whose first field is version 3.
+
+    OpenSSL says "invalid password or PKCS12 data" for both; this tells a file that is
+    not PKCS#12 at all from one that only needs its passphrase.
+    """
+    if len(data) < 5 or data[0] != 0x30:
+        return False
+    length_bytes = data[1] - 0x80 if data[1] > 0x80 else 0
+    if length_bytes > 4:
+        return False
+    return data[2 + length_bytes:5 + length_bytes] == b"\x02\x01\x03"
+
+
 def load_pkcs12(data: bytes, passphrase: bytes | None) -> tuple[PrivateKey, list[x509.Certificate]]:
+    if not _looks_like_pkcs12(data):
+        raise CertificateProblem(
+            "The PKCS#12 file is not PKCS#12 (.p12/.pfx), or it is damaged.", "pkcs12_file"
+        )
     try:
         key, cert, extra = pkcs12.load_key_and_certificates(data, passphrase or None)
     except ValueError:
+        if not passphrase:
+            raise CertificateProblem(
+                "The PKCS#12 file is protected by a passphrase: enter it.", "passphrase"
+            ) from None
         raise CertificateProblem(
-            "The PKCS#12 file cannot be opened: the passphrase is wrong or the file is damaged.",
-            "pkcs12_file",
+            "The passphrase does not open the PKCS#12 file.", "passphrase"
         ) from None
     if key is None or cert is None:
         raise CertificateProblem(
@@ -386,6 +407,29 @@ def chain_is_complete(
     return any(issued_by(last, root) for root in (*known_issuers, *system_roots()))
 
 
+def incomplete_chain_message(chain: Sequence[x509.Certificate]) -> str:
+    """Which certificate a chain that ends short of a trusted root lacks, by its subject.
+
+    Ending at the leaf, the chain lacks the intermediate that issued it (CAs issue
+    leaves from intermediates); ending at an intermediate, it lacks that one's root,
+    which this machine does not trust either.
+    """
+    last = chain[-1]
+    issuer = last.issuer.rfc4514_string()
+    accept = "or tick 'Accept an incomplete chain' if your clients trust that issuer directly."
+    if len(chain) == 1:
+        return (
+            f"The chain is incomplete: the intermediate certificate '{issuer}', which issued "
+            f"'{describe(last)}', is missing. Append it after the certificate (CAs send it with "
+            f"the certificate, often as chain.pem or fullchain.pem), {accept}"
+        )
+    return (
+        f"The chain is incomplete: it ends at the intermediate '{describe(last)}', whose issuer, "
+        f"the root '{issuer}', is neither included nor trusted by this machine. Append that root "
+        f"certificate after the intermediate, {accept}"
+    )
+
+
 def to_pem(chain: Iterable[x509.Certificate]) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in chain)
 
@@ -453,12 +497,7 @@ def inspect_upload(
         check_signature_hash(cert)
     complete = chain_is_complete(chain, known_issuers)
     if not complete and not allow_incomplete:
-        raise CertificateProblem(
-            f"The chain is incomplete: '{describe(chain[-1])}' was issued by "
-            f"'{chain[-1].issuer.rfc4514_string()}', which is neither included nor a trusted "
-            "root. Append the issuer's (intermediate) certificate after it, or tick "
-            "'Accept an incomplete chain' if your clients trust that issuer directly."
-        )
+        raise CertificateProblem(incomplete_chain_message(chain))
     return InspectedCertificate(
         chain=chain,
         chain_pem=to_pem(chain),

@@ -253,14 +253,32 @@ def test_chain_in_order_is_not_reported_as_reordered(ca: trustme.CA) -> None:
 
 
 @pytest.mark.django_db
-def test_incomplete_chain_is_refused_saying_it_is_incomplete(ca: trustme.CA) -> None:
-    leaf = ca.issue_cert("site.example")
+def test_leaf_without_its_issuer_is_refused_naming_the_missing_intermediate(ca: trustme.CA) -> None:
+    intermediate = ca.create_child_ca()
+    leaf = intermediate.issue_cert("site.example")
     leaf_cert, _ = leaf_objects(leaf)
+    inter_subject = x509.load_pem_x509_certificate(intermediate.cert_pem.bytes()).subject
     form = certificate_form(leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
     assert errors_of(form)["chain_pem"] == [
-        f"The chain is incomplete: '{leaf_cert.subject.rfc4514_string()}' was issued by "
-        f"'{leaf_cert.issuer.rfc4514_string()}', which is neither included nor a trusted root. "
-        "Append the issuer's (intermediate) certificate after it, or tick "
+        f"The chain is incomplete: the intermediate certificate '{inter_subject.rfc4514_string()}', "
+        f"which issued '{leaf_cert.subject.rfc4514_string()}', is missing. Append it after the "
+        "certificate (CAs send it with the certificate, often as chain.pem or fullchain.pem), "
+        "or tick 'Accept an incomplete chain' if your clients trust that issuer directly."
+    ]
+
+
+@pytest.mark.django_db
+def test_chain_ending_at_an_intermediate_is_refused_naming_the_untrusted_root(ca: trustme.CA) -> None:
+    intermediate = ca.create_child_ca()
+    leaf = intermediate.issue_cert("site.example")
+    inter_subject = x509.load_pem_x509_certificate(intermediate.cert_pem.bytes()).subject
+    root_subject = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
+    chain = leaf.cert_chain_pems[0].bytes() + intermediate.cert_pem.bytes()
+    form = certificate_form(chain, leaf.private_key_pem.bytes())
+    assert errors_of(form)["chain_pem"] == [
+        f"The chain is incomplete: it ends at the intermediate '{inter_subject.rfc4514_string()}', "
+        f"whose issuer, the root '{root_subject.rfc4514_string()}', is neither included nor trusted "
+        "by this machine. Append that root certificate after the intermediate, or tick "
         "'Accept an incomplete chain' if your clients trust that issuer directly."
     ]
 
@@ -353,15 +371,30 @@ def test_pkcs12_with_right_passphrase_is_accepted(ca: trustme.CA) -> None:
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("passphrase", ["wrong pass", ""])
-def test_pkcs12_with_wrong_or_no_passphrase_is_refused(ca: trustme.CA, passphrase: str) -> None:
+def test_pkcs12_without_its_passphrase_asks_for_it(ca: trustme.CA) -> None:
     leaf = ca.issue_cert("site.example")
     p12 = SimpleUploadedFile("site.p12", pkcs12_of(ca, leaf, b"p12 pass"))
-    form = certificate_form(passphrase=passphrase, files={"pkcs12_file": p12})
-    assert errors_of(form) == {
-        "pkcs12_file": [
-            "The PKCS#12 file cannot be opened: the passphrase is wrong or the file is damaged."
-        ]
+    assert errors_of(certificate_form(files={"pkcs12_file": p12})) == {
+        "passphrase": ["The PKCS#12 file is protected by a passphrase: enter it."]
+    }
+
+
+@pytest.mark.django_db
+def test_pkcs12_with_a_wrong_passphrase_says_so(ca: trustme.CA) -> None:
+    leaf = ca.issue_cert("site.example")
+    p12 = SimpleUploadedFile("site.p12", pkcs12_of(ca, leaf, b"p12 pass"))
+    assert errors_of(certificate_form(passphrase="wrong pass", files={"pkcs12_file": p12})) == {
+        "passphrase": ["The passphrase does not open the PKCS#12 file."]
+    }
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("passphrase", ["", "p12 pass"])
+def test_file_that_is_not_pkcs12_is_refused_as_such(passphrase: str) -> None:
+    cert, _ = make_cert(["site.example"])
+    p12 = SimpleUploadedFile("site.p12", cert)
+    assert errors_of(certificate_form(passphrase=passphrase, files={"pkcs12_file": p12})) == {
+        "pkcs12_file": ["The PKCS#12 file is not PKCS#12 (.p12/.pfx), or it is damaged."]
     }
 
 
@@ -542,7 +575,7 @@ def test_admin_opens_a_pkcs12_file_only_with_its_passphrase(
         pkcs12_file=SimpleUploadedFile("site.p12", data, "application/x-pkcs12"),
     )
     assert wrong.status_code == 200
-    assert "The PKCS#12 file cannot be opened: the passphrase is wrong" in page_text(wrong)
+    assert "The passphrase does not open the PKCS#12 file." in page_text(wrong)
     right = admin_upload(
         admin_client_logged_in,
         passphrase="p12 pass",
