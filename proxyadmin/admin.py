@@ -11,8 +11,16 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import TO_FIELD_VAR, csrf_protect_m
 from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+    JsonResponse,
+)
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -65,6 +73,7 @@ class CertificateAdmin(admin.ModelAdmin):
         "key_display", "fingerprint_display", "chain_complete", "source", "used_by", "acme_display",
     ]
     change_list_template = "admin/proxyadmin/certificate/change_list.html"
+    change_form_template = "admin/proxyadmin/certificate/change_form.html"
 
     def get_fieldsets(self, request: HttpRequest, obj: m.Certificate | None = None) -> Any:
         upload = (
@@ -165,14 +174,34 @@ class CertificateAdmin(admin.ModelAdmin):
                                       "last issuer directly will refuse it.")
 
     def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view  # staff only, CSRF-protected
         extra = [
-            path(
-                "local-ca.pem",
-                self.admin_site.admin_view(self.download_local_ca),
-                name="proxyadmin_local_ca",
-            )
+            path("local-ca.pem", view(self.download_local_ca), name="proxyadmin_local_ca"),
+            path("check/", view(self.check_upload), name="proxyadmin_certificate_check"),
+            path("<path:object_id>/check/", view(self.check_upload),
+                 name="proxyadmin_certificate_check_change"),
         ]
         return extra + super().get_urls()
+
+    def check_upload(self, request: HttpRequest, object_id: str | None = None) -> HttpResponse:
+        """The errors Save would show, per field, as JSON; nothing is saved.
+
+        ``certificate.js`` posts the form here before it submits it, so a refused upload
+        keeps its chosen files, pasted key and passphrase in the browser: the page that
+        Save renders could not give them back (the key is never rendered).
+        """
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        obj = self.get_object(request, unquote(object_id)) if object_id is not None else None
+        if object_id is not None and obj is None:
+            raise Http404
+        if not (self.has_change_permission(request, obj) if obj else self.has_add_permission(request)):
+            raise PermissionDenied
+        fields = flatten_fieldsets(self.get_fieldsets(request, obj))
+        form = self.get_form(request, obj, change=obj is not None, fields=fields)(
+            request.POST, request.FILES, instance=obj)
+        errors = {} if form.is_valid() else {name: list(found) for name, found in form.errors.items()}
+        return JsonResponse({"errors": errors})
 
     def download_local_ca(self, request: HttpRequest) -> HttpResponse:
         ca = localca.get_or_create_ca()
