@@ -62,10 +62,35 @@ def app_list_by_task(request: HttpRequest, app_label: str | None = None) -> list
 admin.site.get_app_list = app_list_by_task  # type: ignore[method-assign]
 
 
+def hosts_served_now() -> dict[int, list[coverage.ServedTo]]:
+    """Which hosts each stored certificate is served to now, read once per page."""
+    hosts = m.Host.objects.select_related("certificate").prefetch_related("names").order_by("name")
+    return coverage.hosts_served(hosts, m.Certificate.objects.all(), timezone.now())
+
+
+def served_to_html(served: list[coverage.ServedTo]) -> str:
+    if not served:
+        return format_html('<span class="status-off">{}</span>', "not served")
+    return format_html_join("", '<div><a href="{}">{}</a> ({}{})</div>', (
+        (reverse("admin:proxyadmin_host_change", args=[s.host.pk]), s.host.name,
+         "chosen" if s.chosen else "automatic", "" if s.host.enabled else ", host disabled")
+        for s in served))
+
+
+class CertificateChangeList(ChangeList):
+    """Works out which certificate each host is served once per page, for the serving column."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        served = hosts_served_now()
+        for cert in self.result_list:
+            cert.served_to = served.get(cert.pk, [])
+
+
 @admin.register(m.Certificate)
 class CertificateAdmin(admin.ModelAdmin):
     form = forms.CertificateForm
-    list_display = ["name", "sans_display", "expiry", "key_display", "source", "chain_complete"]
+    list_display = ["name", "sans_display", "expiry", "serving", "key_display", "source", "chain_complete"]
     list_filter = ["source", "key_type"]
     search_fields = ["name", "subject", "sans", "fingerprint_sha256"]
     readonly_fields = [
@@ -115,9 +140,19 @@ class CertificateAdmin(admin.ModelAdmin):
     def fingerprint_display(self, obj: m.Certificate) -> str:
         return obj.fingerprint_display()
 
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return CertificateChangeList
+
+    @admin.display(description="serving")
+    def serving(self, obj: m.Certificate) -> str:
+        served = getattr(obj, "served_to", None)
+        return served_to_html(served if served is not None else hosts_served_now().get(obj.pk, []))
+
     @admin.display(description="used by hosts")
     def used_by(self, obj: m.Certificate) -> str:
-        return ", ".join(h.name for h in obj.hosts.all()) or "—"
+        # Served now, chosen or picked automatically (the snapshot's rule); a host that chose
+        # it keeps it even when expired, so nothing that points at it is left out.
+        return served_to_html(hosts_served_now().get(obj.pk, []))
 
     @admin.display(description="ACME")
     def acme_display(self, obj: m.Certificate) -> str:

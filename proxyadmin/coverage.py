@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from django.utils import timezone
 
@@ -40,6 +41,31 @@ def served_certificate(
     if host.certificate_id is not None:
         return host.certificate
     return best_certificate(certificates, names, now) if names else None
+
+
+@dataclass(frozen=True)
+class ServedTo:
+    """A host a certificate is served to, and whether the host chose it or it was picked."""
+
+    host: m.Host
+    chosen: bool
+
+
+def hosts_served(
+    hosts: Iterable[m.Host], certificates: Iterable[m.Certificate], now: dt.datetime
+) -> dict[int, list[ServedTo]]:
+    """The hosts each certificate is served to now (the snapshot's rule), by certificate pk.
+
+    ``hosts`` should come with their names prefetched. Of several certificates for the
+    same names, only the one served appears: the others are in no host's list.
+    """
+    stored = list(certificates)
+    served: dict[int, list[ServedTo]] = {}
+    for host in hosts:
+        cert = served_certificate(host, host.hostnames(), stored, now)
+        if cert is not None:
+            served.setdefault(cert.pk, []).append(ServedTo(host, host.certificate_id is not None))
+    return served
 
 
 def normalized(raw_names: Iterable[str]) -> list[str]:
