@@ -281,12 +281,6 @@ class UpstreamForm(forms.ModelForm):
         labels = {"tls_client_certificate": "Client certificate (mTLS to the upstream)",
                   "health_check_enabled": "Active health checks"}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.instance.pk is None and not self.is_bound:
-            # New upstreams are checked: "healthy" should mean checked, not assumed.
-            self.fields["health_check_enabled"].initial = True
-
     def clean_tls_ca_bundle(self) -> str:
         bundle = self.cleaned_data.get("tls_ca_bundle") or ""
         if not bundle.strip():

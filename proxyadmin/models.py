@@ -182,7 +182,11 @@ class Upstream(models.Model):
         help_text="Certificate and key presented to an upstream that asks for one (mTLS).",
     )
     balancing = models.CharField(max_length=30, choices=Balancing.choices, default=Balancing.ROUND_ROBIN)
-    health_check_enabled = models.BooleanField(default=False)
+    health_check_enabled = models.BooleanField(
+        default=True,
+        help_text="Probe each target every interval (HTTP: a GET of the path below). On for new "
+        "upstreams, so \"healthy\" means checked, not assumed.",
+    )
     health_check_path = models.CharField(
         max_length=500, default="/", help_text="HTTP hosts: GET of this path."
     )
