@@ -258,6 +258,8 @@ def record_handshake(node: ProxyNode, conn: ClientConnection, transport: asyncio
     stats = conn.listener.stats
     if ssl_object is not None:
         stats.tls_versions[ssl_object.version() or "?"] += 1
+        if ssl_object.session_reused:
+            stats.resumed_sessions += 1
         cipher = ssl_object.cipher()
         stats.ciphers[cipher[0] if cipher else "?"] += 1
     route = conn.sni_route

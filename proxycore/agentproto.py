@@ -125,7 +125,7 @@ HOST_COUNTERS = (
     "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
 )
 HOST_COUNTER_MAPS = ("handshakes_failed", "responses", "upstream_errors")
-LISTENER_COUNTERS = ("connections", "rejected_connections")
+LISTENER_COUNTERS = ("connections", "rejected_connections", "resumed_sessions")
 LISTENER_COUNTER_MAPS = ("tls_versions", "ciphers")
 UPSTREAM_LEVELS = ("healthy", "available", "total")
 UPSTREAM_COUNTERS = ("went_down", "came_up", "retries")

@@ -95,6 +95,8 @@ class StatsCollector:
                                           "Connections accepted by the listener.", labels=["listener"])
         rejected = CounterMetricFamily("proxyadmin_listener_rejected_connections",
                                        "Connections refused over the connection limit.", labels=["listener"])
+        resumed = CounterMetricFamily("proxyadmin_listener_tls_resumed_sessions",
+                                      "TLS handshakes that resumed a session.", labels=["listener"])
         versions = CounterMetricFamily("proxyadmin_listener_tls_versions",
                                        "TLS handshakes completed, by protocol version.",
                                        labels=["listener", "version"])
@@ -104,11 +106,12 @@ class StatsCollector:
         for name, s in self.stats.listeners.items():
             connections.add_metric([name], s.connections)
             rejected.add_metric([name], s.rejected_connections)
+            resumed.add_metric([name], s.resumed_sessions)
             for version, n in s.tls_versions.items():
                 versions.add_metric([name, version], n)
             for cipher, n in s.ciphers.items():
                 ciphers.add_metric([name, cipher], n)
-        yield from (connections, rejected, versions, ciphers)
+        yield from (connections, rejected, resumed, versions, ciphers)
 
     def config_metrics(self) -> Iterator[Metric]:
         stats = self.stats

@@ -71,11 +71,13 @@ class ListenerStats:
     ciphers: Counter[str] = field(default_factory=Counter)
     connections: int = 0
     rejected_connections: int = 0  # over the connection limit
+    resumed_sessions: int = 0  # handshakes that resumed a TLS session (no certificate sent)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "connections": self.connections,
             "rejected_connections": self.rejected_connections,
+            "resumed_sessions": self.resumed_sessions,
             "tls_versions": dict(self.tls_versions),
             "ciphers": dict(self.ciphers),
         }

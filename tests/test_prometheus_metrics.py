@@ -62,6 +62,7 @@ def filled_stats() -> Stats:
     https = stats.listener("https")
     https.connections = 9
     https.rejected_connections = 1
+    https.resumed_sessions = 4
     https.tls_versions.update({"TLSv1.3": 3, "TLSv1.2": 1})
     https.ciphers["TLS_AES_256_GCM_SHA384"] = 3
     return stats
@@ -90,6 +91,7 @@ def test_collector_reports_listeners_and_the_config_revision() -> None:
     samples = parse(scrape_stats(filled_stats()))
     assert value(samples, "proxyadmin_listener_connections_total", listener="https") == 9
     assert value(samples, "proxyadmin_listener_rejected_connections_total", listener="https") == 1
+    assert value(samples, "proxyadmin_listener_tls_resumed_sessions_total", listener="https") == 4
     assert value(samples, "proxyadmin_listener_tls_versions_total", listener="https", version="TLSv1.3") == 3
     assert value(samples, "proxyadmin_listener_tls_versions_total", listener="https", version="TLSv1.2") == 1
     assert value(samples, "proxyadmin_listener_tls_ciphers_total", listener="https",

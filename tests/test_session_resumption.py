@@ -50,6 +50,7 @@ def two_connections(port: int, ctx: ssl.SSLContext) -> tuple[bool, bool]:
 def test_sessions_resume_by_default(ca: trustme.CA, upstream: Upstream, version: ssl.TLSVersion) -> None:
     with running_node(snapshot(ca, upstream.port)) as node:
         assert two_connections(node.https_port, client_context(ca, version=version)) == (False, True)
+        assert node.stats()["listeners"]["https"]["resumed_sessions"] == 1  # counted, for the dashboard
 
 
 @pytest.mark.parametrize("version", TLS_VERSIONS)
