@@ -55,6 +55,12 @@ class Project:
         return subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
+    def create_superuser(self, username: str, password: str) -> None:
+        """A staff superuser to log in to the admin with (the database must be migrated)."""
+        self.env.update(DJANGO_SUPERUSER_USERNAME=username, DJANGO_SUPERUSER_PASSWORD=password,
+                        DJANGO_SUPERUSER_EMAIL="ops@example.com")
+        self.manage("createsuperuser", "--noinput")
+
     def import_config(self, config: dict[str, object]) -> None:
         path = self.tmp / f"config-{time.monotonic_ns()}.json"
         path.write_text(json.dumps(config))

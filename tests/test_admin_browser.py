@@ -53,9 +53,7 @@ def admin(tmp_path: Path, ca: trustme.CA) -> Iterator[Admin]:
         f"service-{i}.a.example" for i in range(6)]
     document["certificates"][0]["chain_pem"] = _covering_chain(ca, document)  # type: ignore[index]
     project.import_config(document)
-    project.env.update(DJANGO_SUPERUSER_USERNAME=USERNAME, DJANGO_SUPERUSER_PASSWORD=PASSWORD,
-                       DJANGO_SUPERUSER_EMAIL="ops@example.com")
-    project.manage("createsuperuser", "--noinput")
+    project.create_superuser(USERNAME, PASSWORD)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)

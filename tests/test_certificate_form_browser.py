@@ -45,9 +45,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
 
     project = Project(tmp_path)
     project.manage("migrate", "--verbosity", "0")
-    project.env.update(DJANGO_SUPERUSER_USERNAME=USERNAME, DJANGO_SUPERUSER_PASSWORD=PASSWORD,
-                       DJANGO_SUPERUSER_EMAIL="ops@example.com")
-    project.manage("createsuperuser", "--noinput")
+    project.create_superuser(USERNAME, PASSWORD)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with daphne(project, port), sync_playwright() as pw:

@@ -73,9 +73,7 @@ def test_admin_and_dashboard_load_in_chromium_without_a_violation(tmp_path: Path
     project = Project(tmp_path)
     project.manage("migrate", "--verbosity", "0")
     project.import_config(styled_config(ca))
-    project.env.update(DJANGO_SUPERUSER_USERNAME=USERNAME, DJANGO_SUPERUSER_PASSWORD=PASSWORD,
-                       DJANGO_SUPERUSER_EMAIL="ops@example.com")
-    project.manage("createsuperuser", "--noinput")
+    project.create_superuser(USERNAME, PASSWORD)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
 

@@ -56,9 +56,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     project = Project(tmp)
     project.manage("migrate", "--verbosity", "0")
     project.import_config(config(ca, upstream.port, ["a"]))
-    project.env.update(DJANGO_SUPERUSER_USERNAME=USERNAME, DJANGO_SUPERUSER_PASSWORD=PASSWORD,
-                       DJANGO_SUPERUSER_EMAIL="ops@example.com")
-    project.manage("createsuperuser", "--noinput")
+    project.create_superuser(USERNAME, PASSWORD)
     admin_port, https_port = free_port(), free_port()
     base = f"http://127.0.0.1:{admin_port}"
     node_argv = [sys.executable, "manage.py", "runproxy", "--control", base, "--name", "edge-1",

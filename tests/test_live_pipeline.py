@@ -90,8 +90,7 @@ def test_traffic_reaches_the_dashboard_and_the_node_outlives_the_control_plane(
     project = Project(tmp_path)
     project.manage("migrate", "--verbosity", "0")
     project.import_config(config(ca, upstream.port, ["a", "b"]))
-    project.env.update(DJANGO_SUPERUSER_USERNAME=USERNAME, DJANGO_SUPERUSER_PASSWORD=PASSWORD)
-    project.manage("createsuperuser", "--noinput", "--email", "ops@example.com")
+    project.create_superuser(USERNAME, PASSWORD)
     admin, https, http = free_port(), free_port(), free_port()
     node_argv = [sys.executable, "manage.py", "runproxy", "--https", f"127.0.0.1:{https}",
                  "--http", f"127.0.0.1:{http}", "--no-access-log", "--name", "edge-1",
