@@ -48,7 +48,7 @@ class Contender:
     resumption: bool = True
 
 
-def contenders(args: argparse.Namespace, haproxy: bool) -> list[Contender]:
+def contenders(args: argparse.Namespace, haproxy: bool, caddy: bool = False) -> list[Contender]:
     def nginx(workers: str, resumption: bool = True) -> Callable[[Path, CertFiles, int], Server]:
         return lambda d, c, b: servers.start_nginx(d, c, b, workers, resumption, args.nginx_keepalive)
 
@@ -61,6 +61,8 @@ def contenders(args: argparse.Namespace, haproxy: bool) -> list[Contender]:
     found = [Contender("nginx", "nginx w1", nginx("1"), LOADS)]
     if haproxy:
         found.append(Contender("haproxy", "haproxy", hap(), LOADS))
+    if caddy:
+        found.append(Contender("caddy", "caddy", servers.start_caddy, LOADS))
     found += [Contender("proxy", "proxy+log", proxy(True), LOADS),
               Contender("proxy-nolog", "proxy-nolog", proxy(False), LOADS)]
     if not args.no_nginx_auto:
@@ -107,6 +109,7 @@ def machine() -> dict[str, object]:
         "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION, "nginx": servers.nginx_version(),
         "haproxy": servers.haproxy_version() if shutil.which("haproxy") else None,
+        "caddy": servers.caddy_version() if shutil.which("caddy") else None,
     }
 
 
@@ -219,8 +222,9 @@ ROWS = (
     ("bulk", "megabytes_per_second", "bulk MB/s (1 MiB body)", "{:.1f}"),
     ("bulk", "cpu_us_per_request", "  CPU us/response", "{:.0f}"),
 )
-RATIOS = (("proxy", "nginx"), ("proxy-nolog", "nginx"), ("proxy", "haproxy"), ("proxy-nolog", "haproxy"))
-SHORT = {"proxy": "log", "proxy-nolog": "nolog", "nginx": "nginx", "haproxy": "hap"}
+RATIOS = (("proxy", "nginx"), ("proxy-nolog", "nginx"), ("proxy", "haproxy"), ("proxy-nolog", "haproxy"),
+          ("proxy", "caddy"), ("proxy-nolog", "caddy"))
+SHORT = {"proxy": "log", "proxy-nolog": "nolog", "nginx": "nginx", "haproxy": "hap", "caddy": "caddy"}
 
 
 def metric(all_results: dict[str, dict[str, Result]], key: str, load_key: str, attr: str) -> float | None:
@@ -270,11 +274,12 @@ def main() -> None:
     parser.add_argument("--nginx-keepalive", type=int, default=32,
                         help="idle upstream connections nginx keeps (32; proxycore keeps up to 64)")
     parser.add_argument("--no-haproxy", action="store_true", help="leave HAProxy out")
+    parser.add_argument("--no-caddy", action="store_true", help="leave Caddy out")
     parser.add_argument("--no-nginx-auto", action="store_true", help="skip nginx with worker_processes auto")
     parser.add_argument("--no-full-handshakes", action="store_true",
                         help="skip the runs with session resumption off")
     parser.add_argument("--only", nargs="+",
-                        choices=["nginx", "haproxy", "proxy", "proxy-nolog", "nginx-auto"])
+                        choices=["nginx", "haproxy", "caddy", "proxy", "proxy-nolog", "nginx-auto"])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the temp dir (configs, certificates, logs) for inspection")
@@ -283,8 +288,9 @@ def main() -> None:
     args = parser.parse_args()
     command = "python bench/run.py" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
 
-    notes = tools.ensure_tools(want_haproxy=not args.no_haproxy)
+    notes = tools.ensure_tools(want_haproxy=not args.no_haproxy, want_caddy=not args.no_caddy)
     haproxy = not args.no_haproxy and shutil.which("haproxy") is not None
+    caddy = not args.no_caddy and shutil.which("caddy") is not None
     check_environment()
     background = wait_for_quiet(args.wait_quiet)
     started = time.monotonic()
@@ -309,7 +315,7 @@ def main() -> None:
     errors: list[str] = []
     started_servers: list[Running] = []
     try:
-        for c in contenders(args, haproxy):
+        for c in contenders(args, haproxy, caddy):
             try:
                 started_servers.append(start_contender(c, workdir, certs, backend))
             except (RuntimeError, AssertionError, OSError) as exc:
@@ -363,7 +369,8 @@ def main() -> None:
     print()
     print("nginx w1: worker_processes 1, the same one-process budget as proxycore (one event loop);")
     print("nginx auto: worker_processes auto (2 here), for reference; haproxy: nbthread 1,")
-    print("http-reuse always.")
+    print("http-reuse always; caddy: GOMAXPROCS=1, no access log, no full-handshake run (its")
+    print("Caddyfile cannot turn session tickets off).")
     print(f"nginx upstream keepalive {args.nginx_keepalive}: with 50 clients it opens new upstream")
     print("connections (see 'new upstream conns' above); proxycore keeps up to 64 idle ones.")
     print("wrk: 1 thread (the other core is the proxy's); 'resumed' rows: wrk resumes TLS sessions;")

@@ -106,11 +106,11 @@ def _wait_listening(server: Server, timeout: float = 15.0) -> None:
 
 
 def _start(workdir: Path, name: str, label: str, port: int, argv: list[str],
-           logs: list[Path] | None = None) -> Server:
+           logs: list[Path] | None = None, env: dict[str, str] | None = None) -> Server:
     output = workdir / f"{name}.out"
     with output.open("wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO)
+                                cwd=REPO, env=env)
     server = Server(name, label, port, proc, output, logs or [])
     _wait_listening(server)
     return server
@@ -280,6 +280,44 @@ def haproxy_version() -> str:
     out = subprocess.run(["haproxy", "-v"], capture_output=True, text=True, check=False)
     first = out.stdout.splitlines()[0] if out.stdout else ""
     return first.removeprefix("HAProxy version ").split(" ")[0]
+
+
+# ---- Caddy --------------------------------------------------------------------------
+
+
+def start_caddy(workdir: Path, certs: CertFiles, backend_port: int) -> Server:
+    """Debian's Caddy as a TLS terminator, one OS thread for Go code (GOMAXPROCS=1), like the
+    other one-core contenders; HTTP/1.1 only, no access log (Caddy logs none unless asked),
+    HSTS added, X-Forwarded-* set by Caddy itself. No full-handshake variant: Caddy's
+    Caddyfile cannot turn its session tickets off."""
+    port = free_port()
+    conf = workdir / "Caddyfile"
+    conf.write_text(f"""
+{{
+    admin off
+    auto_https off
+    servers {{
+        protocols h1
+    }}
+}}
+https://localhost:{port} {{
+    bind 127.0.0.1
+    tls {certs.chain} {certs.key}
+    header Strict-Transport-Security "{HSTS_VALUE}"
+    reverse_proxy 127.0.0.1:{backend_port} {{
+        header_up X-Forwarded-Host {{host}}
+    }}
+}}
+""")
+    env = os.environ | {"GOMAXPROCS": "1", "XDG_DATA_HOME": str(workdir / "caddy-data"),
+                        "XDG_CONFIG_HOME": str(workdir / "caddy-config")}
+    return _start(workdir, "caddy", "Caddy (GOMAXPROCS=1)", port,
+                  ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"], env=env)
+
+
+def caddy_version() -> str:
+    out = subprocess.run(["caddy", "version"], capture_output=True, text=True, check=False)
+    return out.stdout.split(" ")[0].strip() if out.stdout else ""
 
 
 # ---- proxycore -------------------------------------------------------------------

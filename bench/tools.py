@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 REQUIRED = {"nginx": "nginx", "wrk": "wrk"}  # command: Debian package
-OPTIONAL = {"haproxy": "haproxy"}
+OPTIONAL = {"haproxy": "haproxy", "caddy": "caddy"}
 
 
 class ToolsMissing(SystemExit):
@@ -29,20 +29,23 @@ def _apt_install(packages: list[str]) -> str:
     return ""
 
 
-def ensure_tools(want_haproxy: bool) -> list[str]:
+def ensure_tools(want_haproxy: bool, want_caddy: bool = True) -> list[str]:
     """Install what is missing; exit with a clear message if nginx or wrk cannot be had.
 
-    Returns notes for the report (e.g. why HAProxy is left out).
+    Returns notes for the report (e.g. why HAProxy or Caddy is left out).
     """
-    wanted = REQUIRED | (OPTIONAL if want_haproxy else {})
+    optional = {cmd: pkg for cmd, pkg in OPTIONAL.items()
+                if (cmd != "haproxy" or want_haproxy) and (cmd != "caddy" or want_caddy)}
+    wanted = REQUIRED | optional
     missing = [pkg for cmd, pkg in wanted.items() if shutil.which(cmd) is None]
     notes: list[str] = []
     if missing:
         print(f"installing Debian packages: {' '.join(missing)}", flush=True)
         error = _apt_install(missing)
-        if error and "haproxy" in missing:  # try again without the optional one
-            notes.append(f"HAProxy left out: it did not install ({error.splitlines()[0]})")
-            missing.remove("haproxy")
+        leftover = [pkg for pkg in missing if pkg in optional.values()]
+        if error and leftover:  # try again without the optional ones
+            notes.append(f"{', '.join(leftover)} left out: did not install ({error.splitlines()[0]})")
+            missing = [pkg for pkg in missing if pkg not in leftover]
             error = _apt_install(missing) if missing else ""
         if error:
             raise ToolsMissing(
