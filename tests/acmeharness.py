@@ -73,28 +73,48 @@ def pebble(tmp_path: Path, http_port: int, tls_port: int, *, eab: dict[str, str]
     leaf.private_key_pem.write_to_path(str(key))
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     ca.cert_pem.write_to_path(str(bundle))
-    acme_port, management_port, dns_port, dns_management = free_port(), free_port(), free_port(), free_port()
-    config = {"pebble": {
-        "listenAddress": f"127.0.0.1:{acme_port}", "managementListenAddress": f"127.0.0.1:{management_port}",
-        "certificate": str(cert), "privateKey": str(key), "httpPort": http_port, "tlsPort": tls_port,
-        "ocspResponderURL": "", "externalAccountBindingRequired": eab is not None,
-        **({"externalAccountMACKeys": eab} if eab else {}),
-    }}
-    config_path = tmp_path / "pebble.json"
-    config_path.write_text(json.dumps(config))
     # No random sleeps, no rejected nonces, no reused authorizations: every order validates.
     env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
     log = tmp_path / "pebble.log"
-    dns = [str(CHALLTESTSRV), "-defaultIPv6", "", "-defaultIPv4", default_ipv4,
-           "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-           "-management", f"127.0.0.1:{dns_management}"]
-    server = [str(PEBBLE), "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"]
-    with process(dns, env, tmp_path / "challtestsrv.log"), process(server, env, log):
-        wait_for_port(acme_port)
-        wait_for_port(management_port)
-        root = _get(f"https://127.0.0.1:{management_port}/roots/0", bundle)
-        wait_for_port(dns_management)
-        yield Pebble(f"https://127.0.0.1:{acme_port}/dir", bundle, root, log, dns_management)
+    # A port free_port() found may be taken before pebble binds it (another test's process
+    # in between): pebble then exits, and it is started again on new ports.
+    for attempt in range(1, 4):
+        acme_port, management_port, dns_port, dns_management = (
+            free_port(), free_port(), free_port(), free_port())
+        config = {"pebble": {
+            "listenAddress": f"127.0.0.1:{acme_port}", "managementListenAddress": f"127.0.0.1:{management_port}",
+            "certificate": str(cert), "privateKey": str(key), "httpPort": http_port, "tlsPort": tls_port,
+            "ocspResponderURL": "", "externalAccountBindingRequired": eab is not None,
+            **({"externalAccountMACKeys": eab} if eab else {}),
+        }}
+        config_path = tmp_path / "pebble.json"
+        config_path.write_text(json.dumps(config))
+        dns = [str(CHALLTESTSRV), "-defaultIPv6", "", "-defaultIPv4", default_ipv4,
+               "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+               "-management", f"127.0.0.1:{dns_management}"]
+        server = [str(PEBBLE), "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"]
+        with process(dns, env, tmp_path / "challtestsrv.log") as dns_proc, process(server, env, log) as proc:
+            if not all(_listens(port, (proc, dns_proc))
+                       for port in (acme_port, management_port, dns_management)):
+                assert attempt < 3, f"pebble did not start: {log.read_text()[-2000:]}"
+                continue
+            root = _get(f"https://127.0.0.1:{management_port}/roots/0", bundle)
+            yield Pebble(f"https://127.0.0.1:{acme_port}/dir", bundle, root, log, dns_management)
+            return
+
+
+def _listens(port: int, procs: tuple[subprocess.Popen[bytes], ...], timeout: float = 40) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` before ``timeout`` or before one of
+    ``procs`` (the ones that should) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        if any(proc.poll() is not None for proc in procs):
+            return False
+        time.sleep(0.1)
+    return False
 
 
 @dataclass
