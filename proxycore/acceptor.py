@@ -183,7 +183,7 @@ class TLSAcceptor(asyncio.Protocol):
 
     def answer_challenge(self, server_name: str | None, challenges: Mapping[str, ssl.SSLContext]) -> None:
         """An ACME tls-alpn-01 validation: the challenge certificate, then close (acmealpn)."""
-        context = challenges.get((server_name or "").lower().rstrip("."))
+        context = challenges.get(server_name or "")  # (clienthello normalised it)
         if context is None:
             self.node.stats.host(UNMATCHED).handshakes_failed["no_acme_challenge"] += 1
             self.refuse(acmealpn.ALERT_NO_APPLICATION_PROTOCOL)

@@ -78,7 +78,7 @@ def challenge_contexts(challenges: Iterable[tuple[str, bytes]]) -> Mapping[str, 
     """One server context per challenged name (lower case, no trailing dot), ALPN acme-tls/1."""
     contexts: dict[str, ssl.SSLContext] = {}
     for name, digest in challenges:
-        normal = name.lower().rstrip(".")
+        normal = tls.normal_name(name)
         contexts[normal] = tls.server_context(
             challenge_certificate(normal, digest), alpn=(ACME_TLS_1.decode(),), client_auth=None,
         )

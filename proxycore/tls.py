@@ -245,7 +245,8 @@ class SNITable:
     keyed: tuple[tuple[ssl.SSLContext, bytes], ...] = ()  # contexts with ticket keys, and their identity
 
 
-def _normal(name: str) -> str:
+def normal_name(name: str) -> str:
+    """A host name as tables key it: lower case, no trailing dot."""
     return name.lower().rstrip(".")
 
 
@@ -254,7 +255,7 @@ def lookup(
 ) -> tuple[HostRoute | None, ssl.SSLContext | None]:
     """The host and context for an SNI name: exact, then ``*.parent``, then the default."""
     if server_name is not None:
-        name = _normal(server_name)
+        name = normal_name(server_name)
         hit = table.exact.get(name)
         if hit is None:
             head, dot, parent = name.partition(".")
@@ -309,7 +310,7 @@ def build_sni_table(
         context = context_for(bundle, alpn, auth, label) if bundle is not None else None
         choice: Choice = (route, context)
         for raw in route.names:
-            name = _normal(raw)
+            name = normal_name(raw)
             table, key = (wildcard, name[2:]) if name.startswith("*.") else (exact, name)
             if key in table:
                 raise TLSConfigError(

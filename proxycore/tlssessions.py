@@ -10,9 +10,8 @@ on every connection, or audits that want it), and a benchmark of full handshakes
 honest only without resumption. ``ssl`` can stop TLS 1.3 tickets (``num_tickets =
 0``) and TLS 1.2 tickets (``OP_NO_TICKET``), but TLS 1.2 clients can still resume by
 session ID from OpenSSL's server-side cache, which Python leaves on and cannot turn
-off. This turns that cache off too, through the same proven-pointer ctypes path as
-``proxycore.tlsgroups``; where that path is not available it logs once that TLS 1.2
-session IDs may still resume.
+off. This turns that cache off too, through ``proxycore.sslctx``; where that is not
+possible it logs once that TLS 1.2 session IDs may still resume.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import ssl
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from proxycore.tlsgroups import _libssl, _proven, _ssl_ctx_address
+from proxycore import sslctx
 
 log = logging.getLogger("proxycore.tls")
 
@@ -38,10 +37,7 @@ def no_session_resumption(ctx: ssl.SSLContext) -> None:
     """No tickets (TLS 1.3 and 1.2) and no session-ID cache on ``ctx``: every handshake is full."""
     ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_TICKET
-    lib = _libssl()
-    address = _ssl_ctx_address(ctx) if lib is not None else None
-    if lib is not None and address and _proven(lib, address, ctx):
-        lib.ctrl(address, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+    if sslctx.ctrl(ctx, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None) is not None:
         return
     global _warned
     if not _warned:
@@ -86,17 +82,16 @@ class TicketKeys:
 
     def apply(self, ctx: ssl.SSLContext, identity: bytes, epoch: int) -> bool:
         """Give ``ctx`` its key for ``epoch``; False (OpenSSL's random keys stay) if it cannot."""
-        lib = _libssl()
-        address = _ssl_ctx_address(ctx) if lib is not None else None
-        if lib is None or not address or not _proven(lib, address, ctx):
+        key = self.key(identity, epoch)
+        done = sslctx.ctrl(ctx, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(key), key)
+        if done is None:
             global _keys_warned
             if not _keys_warned:
                 _keys_warned = True
                 log.warning("cannot set TLS session-ticket keys through OpenSSL: sessions will not "
                             "resume after a reload")
             return False
-        key = self.key(identity, epoch)
-        return bool(lib.ctrl(address, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(key), key) == 1)
+        return done == 1
 
 
 _keys_warned = False

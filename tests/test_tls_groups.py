@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from proxycore import config as core
-from proxycore import tls, tlsgroups
+from proxycore import sslctx, tls, tlsgroups
 from tests.proxyharness import RunningNode, bundle, route, running_node
 from tests.test_tls_contexts import bundle_of, handshake
 
@@ -129,7 +129,7 @@ def fallback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """The handle read from a context is another context's (alike in options and verify
     mode, so only the guard's flip tells them apart), or cannot be read at all."""
     decoy = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    real = tlsgroups._ssl_ctx_address
+    real = sslctx.ssl_ctx_address
 
     def address(ctx: ssl.SSLContext) -> int | None:
         if request.param == "unknown":
@@ -137,7 +137,7 @@ def fallback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         decoy.options, decoy.verify_mode = ctx.options, ctx.verify_mode
         return real(decoy)
 
-    monkeypatch.setattr(tlsgroups, "_ssl_ctx_address", address)
+    monkeypatch.setattr(sslctx, "ssl_ctx_address", address)
     monkeypatch.setattr(tlsgroups, "_warned", False)
 
 
