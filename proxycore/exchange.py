@@ -113,6 +113,10 @@ class Exchange:
         if upstream is not None:
             self.attach(upstream, reused=True)
             return
+        self.connect_fresh(pool)
+
+    def connect_fresh(self, pool: TargetPool) -> None:
+        """Open a new connection to ``pool`` (a task: the exchange goes on when it is up)."""
         node = self.conn.node
         node.track(node.loop.create_task(self.open_upstream(pool)))
 
@@ -375,8 +379,7 @@ class Exchange:
                 self.retried = True
                 self.response_parser = None
                 assert self.pool is not None
-                node = self.conn.node
-                node.track(node.loop.create_task(self.open_upstream(self.pool)))
+                self.connect_fresh(self.pool)
                 return
             self.upstream_failed("reset" if exc else "closed", 502)
         else:
