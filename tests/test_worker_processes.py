@@ -418,3 +418,38 @@ def test_health_is_checked_once_per_node_and_every_worker_routes_by_it(
         assert 4 <= len(checks) - first <= 8, len(checks) - first
     finally:
         kill(node.proc)
+
+
+def test_a_cool_down_one_worker_starts_is_followed_by_the_others(
+    project: Project, ca: trustme.CA, loop_thread: LoopThread,
+) -> None:
+    async def broken(ex: Exchange) -> None:
+        ex.respond(503, b"broken")
+
+    async def fine(ex: Exchange) -> None:
+        ex.respond(200, b"fine")
+
+    bad = Upstream(loop_thread, broken).start()
+    good = Upstream(loop_thread, fine).start()
+    document = config(ca, good.port, ["a"])
+    document["upstreams"] = [{
+        "name": "app", "health_check_enabled": False, "passive_failures": 2, "passive_cooldown": 30,
+        "targets": [{"host": "127.0.0.1", "port": good.port}, {"host": "127.0.0.1", "port": bad.port}],
+    }]
+    node = start_node(project, ca, good.port, "--no-control", document=document)
+    try:
+        held = one_per_worker(node, ca)
+        first, second = sorted(held)
+        statuses = []
+        for _ in range(6):  # round robin: the broken target gets every other request
+            held[first].sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            statuses.append(read_response(held[first])[0])
+        assert statuses.count(503) == 2, statuses  # then it cools down
+        time.sleep(0.5)
+        for _ in range(6):
+            held[second].sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            assert read_response(held[second])[:3:2] == (200, b"fine")
+        for sock in held.values():
+            sock.close()
+    finally:
+        kill(node.proc)
