@@ -453,3 +453,22 @@ def test_a_cool_down_one_worker_starts_is_followed_by_the_others(
             sock.close()
     finally:
         kill(node.proc)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(node: Node, ca: trustme.CA) -> None:
+    pids = node.workers()
+    node.proc.kill()
+    node.proc.communicate(timeout=10)
+
+    def running(pid: int) -> bool:
+        try:
+            return b"proxycore.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    def gone() -> bool:
+        return not any(running(pid) for pid in pids)
+
+    wait_until(gone, 15)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", node.https), timeout=2).close()
