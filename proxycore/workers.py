@@ -210,6 +210,10 @@ class NodeSupervisor:
         self.own_sockets += group
         return group
 
+    def stop_restarting(self) -> None:
+        """The node is stopping: a worker that exits now is not started again."""
+        self.stopping = True
+
     async def stop(self, deadline: float | None = None) -> None:
         """Drain every worker: they finish in-flight requests within ``deadline`` seconds."""
         self.stopping = True
@@ -260,12 +264,17 @@ class NodeSupervisor:
             limits=self.limits, ticket_secret=self.tickets.secret,
             session_resumption=self.session_resumption, access_log=self.access_log,
             recent=self.recent is not None, health=self._verdicts,
+            log_level=logging.getLogger().getEffectiveLevel(),
         ))
         try:
             while True:
                 self._received(handle, await wp.receive(reader))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # it exited: _supervise sees the process end
+        except Exception:  # a frame that makes no sense: the worker is broken, start it again
+            log.exception("worker %d (pid %d) sent a bad message: killed", handle.index, handle.pid)
+            if handle.alive() and handle.process is not None:
+                handle.process.kill()
         finally:
             writer.close()
 
