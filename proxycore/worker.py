@@ -10,8 +10,9 @@ does those once for the node and sends the verdicts.
 It stops gracefully on ``Stop``, on SIGTERM, and when the supervisor's end of the socket
 pair closes (the supervisor died); it also asks the kernel for SIGTERM when the
 supervisor dies (PR_SET_PDEATHSIG), in case the socket pair is somehow held open. It
-ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the stop is the
-supervisor's to run (a worker stopping on its own would look like one that died).
+ignores SIGINT and SIGHUP: a terminal's Ctrl-C or hang-up reaches the whole process
+group, and the stop or reload is the supervisor's to run (a worker stopping on its own
+would look like one that died).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m proxycore.worker FD (started by runproxy --workers)")
     _die_with_supervisor()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's: it reloads every worker
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     channel = socket.socket(fileno=int(argv[1]))
     try:

@@ -472,3 +472,18 @@ def test_workers_stop_when_their_supervisor_is_killed(node: Node, ca: trustme.CA
     wait_until(gone, 15)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", node.https), timeout=2).close()
+
+
+def test_sighup_to_the_node_reloads_every_worker(node: Node, ca: trustme.CA) -> None:
+    pids = node.workers()
+    os.kill(node.proc.pid, signal.SIGHUP)
+    held = one_per_worker(node, ca)
+    for sock in held.values():
+        assert get(sock) == 200
+        sock.close()
+    node.proc.send_signal(signal.SIGTERM)
+    out, _ = node.proc.communicate(timeout=20)
+    for index in (1, 2):
+        assert re.search(rf"\[worker {index}\] config revision \d+ applied", out), out
+    assert node.workers() == [] and "died" not in out
+    assert sorted(held) == pids  # the same workers: reloaded, not restarted

@@ -237,6 +237,14 @@ class Command(BaseCommand):
         self, snapshot: Snapshot, https: tuple[str, int], http: tuple[str, int] | None,
         limits: Limits, access: BinaryIO | None, *, metrics: tuple[str, int] | None = None,
     ) -> None:
+        # Signals are handled from the start: a SIGHUP or SIGTERM while the node starts must
+        # not kill it with its workers half started (SIGTERM then stops it once it serves).
+        stop = asyncio.Event()
+        wake = Wakeup()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, wake.force)
         writer = AccessLogWriter(access) if access is not None else None
         # A linked node keeps its last lines per host for the dashboard's recent requests,
         # with --no-access-log too.
@@ -270,12 +278,6 @@ class Command(BaseCommand):
         log.info("data plane core: %s", compiled.state())
         metrics_server = await self.start_metrics(node, metrics) if metrics is not None else None
         self.stdout.flush()
-        stop = asyncio.Event()
-        wake = Wakeup()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, wake.force)
         link = self.start_agent_link(node, wake)
         poller = loop.create_task(self.follow_revisions(node, wake, link))
         flusher = loop.create_task(writer.flush_every_second()) if writer is not None else None
