@@ -1,9 +1,10 @@
 """Live traffic: per-node deltas and the per-minute rollup behind the dashboard's history.
 
 Nodes report counters since they started (``proxycore.stats``). The control plane
-subtracts each node's previous report (``stats_delta``, pure), sends the difference
-to dashboards as a ``tick`` (``proxyadmin.announce.tick_message``), and adds it into
-one ``TrafficRollup`` row per host and minute (``add_to_rollup``), which several
+subtracts each node's previous report (``stats_delta``, pure) for the dashboards'
+ticks (``proxyadmin.coalesce``), and keeps what each node counted in memory
+(``proxyadmin.ledger``) until ``flush_ledgers`` adds it into one ``TrafficRollup``
+row per host and minute with one batched upsert (``add_to_rollup``), which several
 daphne processes may do at once.
 ``history_series`` turns the rollup into the dashboard's per-minute chart.
 """
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import F, PositiveBigIntegerField, Sum, Value
-from django.db.models.functions import Least
+from django.db import DatabaseError, connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
+from proxyadmin import ledger
 from proxyadmin.models import Host, ProxyNode, TrafficRollup
-from proxycore.agentproto import MAX_COUNTER, StatsReport, latency_quantile
+from proxycore.agentproto import MAX_COUNTER, latency_quantile
 from proxycore.stats import UNMATCHED
 
 log = logging.getLogger("proxyadmin.traffic")
@@ -260,31 +261,80 @@ def history_series(
 # -- the rollup (database) --------------------------------------------------
 
 
-def _saturating_add(column: str, n: int) -> Any:
-    """``column + n`` in the database, stopping at ``MAX_COUNTER`` instead of overflowing bigint."""
-    return Least(F(column), Value(MAX_COUNTER - n), output_field=PositiveBigIntegerField()) + n
+def _upsert_sql(rows: int) -> str:
+    """One ``INSERT ... ON CONFLICT DO UPDATE`` adding ``rows`` rows' counters (SQLite and PostgreSQL)."""
+    q = connection.ops.quote_name
+    table = q(TrafficRollup._meta.db_table)
+    columns = ("minute", "host", *ledger.COLUMNS)
+    values = ", ".join(["(" + ", ".join(["%s"] * len(columns)) + ")"] * rows)
+    # Saturating at MAX_COUNTER: a sum past PostgreSQL's bigint must not fail the whole flush.
+    updates = ", ".join(
+        f"{q(c)} = CASE WHEN {table}.{q(c)} > {MAX_COUNTER} - excluded.{q(c)} THEN {MAX_COUNTER} "
+        f"ELSE {table}.{q(c)} + excluded.{q(c)} END"
+        for c in ledger.COLUMNS
+    )
+    # Only quoted names of the model's own columns go into the text; values are parameters.
+    return (f"INSERT INTO {table} ({', '.join(q(c) for c in columns)}) VALUES {values} "  # noqa: S608
+            f"ON CONFLICT ({q('minute')}, {q('host')}) DO UPDATE SET {updates}")
 
 
-def _add_row(minute: dt.datetime, host: str, increments: Mapping[str, int]) -> None:
-    rows = TrafficRollup.objects.filter(minute=minute, host=host)
-    add = {column: _saturating_add(column, n) for column, n in increments.items()}
-    # An UPDATE with F() adds in the database: concurrent writers cannot lose each other's counts.
-    if rows.update(**add):
-        return
+UPSERT_ROWS = 500  # rows per statement: 5,500 parameters, far under either database's limit
+
+
+def add_to_rollup(table: Mapping[tuple[dt.datetime, str], Sequence[int]]) -> int:
+    """Add per-(minute, host) counters (``ledger.COLUMNS`` order) into the rollup; the rows written.
+
+    The addition happens in the database (``n = n + EXCLUDED.n``), so several processes
+    may add to the same rows at once without losing counts.
+    """
+    rows = [(minute, host, [min(n, MAX_COUNTER) for n in values])
+            for (minute, host), values in sorted(table.items()) if any(values)]
+    adapt = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        for at in range(0, len(rows), UPSERT_ROWS):
+            chunk = rows[at:at + UPSERT_ROWS]
+            params: list[Any] = []
+            for minute, host, values in chunk:
+                params += [adapt(minute), host, *values]
+            cursor.execute(_upsert_sql(len(chunk)), params)
+    return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class FlushResult:
+    rows: int  # rollup rows added to
+    nodes: int  # node baselines moved on
+    fenced: frozenset[int]  # nodes another link has taken since: their segments were dropped
+
+
+def flush_ledgers(items: Sequence[ledger.FlushItem], now: dt.datetime | None = None) -> FlushResult:
+    """Write a batch of ledgers in one transaction: the rollup, and each node's baseline and last seen.
+
+    Only the nodes whose ``link_epoch`` is still the ledger's are written (see ``proxyadmin.ledger``).
+    """
+    now = now or timezone.now()
+    kept = rolled_up_hosts()
+    with transaction.atomic():
+        # Locked in one order everywhere: a hello takes its node's row the same way.
+        epochs = dict(ProxyNode.objects.select_for_update().filter(pk__in=[i.pk for i in items])
+                      .order_by("pk").values_list("pk", "link_epoch"))
+        current = [i for i in items if epochs.get(i.pk) == i.epoch]
+        rows = add_to_rollup(ledger.fold(current, kept))
+        nodes = []
+        for item in current:
+            last = item.segments[-1][1]
+            nodes.append(ProxyNode(
+                pk=item.pk, last_stats=last.to_json(),
+                started_at=dt.datetime.fromtimestamp(last.started_at, tz=dt.UTC),
+                last_seen=dt.datetime.fromtimestamp(item.seen, tz=dt.UTC),
+                workers=item.workers[0], worker_restarts=item.workers[1]))
+        ProxyNode.objects.bulk_update(
+            nodes, ["last_stats", "started_at", "last_seen", "workers", "worker_restarts"], batch_size=200)
     try:
-        with transaction.atomic():  # a savepoint: losing the race must not abort the caller
-            TrafficRollup.objects.create(minute=minute, host=host, **increments)
-    except IntegrityError:
-        # Another process made the row between our UPDATE and INSERT: add to it.
-        rows.update(**add)
-
-
-def add_to_rollup(hosts: Mapping[str, HostDelta], minute: dt.datetime) -> None:
-    """Add the hosts' traffic into their rows of ``minute``, creating rows as needed."""
-    for host in sorted(hosts):  # one order everywhere: concurrent writers do not deadlock
-        increments = hosts[host].rollup_increments()
-        if increments:
-            _add_row(minute, host, increments)
+        pruner.prune_if_due(now)
+    except DatabaseError:  # the flush is stored; pruning waits for the next minute
+        log.warning("could not prune the traffic rollup", exc_info=True)
+    return FlushResult(rows, len(current), frozenset(i.pk for i in items) - {i.pk for i in current})
 
 
 def rolled_up_hosts() -> set[str]:
@@ -318,34 +368,6 @@ class RollupPruner:
 
 
 pruner = RollupPruner()
-
-
-def record_stats(report: StatsReport, now: dt.datetime | None = None) -> StatsDelta | None:
-    """Take one ``stats`` report: delta against the node's previous one, rollup, node seen.
-
-    Returns None for a node that never said hello. The node row is locked for the
-    whole step, so two links that claim the same node cannot count a delta twice.
-    Only ``rolled_up_hosts()`` are stored; the delta (and so the live tick) keeps every
-    host the node reported, such as one just removed that still drains connections.
-    """
-    now = now or timezone.now()
-    current = StatsSample(report.time, report.totals)
-    kept = rolled_up_hosts()
-    with transaction.atomic():
-        node = ProxyNode.objects.select_for_update().filter(name=report.node).first()
-        if node is None:
-            return None
-        delta = stats_delta(StatsSample.from_json(node.last_stats), current)
-        add_to_rollup({name: host for name, host in delta.hosts.items() if name in kept}, minute_of(now))
-        node.last_stats = current.to_json()
-        node.started_at = dt.datetime.fromtimestamp(current.started_at, tz=dt.UTC)
-        node.last_seen = now
-        node.save(update_fields=["last_stats", "started_at", "last_seen"])
-    try:
-        pruner.prune_if_due(now)
-    except DatabaseError:  # the report is stored; pruning waits for the next minute
-        log.warning("could not prune the traffic rollup", exc_info=True)
-    return delta
 
 
 def history(now: dt.datetime | None = None, minutes: int = HISTORY_MINUTES) -> dict[str, list[int]]:

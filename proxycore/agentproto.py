@@ -25,6 +25,9 @@ node → control plane
         ``totals["started_at"]``. The control plane keeps the previous totals of
         each node and works with the differences; a new ``started_at`` means the
         node restarted and its totals start from zero again.
+        ``workers`` is ``{"count": int, "restarts": int}``: the node's worker
+        processes (1 to 1,024) and how many times they were restarted; absent
+        means one worker, never restarted (older and single-process nodes).
         Two entries of ``totals`` are current state, not counters:
         ``upstreams`` maps an upstream's name to ``{"targets": [{"address": str,
         "healthy": bool, "cooling_down": bool, "active": int, "weight": int,
@@ -120,6 +123,7 @@ MAX_RECENT_PER_HOST = 200
 MAX_RECENT_LINES = 1000
 MAX_LINE_LENGTH = 512
 MAX_WATCH_SECONDS = 300
+MAX_WORKERS = 1024  # worker processes of one node (``totals["workers"]["count"]``)
 
 HOST_COUNTERS = (
     "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
@@ -392,15 +396,26 @@ def _host_upstreams(value: object) -> dict[str, str]:
     return {host: name for host, name in value.items() if _valid_name(host) and _valid_name(name)}
 
 
+def _workers(value: object) -> dict[str, int]:
+    """A node's worker processes (absent: an older or single-process node, one never restarted)."""
+    workers = _object(value, "stats workers")
+    count = _int(workers, "count", "stats workers", default=1, limit=MAX_WORKERS)
+    if count < 1:
+        raise ProtocolError(f"stats workers: 'count' must be from 1 to {MAX_WORKERS}")
+    return {"count": count, "restarts": _int(workers, "restarts", "stats workers", default=0)}
+
+
 def validate_totals(totals: object) -> dict[str, Any]:
     """A checked copy of ``Stats.as_dict()``: arithmetic on it cannot fail, and storing it cannot either."""
     checked = _object(totals, "stats totals")
+    workers = {"workers": _workers(checked["workers"])} if checked.get("workers") is not None else {}
     hosts = _object(checked.get("hosts", {}), "stats hosts", limit=MAX_HOSTS)
     listeners = _object(checked.get("listeners", {}), "stats listeners", limit=MAX_LISTENERS)
     return {
         "started_at": _epoch(checked, "started_at", "stats totals"),
         "config_revision": _int(checked, "config_revision", "stats totals", default=0),
         "config_rejected": _config_rejected(checked.get("config_rejected")),
+        **workers,
         "hosts": {_name(name, "stats hosts"): _host_stats(host, "stats host")
                   for name, host in hosts.items()},
         "listeners": {_name(name, "stats listeners"): _listener_stats(entry, "stats listener")
