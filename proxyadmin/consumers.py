@@ -207,6 +207,7 @@ class AgentConsumer(GroupMember):
             log.info("proxy node %s disconnected (%s, %s)", node, self.peer,
                      "the link failed" if code is None else f"code {code}")
         finally:
+            ingest.nodes_changed()
             await self.leave_group()
 
     # node -> control plane

@@ -115,7 +115,6 @@ class Ingest:
             link.node_ledger.closed = True
             self.coalescer.forget(link.node_ledger.name)
             self._wake_flush.set()  # its counts reach the database now, not in T seconds
-        self.nodes_changed()
 
     def adopt(self, link: Link, node_ledger: ledger.NodeLedger) -> None:
         """A hello took the node: this link's ledger from now on."""
