@@ -10,8 +10,9 @@ format of one node's tick (``node`` is the process's key, ``PROCESS_KEY``), plus
 - ``nodes``: a small summary per node heard from in the last ``STALE_AFTER``
   seconds: the time of its latest report, its requests in the interval, its active
   connections, its worker processes and their restarts;
-- ``shed``: reports this process dropped unprocessed since its previous tick
-  (a newer report of the same node replaced them: no count is lost).
+- ``reports``: reports this process took since its previous tick; ``shed``: those
+  it dropped unprocessed (a newer report of the same node replaced them: no count
+  is lost).
 
 Latency histograms of the same bucket layout are summed before p50/p95 are read;
 active connections are each node's latest level; an upstream's targets are those of
@@ -118,12 +119,14 @@ class TickCoalescer:
         self.ciphers: dict[str, int] = {}
         self.upstreams: dict[str, dict[str, Any]] = {}
         self.shed = 0
+        self.reports = 0
         for mark in self.nodes.values():
             mark.requests = 0
 
     def add(self, node: str, report_time: float, totals: dict[str, Any], delta: traffic.StatsDelta | None,
             now: float) -> None:
         """A node's report: its levels always, its counts when ``delta`` is known."""
+        self.reports += 1
         workers = totals.get("workers") or {}
         mark = self.nodes.get(node)
         if mark is None:
@@ -189,6 +192,7 @@ class TickCoalescer:
                              "active": sum(mark.active.values()),
                              "workers": mark.workers, "worker_restarts": mark.worker_restarts}
                       for name, mark in self.nodes.items()},
+            "reports": self.reports,
             "shed": self.shed,
         }
         self._reset()
