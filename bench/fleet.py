@@ -324,7 +324,8 @@ async def drive(args: argparse.Namespace, ports: list[int], token: str, session:
         "reports_shed_per_s": round(first.shed / elapsed, 1),
         "daphne_cpu_percent": [round(c, 1) for c in cpu],
         "loadgen_cpu_percent": round(own, 1),
-        "machine_cpu_percent": round((busy1 - busy0) / max(total1 - total0, 1.0) * 100 * (os.cpu_count() or 1), 1),
+        "machine_cpu_percent": round(
+            (busy1 - busy0) / max(total1 - total0, 1.0) * 100 * (os.cpu_count() or 1), 1),
         "daphne_rss_mb": [[round(a), round(b)] for a, b in zip(rss0, rss1, strict=True)],
         "ticks_per_s_at_dashboard": round(len(delays) / elapsed, 2),
         "tick_delay_p50_s": round(quantile(delays, 0.5), 3),
