@@ -201,7 +201,7 @@ class AgentConsumer(GroupMember):
             await self.leave_group()
             return
         try:
-            await liveness.current().release(node, self.owner)
+            await self.release_lease(node)
             # A link that died must not leave its node "connected".
             await database_sync_to_async(mark_disconnected)(node, self.channel_name)
             log.info("proxy node %s disconnected (%s, %s)", node, self.peer,
@@ -252,7 +252,7 @@ class AgentConsumer(GroupMember):
             self.drop(f"hello naming another node ({hello.node!r})")
             return
         again = self.node is not None
-        if not again and not await liveness.current().acquire(hello.node, self.owner):
+        if not again and not await self.acquire_lease(hello.node):
             log.warning("agent link from %s refused: two proxy nodes call themselves %r (another link "
                         "holds the name): give each a name of its own (runproxy --name)",
                         self.peer, hello.node)
@@ -260,7 +260,7 @@ class AgentConsumer(GroupMember):
             return
         taken = await database_sync_to_async(save_hello)(hello, self.channel_name, not again)
         if taken is None:
-            await liveness.current().release(hello.node, self.owner)
+            await self.release_lease(hello.node)
             log.error("agent link from %s refused: proxy node %r would be one more than the %d kept, "
                       "and none of them has been offline long enough to be forgotten",
                       self.peer, hello.node, ProxyNode.MAX_NODES)
@@ -277,6 +277,21 @@ class AgentConsumer(GroupMember):
         log.info("proxy node %s connected from %s: version %s, pid %d, revision %d",
                  hello.node, self.peer, hello.version, hello.pid, hello.revision)
         await self.tell(taken.revision)  # it may have missed a push while the link was down
+
+    async def acquire_lease(self, node: str) -> bool:
+        """The node's name for this link; taken when Redis cannot say (counting is fenced without it)."""
+        try:
+            return await liveness.current().acquire(node, self.owner)
+        except Exception:
+            log.warning("could not check that proxy node %s has one link only; taking it", node,
+                        exc_info=True)
+            return True
+
+    async def release_lease(self, node: str) -> None:
+        try:
+            await liveness.current().release(node, self.owner)
+        except Exception:  # it runs out by itself
+            log.warning("could not give back the name of proxy node %s", node, exc_info=True)
 
     async def lost_node(self) -> None:
         """Another link took this node (this one stopped reporting long enough to lose its lease)."""

@@ -29,6 +29,7 @@ from django.conf import settings
 
 log = logging.getLogger("proxyadmin.agentlink")
 
+MAX_CONNECTIONS = 8  # per process, to Redis, for the leases
 LEASE_KEY = "proxyadmin:lease:"
 SEEN_KEY = "proxyadmin:seen"
 
@@ -104,8 +105,12 @@ class RedisLeases:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=5.0, socket_connect_timeout=5.0, decode_responses=True)
+            # A few connections, waited for when all are busy: a mass disconnect releases
+            # hundreds of leases at once, which must queue, not fail.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self.url, max_connections=MAX_CONNECTIONS, timeout=10.0, socket_timeout=5.0,
+                socket_connect_timeout=5.0, decode_responses=True)
+            self._client = redis.asyncio.Redis(connection_pool=pool)
             self._loop = loop
         return self._client
 
