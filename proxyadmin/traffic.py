@@ -180,14 +180,19 @@ def _map_minus(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, i
 
 
 def _host_delta(now: Mapping[str, Any], before: Mapping[str, Any]) -> HostDelta:
+    # Both sides passed agentproto.validate_totals: buckets are floats, counts whole numbers.
     latency_now = now.get("latency") or {}
     latency_before = before.get("latency") or {}
-    buckets = tuple(float(b) for b in latency_now.get("buckets", ()))
+    buckets_now = latency_now.get("buckets", [])
     counts_now = latency_now.get("counts", [0])
     # A different bucket layout (a node upgrade) cannot be subtracted: start it from zero.
-    same_layout = tuple(float(b) for b in latency_before.get("buckets", ())) == buckets
+    same_layout = latency_before.get("buckets", []) == buckets_now
     counts_before = latency_before.get("counts", []) if same_layout else []
-    counts_before = counts_before if len(counts_before) == len(counts_now) else [0] * len(counts_now)
+    if len(counts_before) == len(counts_now):
+        latency_counts = tuple([n - b if n > b else 0
+                                for n, b in zip(counts_now, counts_before, strict=True)])
+    else:
+        latency_counts = tuple(counts_now)
     return HostDelta(
         requests=_minus(now.get("requests"), before.get("requests")),
         responses=_map_minus(now.get("responses", {}), before.get("responses", {})),
@@ -199,8 +204,8 @@ def _host_delta(now: Mapping[str, Any], before: Mapping[str, Any]) -> HostDelta:
                                        before.get("upstream_errors", {})).values()),
         active=now.get("active_connections", 0),
         active_before=before.get("active_connections", 0),
-        latency_buckets=buckets,
-        latency_counts=tuple(_minus(n, b) for n, b in zip(counts_now, counts_before, strict=True)),
+        latency_buckets=tuple(buckets_now),
+        latency_counts=latency_counts,
     )
 
 

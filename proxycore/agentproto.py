@@ -313,9 +313,17 @@ def _latency(value: object, what: str) -> dict[str, Any]:
         raise ProtocolError(f"{what}: must have buckets and one more count than buckets")
     if len(buckets) > MAX_LATENCY_BUCKETS:
         raise ProtocolError(f"{what}: must have at most {MAX_LATENCY_BUCKETS} buckets")
+    # The common case in one pass each (every report carries one histogram per host); the
+    # per-item checks below only run to say what is wrong.
+    fine_buckets = [float(b) for b in buckets
+                    if (type(b) is float or type(b) is int) and 0.0 <= b <= MAX_LATENCY_SECONDS]
+    fine_counts = [c for c in counts if type(c) is int and 0 <= c <= MAX_COUNTER]
+    if len(fine_buckets) != len(buckets) or len(fine_counts) != len(counts):
+        fine_buckets = [_real(b, f"{what} bucket", 0.0, MAX_LATENCY_SECONDS) for b in buckets]
+        fine_counts = [_whole(c, f"{what} count") for c in counts]
     return {
-        "buckets": [_real(b, f"{what} bucket", 0.0, MAX_LATENCY_SECONDS) for b in buckets],
-        "counts": [_whole(c, f"{what} count") for c in counts],
+        "buckets": fine_buckets,
+        "counts": fine_counts,
         "sum": _real(latency.get("sum", 0.0), f"{what} sum", 0.0, sys.float_info.max),
     }
 

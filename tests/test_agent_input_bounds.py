@@ -340,3 +340,36 @@ def test_the_once_a_minute_pruning_forgets_old_nodes_too() -> None:
     ProxyNode.objects.create(name="ancient", last_seen=now - dt.timedelta(days=2))
     traffic.RollupPruner().prune_if_due(now)
     assert not ProxyNode.objects.filter(name="ancient").exists()
+
+
+# -- worker processes (issue 12's supervised nodes) -----------------------------------------
+
+
+@pytest.mark.parametrize(("workers", "ok"), [
+    ({"count": 1, "restarts": 0}, True),
+    ({"count": 1024, "restarts": TOP}, True),
+    ({"count": 4}, True),
+    ({"count": 0, "restarts": 0}, False),
+    ({"count": 1025, "restarts": 0}, False),
+    ({"count": 2, "restarts": 2**63}, False),
+    ({"count": True, "restarts": 0}, False),
+    ([2, 0], False),
+])
+def test_a_nodes_worker_count_and_restarts_are_bounded(workers: Any, ok: bool) -> None:
+    checked = totals()
+    checked["workers"] = workers
+    if ok:
+        kept = agentproto.validate_totals(checked)["workers"]
+        assert kept == {"count": workers["count"], "restarts": workers.get("restarts", 0)}
+    else:
+        with pytest.raises(agentproto.ProtocolError):
+            agentproto.validate_totals(checked)
+
+
+def test_a_node_without_workers_is_taken_as_one_never_restarted() -> None:
+    assert "workers" not in agentproto.validate_totals(totals())
+    coalescer = TickCoalescer()
+    coalescer.add("edge-1", 1.0, agentproto.validate_totals(totals()), None, 1.0)
+    tick = coalescer.take(1.0)
+    assert tick is not None and tick["nodes"]["edge-1"]["workers"] == 1
+    assert tick["nodes"]["edge-1"]["worker_restarts"] == 0
