@@ -12,6 +12,7 @@ daphne processes may do at once.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -305,6 +306,42 @@ def add_to_rollup(table: Mapping[tuple[dt.datetime, str], Sequence[int]]) -> int
     return len(rows)
 
 
+# ProxyNode columns a flush writes, with their PostgreSQL types (VALUES rows come untyped).
+NODE_FLUSH_COLUMNS = (("last_stats", "jsonb"), ("started_at", "timestamptz"), ("last_seen", "timestamptz"),
+                      ("workers", "integer"), ("worker_restarts", "bigint"))
+
+
+def update_nodes(items: Sequence[ledger.FlushItem]) -> None:
+    """Each node's new baseline, last seen and workers: one ``UPDATE … FROM (VALUES …)`` per 500 nodes.
+
+    Django's ``bulk_update`` builds a CASE per row and column in Python, some 0.4 s for
+    250 nodes; this is the same statement shape on both databases (SQLite 3.33+).
+    """
+    q = connection.ops.quote_name
+    table = q(ProxyNode._meta.db_table)
+    postgres = connection.vendor == "postgresql"
+
+    def typed(expression: str, sql_type: str) -> str:
+        return f"CAST({expression} AS {sql_type})" if postgres else expression
+
+    sets = ", ".join(f"{q(column)} = {typed(f'v.column{at}', sql_type)}"
+                     for at, (column, sql_type) in enumerate(NODE_FLUSH_COLUMNS, start=2))
+    adapt = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        for at in range(0, len(items), UPSERT_ROWS):
+            chunk = items[at:at + UPSERT_ROWS]
+            params: list[Any] = []
+            for item in chunk:
+                last = item.segments[-1][1]
+                params += [item.pk, json.dumps(last.to_json()),
+                           adapt(dt.datetime.fromtimestamp(last.started_at, tz=dt.UTC)),
+                           adapt(dt.datetime.fromtimestamp(item.seen, tz=dt.UTC)), *item.workers]
+            values = ", ".join(["(" + ", ".join(["%s"] * (1 + len(NODE_FLUSH_COLUMNS))) + ")"] * len(chunk))
+            cursor.execute(
+                f"UPDATE {table} SET {sets} FROM (VALUES {values}) AS v "  # noqa: S608 (names only)
+                f"WHERE {table}.{q('id')} = {typed('v.column1', 'bigint')}", params)
+
+
 @dataclass(frozen=True, slots=True)
 class FlushResult:
     rows: int  # rollup rows added to
@@ -325,16 +362,7 @@ def flush_ledgers(items: Sequence[ledger.FlushItem], now: dt.datetime | None = N
                       .order_by("pk").values_list("pk", "link_epoch"))
         current = [i for i in items if epochs.get(i.pk) == i.epoch]
         rows = add_to_rollup(ledger.fold(current, kept))
-        nodes = []
-        for item in current:
-            last = item.segments[-1][1]
-            nodes.append(ProxyNode(
-                pk=item.pk, last_stats=last.to_json(),
-                started_at=dt.datetime.fromtimestamp(last.started_at, tz=dt.UTC),
-                last_seen=dt.datetime.fromtimestamp(item.seen, tz=dt.UTC),
-                workers=item.workers[0], worker_restarts=item.workers[1]))
-        ProxyNode.objects.bulk_update(
-            nodes, ["last_stats", "started_at", "last_seen", "workers", "worker_restarts"], batch_size=200)
+        update_nodes(current)
     try:
         pruner.prune_if_due(now)
     except DatabaseError:  # the flush is stored; pruning waits for the next minute
