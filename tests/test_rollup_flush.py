@@ -300,3 +300,18 @@ def test_a_flush_writes_two_statements_whatever_the_number_of_nodes() -> None:
     assert (result.rows, result.nodes) == (50, 40)
     assert TrafficRollup.objects.get(host="host-7").requests == sum(range(1, 41))
     assert ProxyNode.objects.filter(workers=4, worker_restarts=1).count() == 40
+
+
+def test_a_baseline_stored_by_an_older_version_is_read_as_counts() -> None:
+    """Before batching, ``last_stats`` held the node's whole previous report: it still counts as a baseline."""
+    stats = node_stats()
+    serve(stats, 6)
+    stats.host("shop").handshakes_failed["unknown_ca"] = 2
+    old = {"time": T0 + 1, "totals": stats.as_dict()}
+    baseline = ledger.Counts.from_json(old)
+    assert baseline is not None and baseline.started_at == stats.started_at
+    assert dict(zip(ledger.COLUMNS, baseline.hosts["shop"], strict=True)) == {
+        "requests": 6, "responses_2xx": 6, "responses_3xx": 0, "responses_4xx": 0, "responses_5xx": 0,
+        "bytes_in": 0, "bytes_out": 600, "handshake_failures": 2, "upstream_errors": 0}
+    assert ledger.Counts.from_json(baseline.to_json()) == baseline
+    assert ledger.Counts.from_json({"time": "yesterday"}) is None
