@@ -1,9 +1,9 @@
 """What the control plane tells proxy nodes and dashboards through the channel layer.
 
 The group names, and every message sent to a group: ``config.changed`` for the
-agents, ``state``, ``nodes`` and ``tick`` for the dashboards. The consumers
-(``proxyadmin.consumers``) relay these; the revision watcher
-(``proxyadmin.revwatch``) and the ``ConfigRevision`` signal connected in
+agents, ``state`` and ``nodes`` for the dashboards (``tick`` is
+``proxyadmin.coalesce``'s). The consumers (``proxyadmin.consumers``) relay these;
+``proxyadmin.ingest``, the revision watcher (``proxyadmin.revisionwatcher``) and the ``ConfigRevision`` signal connected in
 ``ProxyAdminConfig.ready()`` send them. Nothing here imports the consumers, so
 models, commands and consumers can all use it without an import cycle.
 """

@@ -1,12 +1,12 @@
 """The control plane's two websockets: proxy nodes' agent link, and the staff's live dashboard.
 
-``AgentConsumer`` (``/ws/agent/``, bearer token only) takes a node's ``hello``,
-``stats`` and config reports (``proxycore.agentproto``), keeps ``ProxyNode`` and the
-traffic rollup up to date, fans out to the dashboards through the channel layer,
-and passes on ``config.changed`` (from ``proxyadmin.announce`` and from this
-process's ``proxyadmin.revisionwatcher``). ``DashboardConsumer``
+``AgentConsumer`` (``/ws/agent/``, bearer token only) takes a node's ``hello`` (the
+node's lease, ``proxyadmin.liveness``, and its row), hands its ``stats`` to this
+process's ``proxyadmin.ingest`` (memory only: ledgers, ticks, flushes), writes its
+config reports, and passes on ``config.changed`` (from ``proxyadmin.announce`` and
+from this process's ``proxyadmin.revisionwatcher``). ``DashboardConsumer``
 (``/ws/dashboard/``, staff sessions only) sends the current state on connect, then
-relays ``tick`` and ``nodes`` as they come.
+relays each process's ``tick`` (or says the page lags) and ``nodes`` as they come.
 
 Both join a channel-layer group, so with a Redis layer any daphne process can
 reach every node and every dashboard.

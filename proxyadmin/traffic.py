@@ -58,16 +58,6 @@ class StatsSample:
     def started_at(self) -> float:
         return float(self.totals.get("started_at", 0.0))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"time": self.time, "totals": self.totals}
-
-    @classmethod
-    def from_json(cls, stored: object) -> StatsSample | None:
-        if not isinstance(stored, dict) or not isinstance(stored.get("totals"), dict):
-            return None
-        time = stored.get("time")
-        return cls(float(time), stored["totals"]) if isinstance(time, int | float) else None
-
 
 @dataclass(frozen=True, slots=True)
 class HostDelta:
