@@ -4,8 +4,9 @@ The group names, and every message sent to a group: ``config.changed`` for the
 agents, ``state`` and ``nodes`` for the dashboards (``tick`` is
 ``proxyadmin.coalesce``'s). The consumers (``proxyadmin.consumers``) relay these;
 ``proxyadmin.ingest``, the revision watcher (``proxyadmin.revisionwatcher``) and
-the ``ConfigRevision`` signal connected in ``ProxyAdminConfig.ready()`` send them. Nothing here imports the consumers, so
-models, commands and consumers can all use it without an import cycle.
+the ``ConfigRevision`` signal connected in ``ProxyAdminConfig.ready()`` send them.
+Nothing here imports the consumers, so models, commands and consumers can all use
+it without an import cycle.
 """
 
 from __future__ import annotations
