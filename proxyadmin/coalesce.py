@@ -137,9 +137,13 @@ class TickCoalescer:
                        if h.get("active_connections")}
         if delta is None:
             return
+        hosts = self.hosts
         for name, host in delta.hosts.items():
             if host.worth_showing():
-                self.hosts.setdefault(name, HostSum()).add(host, delta.host_targets(name))
+                into = hosts.get(name)
+                if into is None:
+                    into = hosts[name] = HostSum()
+                into.add(host, delta.host_targets(name))
                 mark.requests += host.requests
         for into, found in ((self.tls_versions, delta.tls_versions), (self.ciphers, delta.ciphers)):
             for key, n in found.items():

@@ -50,6 +50,7 @@ CLOSE_POLICY_VIOLATION = 1008
 STATS_FRAME = re.compile(r'\s*\{\s*"type"\s*:\s*"stats"')
 # A tick this old when a dashboard's consumer gets to it is not shown: the page is told it lags.
 LAG_SECONDS = 3.0
+LAG_RESYNC_SECONDS = 5.0
 
 
 # -- node bookkeeping (sync, database) --------------------------------------
@@ -385,9 +386,15 @@ class DashboardConsumer(GroupMember):
 
     lagging = False
     lagged_ticks = 0
+    lag_told = 0.0
 
     async def tick(self, event: dict[str, Any]) -> None:
-        """A process's tick: relayed if fresh; a stale one is dropped and the page told it lags."""
+        """A process's tick: relayed if fresh; a stale one is dropped and the page told it lags.
+
+        While it lags, and when it has caught up, the page gets this process's memory of
+        the window (``livehistory``) instead, every ``LAG_RESYNC_SECONDS``: it fills in what
+        the dropped ticks held, at their own times, under the "lagging" banner.
+        """
         await self.rejoin_group_if_due()
         now = time.time()
         # A tick of another process: this process keeps it too (counted once).
@@ -396,13 +403,16 @@ class DashboardConsumer(GroupMember):
         if behind > LAG_SECONDS:
             self.lagged_ticks += 1
             if not self.lagging:
-                self.lagging = True
                 log.warning("a dashboard (%s) lags %.1f s behind the live ticks", self.peer_name(), behind)
-                await self.send_json({"type": "lagging", "lagging": True, "behind": round(behind, 1)})
+            if not self.lagging or now - self.lag_told >= LAG_RESYNC_SECONDS:
+                self.lagging, self.lag_told = True, now
+                await self.send_json({"type": "lagging", "lagging": True, "behind": round(behind, 1),
+                                      "dropped": self.lagged_ticks, "live": live_history.snapshot(now)})
             return
         if self.lagging:
             self.lagging = False
-            await self.send_json({"type": "lagging", "lagging": False, "dropped": self.lagged_ticks})
+            await self.send_json({"type": "lagging", "lagging": False, "dropped": self.lagged_ticks,
+                                  "live": live_history.snapshot(now)})
             self.lagged_ticks = 0
         await self.send_json(event)
 

@@ -92,8 +92,8 @@ class HostDelta:
 
     def worth_showing(self) -> bool:
         """Idle hosts stay out of ticks; a host whose last connection just closed does not."""
-        return bool(self.rollup_increments() or any(self.responses.values())
-                    or self.active or self.active_before)
+        return bool(self.requests or self.responses or self.bytes_in or self.bytes_out
+                    or self.handshake_failures or self.upstream_errors or self.active or self.active_before)
 
     def tick_entry(self, elapsed: float) -> dict[str, Any]:
         def ms(q: float) -> float | None:

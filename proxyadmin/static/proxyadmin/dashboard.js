@@ -661,7 +661,9 @@
       // The control plane dropped ticks this page got too late; the charts have a gap there.
       lag.lagging = message.lagging === true;
       lag.behind = Number(message.behind) || 0;
-      if (!lag.lagging) lag.dropped += Number(message.dropped) || 0;
+      lag.dropped = Number(message.dropped) || 0;
+      // What the dropped ticks held, from the control plane's memory, at their own times.
+      if (message.live) live.load(message.live, now());
       drawLag();
     } else if (message.type === "recent") {
       addRecent(message);
