@@ -8,6 +8,7 @@ import pytest
 from channels.layers import get_channel_layer
 
 from proxyadmin.announce import DASHBOARD_GROUP
+from proxyadmin.livehistory import history as live_history
 from tests.conftest import run
 from tests.test_dashboard_socket import ALLOWED_ORIGIN, TIMEOUT, dashboard, next_of_type, staff_cookie
 
@@ -21,6 +22,7 @@ def tick(at: float) -> dict[str, object]:
 
 @pytest.mark.django_db(transaction=True)
 def test_stale_ticks_are_dropped_and_the_page_told_it_lags_until_fresh_ones_come() -> None:
+    live_history.__init__()  # type: ignore[misc]  # this process's memory, as a fresh daphne has it
     cookie = staff_cookie()
 
     async def scenario() -> None:
