@@ -48,7 +48,7 @@ def test_envfloat_refuses_words_and_numbers_out_of_range(monkeypatch: pytest.Mon
     with pytest.raises(ImproperlyConfigured, match="PROXYADMIN_ROLLUP_FLUSH_SECONDS must be a number"):
         envfloat("PROXYADMIN_ROLLUP_FLUSH_SECONDS", 10.0, 0.05, 60.0)
     monkeypatch.setenv("PROXYADMIN_ROLLUP_FLUSH_SECONDS", "120")
-    with pytest.raises(ImproperlyConfigured, match="from 0.05 to 60, not 120"):
+    with pytest.raises(ImproperlyConfigured, match=r"from 0\.05 to 60, not 120"):
         envfloat("PROXYADMIN_ROLLUP_FLUSH_SECONDS", 10.0, 0.05, 60.0)
     monkeypatch.setenv("PROXYADMIN_ROLLUP_FLUSH_SECONDS", "30")
     assert envfloat("PROXYADMIN_ROLLUP_FLUSH_SECONDS", 10.0, 0.05, 60.0) == 30.0
