@@ -140,10 +140,10 @@ class TickCoalescer:
         hosts = self.hosts
         for name, host in delta.hosts.items():
             if host.worth_showing():
-                into = hosts.get(name)
-                if into is None:
-                    into = hosts[name] = HostSum()
-                into.add(host, delta.host_targets(name))
+                summed = hosts.get(name)
+                if summed is None:
+                    summed = hosts[name] = HostSum()
+                summed.add(host, delta.host_targets(name))
                 mark.requests += host.requests
         for into, found in ((self.tls_versions, delta.tls_versions), (self.ciphers, delta.ciphers)):
             for key, n in found.items():

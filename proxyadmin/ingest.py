@@ -175,10 +175,11 @@ class Ingest:
         node_ledger = link.node_ledger
         # Booked by the report's own clock, unless it runs ahead of ours.
         booked = report.time if report.time <= now + FUTURE_SLACK else now
-        node_ledger.add(ledger.Counts.of_totals(report.time, report.totals), ledger.minute_of(booked), now)
+        counts = ledger.Counts.of_totals(report.time, report.totals)
+        node_ledger.add(counts, ledger.minute_of(booked), now)
         workers = report.totals.get("workers") or {}
         node_ledger.workers = (workers.get("count", 1), workers.get("restarts", 0))
-        current = traffic.StatsSample(report.time, report.totals)
+        current = traffic.StatsSample(report.time, report.totals, counts)
         previous = link.previous
         delta: traffic.StatsDelta | None = None
         if previous is not None or link.count_from_start:

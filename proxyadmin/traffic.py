@@ -53,10 +53,15 @@ class StatsSample:
 
     time: float
     totals: dict[str, Any]
+    # Each host's rollup counters (``ledger.host_counters``), when the caller has them already.
+    counts: ledger.Counts | None = None
 
     @property
     def started_at(self) -> float:
         return float(self.totals.get("started_at", 0.0))
+
+    def host_counts(self) -> Mapping[str, tuple[int, ...]]:
+        return (self.counts or ledger.Counts.of_totals(self.time, self.totals)).hosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,29 +175,35 @@ def _map_minus(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, i
     return {key: n for key, n in found.items() if n}
 
 
-def _host_delta(now: Mapping[str, Any], before: Mapping[str, Any]) -> HostDelta:
+ZERO_COUNTS = (0,) * len(ledger.COLUMNS)
+RESPONSE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+
+
+def _host_delta(now: Mapping[str, Any], before: Mapping[str, Any],
+                counts_now: tuple[int, ...], counts_before: tuple[int, ...]) -> HostDelta:
     # Both sides passed agentproto.validate_totals: buckets are floats, counts whole numbers.
+    # The counters come as ledger.COLUMNS: requests, 2xx-5xx, bytes in and out, handshake
+    # failures and upstream errors summed over their reasons.
+    diff = [n - b if n > b else 0 for n, b in zip(counts_now, counts_before, strict=True)]
     latency_now = now.get("latency") or {}
     latency_before = before.get("latency") or {}
     buckets_now = latency_now.get("buckets", [])
-    counts_now = latency_now.get("counts", [0])
+    histogram_now = latency_now.get("counts", [0])
     # A different bucket layout (a node upgrade) cannot be subtracted: start it from zero.
     same_layout = latency_before.get("buckets", []) == buckets_now
-    counts_before = latency_before.get("counts", []) if same_layout else []
-    if len(counts_before) == len(counts_now):
+    histogram_before = latency_before.get("counts", []) if same_layout else []
+    if len(histogram_before) == len(histogram_now):
         latency_counts = tuple([n - b if n > b else 0
-                                for n, b in zip(counts_now, counts_before, strict=True)])
+                                for n, b in zip(histogram_now, histogram_before, strict=True)])
     else:
-        latency_counts = tuple(counts_now)
+        latency_counts = tuple(histogram_now)
     return HostDelta(
-        requests=_minus(now.get("requests"), before.get("requests")),
-        responses=_map_minus(now.get("responses", {}), before.get("responses", {})),
-        bytes_in=_minus(now.get("bytes_in"), before.get("bytes_in")),
-        bytes_out=_minus(now.get("bytes_out"), before.get("bytes_out")),
-        handshake_failures=sum(_map_minus(now.get("handshakes_failed", {}),
-                                          before.get("handshakes_failed", {})).values()),
-        upstream_errors=sum(_map_minus(now.get("upstream_errors", {}),
-                                       before.get("upstream_errors", {})).values()),
+        requests=diff[0],
+        responses={kind: n for kind, n in zip(RESPONSE_CLASSES, diff[1:5], strict=True) if n},
+        bytes_in=diff[5],
+        bytes_out=diff[6],
+        handshake_failures=diff[7],
+        upstream_errors=diff[8],
         active=now.get("active_connections", 0),
         active_before=before.get("active_connections", 0),
         latency_buckets=tuple(buckets_now),
@@ -218,8 +229,11 @@ def stats_delta(previous: StatsSample | None, current: StatsSample) -> StatsDelt
     since = current.started_at if restarted or previous is None else previous.time
     elapsed = current.time - since
     before_hosts = before.get("hosts", {})
+    counts_now = current.host_counts()
+    counts_before = {} if restarted or previous is None else previous.host_counts()
     hosts = {
-        name: _host_delta(stats, before_hosts.get(name, {}))
+        name: _host_delta(stats, before_hosts.get(name, {}), counts_now[name],
+                          counts_before.get(name, ZERO_COUNTS))
         for name, stats in current.totals.get("hosts", {}).items()
     }
     return StatsDelta(
