@@ -260,7 +260,10 @@ def _whole(value: object, what: str, limit: int = MAX_COUNTER) -> int:
 
 def _int(content: dict[str, Any], key: str, what: str, *, default: int | None = None,
          limit: int = MAX_COUNTER) -> int:
-    return _whole(content.get(key, default), f"{what}: {key!r}", limit)
+    value = content.get(key, default)
+    if type(value) is int and 0 <= value <= limit:  # every counter of every report: no message built
+        return value
+    return _whole(value, f"{what}: {key!r}", limit)
 
 
 def _real(value: object, what: str, low: float, high: float) -> float:
@@ -301,6 +304,10 @@ def _name(name: str, what: str) -> str:
 
 def _counter_map(value: object, what: str) -> dict[str, int]:
     mapping = _object(value, what, limit=MAX_MAP_ENTRIES)
+    # Keys are NUL-free strings already (_object); the per-entry checks only run to say what is wrong.
+    if all(type(n) is int and 0 <= n <= MAX_COUNTER and 0 < len(key) <= MAX_NAME_LENGTH
+           for key, n in mapping.items()):
+        return dict(mapping)
     return {_name(key, what): _whole(n, f"{what} {key[:40]!r}") for key, n in mapping.items()}
 
 
