@@ -242,9 +242,17 @@ ControlMessage = ConfigChanged | RequestsWatch
 # against its bound, so what the control plane stores is bounded by this module.
 
 
+def _keys_are_text(mapping: dict[Any, Any]) -> bool:
+    # NUL is refused because PostgreSQL cannot store it in text or jsonb. One join checks
+    # every key at C speed (a key that is not a string makes it fail).
+    try:
+        return "\x00" not in "".join(mapping)
+    except TypeError:
+        return False
+
+
 def _object(value: object, what: str, *, limit: int | None = None) -> dict[str, Any]:
-    # NUL is refused because PostgreSQL cannot store it in text or jsonb.
-    if not isinstance(value, dict) or not all(isinstance(k, str) and "\x00" not in k for k in value):
+    if not isinstance(value, dict) or not _keys_are_text(value):
         raise ProtocolError(f"{what} must be a JSON object")
     if limit is not None and len(value) > limit:
         raise ProtocolError(f"{what} must have at most {limit} entries")
