@@ -65,11 +65,19 @@ class MemoryLeases:
     def __init__(self) -> None:
         self.leases: dict[str, tuple[str, float]] = {}  # node -> (owner, expires, monotonic)
         self.last_seen: dict[str, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _lease_seconds(self) -> float:
         return float(settings.NODE_LEASE_SECONDS)
 
+    def _this_loop(self) -> None:
+        # Links live on one event loop; a new loop (tests run one per scenario) is a new process.
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self.leases, self.last_seen, self._loop = {}, {}, loop
+
     async def acquire(self, node: str, owner: str) -> bool:
+        self._this_loop()
         now = time.monotonic()
         held = self.leases.get(node)
         if held is not None and held[0] != owner and held[1] > now:
