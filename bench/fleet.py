@@ -248,6 +248,7 @@ class Watcher:
     shed: int = 0
     lagging: int = 0
     dropped: int = 0
+    dropped_now: int = 0
     measuring: bool = False
 
 
@@ -269,7 +270,14 @@ async def watch(port: int, session: str, until: float, watcher: Watcher) -> None
                 watcher.shed += int(message.get("shed", 0))
             elif message.get("type") == "lagging":
                 watcher.lagging += 1 if message.get("lagging") else 0
-                watcher.dropped += int(message.get("dropped", 0))
+                if message.get("lagging"):
+                    watcher.dropped_now = int(message.get("dropped", 0))  # so far, in this lag
+                else:
+                    watcher.dropped += int(message.get("dropped", 0))
+                    watcher.dropped_now = 0
+                if watcher.measuring:  # the work of the ticks it was not sent
+                    watcher.reports += int(message.get("reports", 0))
+                    watcher.shed += int(message.get("shed", 0))
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -336,7 +344,7 @@ async def drive(args: argparse.Namespace, ports: list[int], token: str, session:
         "tick_delay_median_first_half_s": round(early, 3),
         "tick_delay_median_second_half_s": round(late, 3),
         "dashboard_told_lagging": sum(w.lagging for w in watchers),
-        "ticks_dropped_as_stale": sum(w.dropped for w in watchers),
+        "ticks_dropped_as_stale": sum(w.dropped + w.dropped_now for w in watchers),
         "link_failures_in_warmup": failures0,
         "link_failures_measured": fleet.failed_links - failures0,
     }

@@ -386,6 +386,8 @@ class DashboardConsumer(GroupMember):
 
     lagging = False
     lagged_ticks = 0
+    lagged_reports = 0
+    lagged_shed = 0
     lag_told = 0.0
 
     async def tick(self, event: dict[str, Any]) -> None:
@@ -402,19 +404,28 @@ class DashboardConsumer(GroupMember):
         behind = now - float(event.get("time", now))
         if behind > LAG_SECONDS:
             self.lagged_ticks += 1
+            # What the dropped ticks said of the processes' work, passed on with the next notice.
+            self.lagged_reports += int(event.get("reports", 0))
+            self.lagged_shed += int(event.get("shed", 0))
             if not self.lagging:
                 log.warning("a dashboard (%s) lags %.1f s behind the live ticks", self.peer_name(), behind)
             if not self.lagging or now - self.lag_told >= LAG_RESYNC_SECONDS:
                 self.lagging, self.lag_told = True, now
                 await self.send_json({"type": "lagging", "lagging": True, "behind": round(behind, 1),
-                                      "dropped": self.lagged_ticks, "live": live_history.snapshot(now)})
+                                      "dropped": self.lagged_ticks, **self.take_lagged_work(),
+                                      "live": live_history.snapshot(now)})
             return
         if self.lagging:
             self.lagging = False
             await self.send_json({"type": "lagging", "lagging": False, "dropped": self.lagged_ticks,
-                                  "live": live_history.snapshot(now)})
+                                  **self.take_lagged_work(), "live": live_history.snapshot(now)})
             self.lagged_ticks = 0
         await self.send_json(event)
+
+    def take_lagged_work(self) -> dict[str, int]:
+        work = {"reports": self.lagged_reports, "shed": self.lagged_shed}
+        self.lagged_reports = self.lagged_shed = 0
+        return work
 
     def peer_name(self) -> str:
         user = self.scope.get("user")
