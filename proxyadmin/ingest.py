@@ -150,7 +150,10 @@ class Ingest:
                 link = self.queue.popleft()
                 frame, link.pending = link.pending, None
                 if frame is not None and link in self.links:
-                    self.take(link, frame)
+                    try:
+                        self.take(link, frame)
+                    except Exception:  # a bug must not stop every node's reports
+                        log.exception("could not take a stats report of proxy node %s", link.node)
                 done += 1
                 if done % WORK_SLICE == 0:
                     await asyncio.sleep(0)
@@ -198,11 +201,11 @@ class Ingest:
         while True:
             now = time.time()
             await asyncio.sleep(TICK_SECONDS - now % TICK_SECONDS)  # on the second: ticks of processes align
-            tick = self.coalescer.take(time.time())
-            if tick is None or layer is None:
-                continue
-            live_history.add_tick(tick, tick["time"])
             try:
+                tick = self.coalescer.take(time.time())
+                if tick is None or layer is None:
+                    continue
+                live_history.add_tick(tick, tick["time"])
                 await layer.group_send(announce.DASHBOARD_GROUP, tick)
             except Exception:
                 log.warning("could not send the dashboards their tick", exc_info=True)
@@ -212,7 +215,10 @@ class Ingest:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_flush.wait(), float(settings.ROLLUP_FLUSH_SECONDS))
             self._wake_flush.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # flush() keeps what it could not write; this is a bug
+                log.exception("the traffic rollup flush failed")
 
     async def flush(self) -> traffic.FlushResult | None:
         """Every ledger with new counts, in one transaction; None when there was nothing to write."""
