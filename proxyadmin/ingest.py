@@ -247,15 +247,18 @@ class Ingest:
             return None
         self.flushes += 1
         self.flush_failures = 0
+        lost = []
         for node_ledger in taken:
             if node_ledger.pk in result.fenced:
                 node_ledger.in_flight = None  # another link holds the node: it covers these counts
                 node_ledger.closed = True
-                await self._lost(node_ledger)
+                lost.append(node_ledger)
             else:
                 node_ledger.written()
             if node_ledger.closed and node_ledger.idle:
                 self.ledgers.pop(id(node_ledger), None)
+        for node_ledger in lost:
+            await self._lost(node_ledger)
         return result
 
     async def _lost(self, node_ledger: ledger.NodeLedger) -> None:
