@@ -6,15 +6,22 @@ two daphne processes sharing Redis.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db.models import F
 
 from proxyadmin import liveness
 from proxyadmin.consumers import CLOSE_NAME_TAKEN
+from proxyadmin.ingest import ingest
+from proxyadmin.models import ProxyNode, TrafficRollup
+from proxycore import agentproto
+from proxycore.stats import Stats
 from tests.conftest import run
 from tests.test_agent_link import TIMEOUT, agent, eventually, hello, node_row
 
@@ -66,3 +73,31 @@ def test_a_lease_not_renewed_runs_out_and_another_link_may_take_the_name(setting
         assert not await leases.acquire("edge-1", "link-a")
 
     run(scenario)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_link_whose_node_another_process_took_is_closed_at_its_next_flush(settings: Any) -> None:
+    settings.ROLLUP_FLUSH_SECONDS = 60  # flushed by hand
+    stats = Stats()
+    stats.host("-").requests = 5
+
+    async def scenario() -> None:
+        link = agent(settings.AGENT_TOKEN)
+        assert (await link.connect(timeout=TIMEOUT))[0]
+        await link.send_json_to(hello("edge-1"))
+        await eventually(lambda: getattr(node_row(), "connected", False), "hello stored")
+        # Another daphne's hello (its lease expired here first): the row's epoch moves on.
+        await database_sync_to_async(
+            lambda: ProxyNode.objects.filter(name="edge-1").update(link_epoch=F("link_epoch") + 1))()
+        await link.send_json_to(agentproto.StatsReport("edge-1", time.time(), stats.as_dict()).to_message())
+        for _ in range(100):
+            if ingest.processed:
+                break
+            await asyncio.sleep(0.01)
+        result = await ingest.flush()
+        assert result is not None and result.rows == 0 and len(result.fenced) == 1
+        closed = await link.receive_output(timeout=TIMEOUT)
+        assert closed["type"] == "websocket.close" and closed["code"] == CLOSE_NAME_TAKEN
+
+    run(scenario)
+    assert not TrafficRollup.objects.exists(), "the link that holds the node counts these"
