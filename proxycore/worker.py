@@ -29,7 +29,7 @@ import time
 from typing import BinaryIO
 
 from proxycore import workerproto as wp
-from proxycore.accesslog import AccessLogWriter, Sink
+from proxycore.accesslog import AccessLogWriter, tee
 from proxycore.agent import RecentLines
 from proxycore.server import ProxyNode
 from proxycore.tlssessions import TicketKeys
@@ -65,7 +65,7 @@ class Worker:
             setup.snapshot,
             https_address=_address(sockets["https"]),
             http_address=_address(sockets["http"]) if "http" in sockets else None,
-            limits=setup.limits, access_log=_sink(access, recent),
+            limits=setup.limits, access_log=tee(access, recent),
             session_resumption=setup.session_resumption, ticket_keys=TicketKeys(setup.ticket_secret),
             listen_sockets=sockets, active_checks=False,
         )
@@ -138,17 +138,6 @@ class Worker:
 def _address(sock: socket.socket) -> tuple[str, int]:
     host, port = sock.getsockname()[:2]
     return host, port
-
-
-def _sink(writer: AccessLogWriter | None, recent: RecentLines | None) -> Sink | None:
-    if writer is None or recent is None:
-        return writer or recent
-
-    def both(line: bytes) -> None:
-        writer(line)
-        recent(line)
-
-    return both
 
 
 def open_access_log(target: str | None) -> BinaryIO | None:

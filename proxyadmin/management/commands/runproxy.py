@@ -26,7 +26,7 @@ from django.db import close_old_connections
 from proxyadmin.models import ConfigRevision
 from proxyadmin.snapshot import SnapshotError, build_snapshot
 from proxycore import compiled
-from proxycore.accesslog import AccessLogWriter, Sink
+from proxycore.accesslog import AccessLogWriter, tee
 from proxycore.agent import AgentLink, RecentLines
 from proxycore.agentproto import ConfigApplied, ConfigRejected, Listener
 from proxycore.config import Snapshot
@@ -41,18 +41,6 @@ POLL_INTERVAL = 1.0
 LINKED_POLL_EVERY = 5  # with the agent link up, poll the database every 5th interval only
 VERSION = "0.1.0"
 LINK_STOP_TIMEOUT = 3.0  # the link's goodbye takes up to 2 s
-
-
-def access_sink(writer: AccessLogWriter | None, recent: RecentLines | None) -> Sink | None:
-    """Each access-log line to the log file and to the recent lines, whichever there are."""
-    if writer is None or recent is None:
-        return writer or recent
-
-    def both(line: bytes) -> None:
-        writer(line)
-        recent(line)
-
-    return both
 
 
 @dataclass
@@ -262,7 +250,7 @@ class Command(BaseCommand):
                 self.recent = node.recent
             else:
                 node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
-                                 access_log=access_sink(writer, self.recent),
+                                 access_log=tee(writer, self.recent),
                                  session_resumption=self.session_resumption)
                 await node.start()
         except TLSConfigError as exc:
