@@ -9,12 +9,13 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from proxyadmin import announce, traffic
+from proxyadmin import traffic
 from proxyadmin.models import ProxyNode, Upstream, UpstreamTarget
 from proxycore import agentproto
 from proxycore.stats import Stats
 from tests.conftest import run
-from tests.test_dashboard_socket import TIMEOUT, dashboard_and_node, next_of_type, staff_cookie
+from tests.test_dashboard_socket import TIMEOUT, dashboard_and_node, next_tick_with, staff_cookie
+from tests.test_traffic_rollup import tick_of
 
 pytestmark = pytest.mark.usefixtures("empty_channel_layer")
 
@@ -62,10 +63,11 @@ def test_tick_carries_current_targets_and_retries_since_the_previous_report() ->
     stats.upstream("app").retries = 3
     states.update(app_state(target("10.0.0.1:80"), target("10.0.0.2:80", healthy=False, error="refused")))
     second = traffic.StatsSample(stats.started_at + 2, agentproto.validate_totals(stats.as_dict()))
-    tick = announce.tick_message("edge-1", traffic.stats_delta(first, second))
+    tick = tick_of(traffic.stats_delta(first, second))
     assert tick["upstreams"]["app"]["retries"] == 3
     assert tick["upstreams"]["app"]["healthy"] == 1
     assert tick["upstreams"]["app"]["targets"][1]["last_error"] == "refused"
+    assert tick["upstreams"]["app"]["targets"][1]["node"] == "edge-1", "a process's tick says whose targets"
     shop = tick["hosts"]["shop"]
     assert (shop["upstream"], shop["targets_healthy"], shop["targets_total"]) == ("app", 1, 2)
 
@@ -83,7 +85,7 @@ def test_target_health_reaches_the_dashboard_in_ticks() -> None:
         shop.requests = 5
         report = agentproto.StatsReport("edge-1", stats.started_at + 1.0, stats.as_dict())
         await node.send_json_to(report.to_message())
-        first = await next_of_type(browser, "tick")
+        first = await next_tick_with(browser, "edge-1")
         assert first["upstreams"]["app"]["healthy"] == 2
         assert first["hosts"]["shop"]["targets_total"] == 2
 
@@ -93,7 +95,7 @@ def test_target_health_reaches_the_dashboard_in_ticks() -> None:
                                 target("10.0.0.2:80", healthy=False, error="connection refused")))
         report = agentproto.StatsReport("edge-1", stats.started_at + 2.0, stats.as_dict())
         await node.send_json_to(report.to_message())
-        second = await next_of_type(browser, "tick")
+        second = await next_tick_with(browser, "edge-1")
         app = second["upstreams"]["app"]
         assert (app["healthy"], app["available"], app["total"], app["retries"]) == (1, 1, 2, 2)
         assert [t["healthy"] for t in app["targets"]] == [True, False]
