@@ -43,7 +43,7 @@ GROUP_REFRESH_SECONDS = 3600.0
 MALFORMED_LOG_FIRST = 5
 MALFORMED_LOG_EVERY = 100
 CLOSE_FORBIDDEN = 4403
-CLOSE_NAME_TAKEN = 4409  # another link holds this node's name
+CLOSE_NAME_TAKEN = agentproto.CLOSE_NAME_TAKEN  # another link holds this node's name
 CLOSE_POLICY_VIOLATION = 1008
 # How a node's stats frame starts (json.dumps of agentproto's message): queued as text,
 # decoded only when its turn comes, so a newer one can replace it unread.

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from websockets.frames import CloseCode
 
 from proxycore import agentproto
 from proxycore.agentproto import (
+    CLOSE_NAME_TAKEN,
     ConfigApplied,
     ConfigRejected,
     Hello,
@@ -152,6 +154,12 @@ class AgentLink:
             except InvalidStatus as exc:
                 log.error("control plane refused the agent link (%s): check the agent token",
                           exc.response.status_code)
+            except ConnectionClosed as exc:
+                if exc.rcvd is not None and exc.rcvd.code == CLOSE_NAME_TAKEN:
+                    log.error("control plane refused the agent link: another link holds the node name %r "
+                              "(two nodes with one name? give each its own: runproxy --name)", self.node)
+                elif self.connected or delay == BACKOFF_FIRST:
+                    log.warning("agent link to %s down: %s", self.url, exc)
             except (OSError, WebSocketException, TimeoutError) as exc:
                 if self.connected or delay == BACKOFF_FIRST:
                     log.warning("agent link to %s down: %s", self.url, exc or type(exc).__name__)
@@ -160,7 +168,8 @@ class AgentLink:
                 self._socket = None
             if time.monotonic() - started > 10:
                 delay = BACKOFF_FIRST  # it was up a while: start the backoff over
-            await asyncio.sleep(delay)
+            # Jittered: after a control-plane restart a fleet must not come back all at once.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (not a secret)
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _session(self) -> None:

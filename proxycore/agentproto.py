@@ -9,7 +9,9 @@ Connecting
     ``AGENT_TOKEN`` (env ``PROXYADMIN_AGENT_TOKEN``, or generated once into
     ``var/agent_token``) and is the link's only credential: session cookies are
     ignored. A missing or wrong token is refused before the handshake completes
-    (close code 4401 at the ASGI level, which daphne turns into HTTP 403).
+    (close code 4401 at the ASGI level, which daphne turns into HTTP 403). A node
+    name is held by one link at a time: a ``hello`` naming a node another link
+    holds closes the link with 4409, and the node tries again with its backoff.
 
 node → control plane
     ``{"type": "hello", "node": str, "version": str, "pid": int, "revision": int,
@@ -94,6 +96,8 @@ from typing import Any, ClassVar
 AGENT_PATH = "/ws/agent/"
 # Close code for a refused token (4000-4999 are the application's; 401 for "unauthorised").
 CLOSE_UNAUTHORISED = 4401
+# Close code for a hello naming a node another link holds (409 for "conflict").
+CLOSE_NAME_TAKEN = 4409
 
 # -- bounds: what a message may hold (see "Bounds" above) --
 MAX_NAME_LENGTH = 253

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+import websockets
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db.models import F
@@ -21,6 +22,7 @@ from proxyadmin.consumers import CLOSE_NAME_TAKEN
 from proxyadmin.ingest import ingest
 from proxyadmin.models import ProxyNode, TrafficRollup
 from proxycore import agentproto
+from proxycore.agent import AgentLink
 from proxycore.stats import Stats
 from tests.conftest import run
 from tests.test_agent_link import TIMEOUT, agent, eventually, hello, node_row
@@ -101,3 +103,29 @@ def test_a_link_whose_node_another_process_took_is_closed_at_its_next_flush(sett
 
     run(scenario)
     assert not TrafficRollup.objects.exists(), "the link that holds the node counts these"
+
+
+def test_a_refused_node_says_why_and_tries_again(caplog: pytest.LogCaptureFixture) -> None:
+    """The node's side: a 4409 is logged as a name held elsewhere, and the node retries (jittered)."""
+    hellos: list[float] = []
+
+    async def control_plane(socket: Any) -> None:
+        await socket.recv()  # the hello
+        hellos.append(time.monotonic())
+        await socket.close(agentproto.CLOSE_NAME_TAKEN, "another link holds this node name")
+
+    async def scenario() -> None:
+        async with websockets.serve(control_plane, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            link = AgentLink(f"ws://127.0.0.1:{port}", "t" * 20, node="edge-1", version="0.1.0",
+                             stats=Stats(), listeners=[], revision=lambda: 0,
+                             on_config_changed=lambda revision: None)
+            task = asyncio.create_task(link.run())
+            await asyncio.sleep(2.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.ERROR, logger="proxycore.agent"):
+        asyncio.run(scenario())
+    assert len(hellos) >= 2, "it tries again"
+    assert "another link holds the node name 'edge-1'" in caplog.text
