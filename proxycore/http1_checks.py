@@ -133,9 +133,6 @@ def request_line(head: bytes, method: bytes) -> tuple[bytes, bytes, bytes]:
     RTSP/ICE protocol names and versions 0.9 and 2.0, which splitting the line on
     single spaces and comparing refuses. The version comes back as ``1.1``/``1.0``.
     """
-    match = _REQUEST_LINE(head)
-    if match is not None and match[1] == method:  # the usual line, in one pattern match
-        return method, match[2], match[3]
     parts = head[: head.find(b"\r\n")].split(b" ")
     if len(parts) != 3 or parts[0] != method or not parts[1]:
         raise _bad("malformed request line")
@@ -146,9 +143,6 @@ def request_line(head: bytes, method: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 _STATUS_CODES: Final = {status: b" %d " % status for status in range(100, 600)}
-# What the two checks below accept, as one pattern each: tried first, the checks say why not.
-_REQUEST_LINE: Final = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]+) HTTP/(1\.[01])\r\n").match
-_STATUS_LINE: Final = re.compile(rb"HTTP/(1\.[01]) ([1-5]\d\d)(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n").match
 
 
 def status_line(head: bytes, status: int) -> tuple[bytes, bytes]:
@@ -156,10 +150,7 @@ def status_line(head: bytes, status: int) -> tuple[bytes, bytes]:
 
     Return (version, reason); ``status`` is what llhttp read.
     """
-    match = _STATUS_LINE(head)
     code = _STATUS_CODES.get(status)
-    if match is not None and code is not None and code[1:4] == match[2]:  # the usual line
-        return match[1], match[3] or b""
     line = head[: head.find(b"\r\n")]
     version = line[5:8]
     if not line.startswith(b"HTTP/") or version not in _VERSIONS:
