@@ -123,8 +123,10 @@ MAX_WATCH_SECONDS = 300
 
 HOST_COUNTERS = (
     "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
+    "denied", "unauthorized", "rate_limited",
 )
-HOST_COUNTER_MAPS = ("handshakes_failed", "responses", "upstream_errors")
+# limited_clients: {client address: count} of the last 15 minutes (top 20 per worker)
+HOST_COUNTER_MAPS = ("handshakes_failed", "responses", "upstream_errors", "limited_clients")
 LISTENER_COUNTERS = ("connections", "rejected_connections", "resumed_sessions")
 LISTENER_COUNTER_MAPS = ("tls_versions", "ciphers")
 UPSTREAM_LEVELS = ("healthy", "available", "total")

@@ -1,0 +1,94 @@
+"""Rate limits per host and client address: a token bucket and a concurrent-connection count.
+
+Limits are per proxy node (per worker process when a node runs several): nothing is
+shared between nodes, so a client spread evenly over N nodes can get N times a
+host's rate. Buckets are kept for at most ``MAX_CLIENTS`` addresses per host; the
+least recently seen is dropped first (it then starts again with a full bucket, which
+only ever errs on the side of letting a client through). Connection counts exist only
+while a client holds connections, so they are bounded by the listener's connection limit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from proxycore.config import RateLimit
+
+MAX_CLIENTS: Final = 50_000  # tracked addresses per host
+
+
+class Bucket:
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens = tokens
+        self.at = at
+
+
+class HostLimiter:
+    """One host's buckets and connection counts; lives as long as the node (across reloads,
+    the host's current ``RateLimit`` is read on each use)."""
+
+    __slots__ = ("buckets", "connections", "max_clients")
+
+    def __init__(self, max_clients: int = MAX_CLIENTS) -> None:
+        self.buckets: dict[int, Bucket] = {}
+        self.connections: dict[int, int] = {}
+        self.max_clients = max_clients
+
+    def take(self, limit: RateLimit, client: int, now: float) -> int:
+        """Take a token for a request of ``client`` at ``now``: 0 if there was one, else the
+        seconds to wait for the next (what ``Retry-After`` says)."""
+        rate = limit.requests_per_second
+        if rate <= 0:
+            return 0
+        burst = float(limit.burst or max(1, math.ceil(rate)))
+        buckets = self.buckets
+        bucket = buckets.pop(client, None)
+        if bucket is None:
+            while len(buckets) >= self.max_clients:
+                del buckets[next(iter(buckets))]  # the least recently seen
+            bucket = Bucket(burst, now)
+        else:
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
+            bucket.at = now
+        buckets[client] = bucket  # (last: most recently seen)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0
+        return max(1, math.ceil((1.0 - bucket.tokens) / rate))
+
+    def connect(self, limit: RateLimit | None, client: int) -> bool:
+        """A new connection of ``client``: False (not counted) when it already has its limit."""
+        cap = limit.connections_per_client if limit is not None else 0
+        count = self.connections.get(client, 0)
+        if cap and count >= cap:
+            return False
+        self.connections[client] = count + 1
+        return True
+
+    def disconnect(self, client: int) -> None:
+        count = self.connections.get(client, 0) - 1
+        if count > 0:
+            self.connections[client] = count
+        else:
+            self.connections.pop(client, None)
+
+    def at_limit(self, limit: RateLimit | None, client: int) -> bool:
+        cap = limit.connections_per_client if limit is not None else 0
+        return bool(cap) and self.connections.get(client, 0) >= cap
+
+
+class Limiters:
+    """The node's ``HostLimiter`` per host name."""
+
+    def __init__(self, max_clients: int = MAX_CLIENTS) -> None:
+        self.hosts: dict[str, HostLimiter] = {}
+        self.max_clients = max_clients
+
+    def host(self, name: str) -> HostLimiter:
+        limiter = self.hosts.get(name)
+        if limiter is None:
+            limiter = self.hosts[name] = HostLimiter(self.max_clients)
+        return limiter
