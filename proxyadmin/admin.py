@@ -444,6 +444,9 @@ class HostAdmin(admin.ModelAdmin):
             "client_auth", "client_ca", "forward_client_cert", "forward_client_cert_chain",
         ]}),
         ("To the upstream", {"fields": ["proxy_protocol"]}),
+        ("Access and rate limits", {"fields": [
+            "access_list", "rate_limit_rps", "rate_limit_burst", "rate_limit_connections",
+        ]}),
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[m.Host]:
@@ -590,6 +593,37 @@ class HostAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Host '{host.name}' has no names: skipped.", messages.WARNING)
                 continue
             self.issue_local_certificate(request, host)
+
+
+class AccessUserInline(admin.TabularInline):
+    model = m.AccessUser
+    form = forms.AccessUserForm
+    formset = forms.AccessUserFormSet
+    extra = 1
+    fields = ["username", "password"]
+
+
+@admin.register(m.AccessList)
+class AccessListAdmin(admin.ModelAdmin):
+    form = forms.AccessListForm
+    inlines = [AccessUserInline]
+    list_display = ["name", "default", "satisfy", "rule_count", "user_count", "hosts_display"]
+    search_fields = ["name", "users__username"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[m.AccessList]:
+        return super().get_queryset(request).prefetch_related("users", "hosts")
+
+    @admin.display(description="rules")
+    def rule_count(self, obj: m.AccessList) -> int:
+        return sum(1 for line in obj.rules.splitlines() if line.strip())
+
+    @admin.display(description="users")
+    def user_count(self, obj: m.AccessList) -> int:
+        return len(obj.users.all())
+
+    @admin.display(description="used by")
+    def hosts_display(self, obj: m.AccessList) -> str:
+        return ", ".join(h.name for h in obj.hosts.all()) or "-"
 
 
 @admin.register(m.ProxySettings)
