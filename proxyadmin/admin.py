@@ -29,7 +29,7 @@ from proxyadmin import coverage, forms, localca, pki, proxyhost
 from proxyadmin import models as m
 from proxyadmin.acme.admin import acme_state_html, request_now
 from proxyadmin.acme.models import HostState
-from proxyadmin.hoststatus import Overview, reported_upstream, reporting_nodes
+from proxyadmin.hoststatus import Overview, reported_access, reported_upstream, reporting_nodes
 from proxyadmin.loginguard.forms import ThrottledAuthenticationForm
 
 admin.site.site_header = "proxyadmin"
@@ -433,7 +433,7 @@ class HostAdmin(admin.ModelAdmin):
     list_select_related = ["upstream", "certificate", "acme_state"]
     search_fields = ["name", "names__name"]
     actions = ["enable_hosts", "disable_hosts", "generate_local_certificate", "request_acme_now"]
-    readonly_fields = ["acme_status"]
+    readonly_fields = ["acme_status", "access_activity"]
     fieldsets = [
         (None, {"fields": [
             "name", "enabled", "mode", "upstream", "certificate", "local_certificate", "max_body_size",
@@ -445,7 +445,7 @@ class HostAdmin(admin.ModelAdmin):
         ]}),
         ("To the upstream", {"fields": ["proxy_protocol"]}),
         ("Access and rate limits", {"fields": [
-            "access_list", "rate_limit_rps", "rate_limit_burst", "rate_limit_connections",
+            "access_list", "rate_limit_rps", "rate_limit_burst", "rate_limit_connections", "access_activity",
         ]}),
     ]
 
@@ -581,6 +581,19 @@ class HostAdmin(admin.ModelAdmin):
     @admin.display(description="ACME status")
     def acme_status(self, obj: m.Host) -> str:
         return acme_state_html(getattr(obj, "acme_state", None)) if obj.pk and obj.acme else "—"
+
+    @admin.display(description="Refused (reporting nodes)")
+    def access_activity(self, obj: m.Host) -> str:
+        if not obj.pk:
+            return "—"
+        seen = reported_access(obj.name)
+        counts = format_html(
+            "403 denied: {} · 401 unauthorized: {} · 429 rate limited: {} (since each node started)",
+            seen["denied"], seen["unauthorized"], seen["rate_limited"])
+        if not seen["limited_clients"]:
+            return format_html("{}<br>No client rate-limited in the last 15 minutes.", counts)
+        rows = format_html_join("", "<li><code>{}</code>: {}</li>", seen["limited_clients"])
+        return format_html("{}<br>Most limited clients, last 15 minutes:<ul>{}</ul>", counts, rows)
 
     @admin.action(description="Request an ACME certificate now for the selected hosts")
     def request_acme_now(self, request: HttpRequest, queryset: QuerySet[m.Host]) -> None:

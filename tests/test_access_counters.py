@@ -5,9 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
+from django.test import Client
+from django.utils import timezone
 
+from proxyadmin import models as m
+from proxyadmin.traffic import StatsSample, stats_delta
 from proxycore.agentproto import ProtocolError, validate_totals
 from proxycore.stats import Stats
+from tests.conftest import page_text
 from tests.test_prometheus_metrics import parse, scrape_stats, value
 
 
@@ -51,3 +56,27 @@ def test_workers_reports_sum_key_by_key() -> None:
               for k in {*one["limited_clients"], *two["limited_clients"]}}
     assert summed == {"192.0.2.1": 8, "2001:db8::1": 2}
     assert all(isinstance(one[k], int) for k in ("denied", "unauthorized", "rate_limited"))
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("fast_password_hashing")
+def test_the_hosts_page_sums_the_nodes_refusals_and_most_limited_clients(
+    admin_client_logged_in: Client,
+) -> None:
+    upstream = m.Upstream.objects.create(name="app")
+    host = m.Host.objects.create(name="a", upstream=upstream)
+    for name, clients in (("n1", {"192.0.2.1": 4, "192.0.2.2": 1}), ("n2", {"192.0.2.1": 2})):
+        totals = {"started_at": 1.0, "hosts": {"a": {
+            "denied": 3, "unauthorized": 2, "rate_limited": sum(clients.values()), "limited_clients": clients}}}
+        m.ProxyNode.objects.create(name=name, connected=True, last_seen=timezone.now(),
+                                   last_stats={"time": 2.0, "totals": totals})
+    text = page_text(admin_client_logged_in.get(f"/admin/proxyadmin/host/{host.pk}/change/"))
+    assert "403 denied: 6 · 401 unauthorized: 4 · 429 rate limited: 7" in text
+    assert text.index("<code>192.0.2.1</code>: 6") < text.index("<code>192.0.2.2</code>: 1")
+
+
+def test_dashboard_ticks_carry_the_refusals_per_host() -> None:
+    before = StatsSample(1.0, {"started_at": 0.0, "hosts": {"a": {"denied": 1}}})
+    after = StatsSample(2.0, {"started_at": 0.0, "hosts": {"a": {"denied": 4, "unauthorized": 1, "rate_limited": 2}}})
+    entry = stats_delta(before, after).hosts["a"].tick_entry(1.0)
+    assert (entry["denied"], entry["unauthorized"], entry["rate_limited"]) == (3, 1, 2)
