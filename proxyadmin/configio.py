@@ -32,10 +32,8 @@ from functools import partial
 from typing import Any, cast
 
 from django import forms as django_forms
-from django.core.exceptions import NON_FIELD_ERRORS
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import models, transaction
-
-from django.core.exceptions import ValidationError
 
 from proxyadmin import accesslists, crypto, forms, revisions
 from proxyadmin import models as m

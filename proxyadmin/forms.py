@@ -582,7 +582,7 @@ class AccessUserFormSet(BaseInlineFormSet):
             raise ValidationError(f"An access list holds at most {accesslists.MAX_USERS} users.")
         seen: set[str] = set()
         for form in kept:
-            name = form.cleaned_data.get("username")
+            name = str(form.cleaned_data.get("username"))
             if name in seen:
                 raise ValidationError(f"The user '{name}' is listed twice.")
             seen.add(name)

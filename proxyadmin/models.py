@@ -424,7 +424,8 @@ class ProxySettings(models.Model):
         help_text="Trusted proxies open each connection with a PROXY v1/v2 header naming the client.",
     )
     http_trusted_proxies = models.TextField("HTTP listener: trusted proxies", blank=True)
-    http_proxy_protocol = models.BooleanField("HTTP listener: PROXY protocol from trusted proxies", default=False)
+    http_proxy_protocol = models.BooleanField(
+        "HTTP listener: PROXY protocol from trusted proxies", default=False)
 
     class Meta:
         verbose_name = "proxy settings"

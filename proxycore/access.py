@@ -45,7 +45,7 @@ CRED_MALFORMED: Final = 1  # not one well-formed Basic credential
 CRED_PRESENT: Final = 2  # a well-formed Basic credential, not yet verified
 CRED_VERIFIED: Final = 3  # verified on this connection or recently on this node
 
-_AUTHORIZATION: Final = re.compile(rb"\r\n[Aa][Uu][Tt][Hh][Oo][Rr][Ii][Zz][Aa][Tt][Ii][Oo][Nn][ \t]*:[ \t]*([^\r]*)")
+_AUTHORIZATION: Final = re.compile(rb"\r\nauthorization[ \t]*:[ \t]*([^\r]*)", re.IGNORECASE)
 _AUTHORIZATION_LINE: Final = re.compile(rb"\r\nauthorization[ \t]*:[^\r]*", re.IGNORECASE)
 
 
@@ -81,7 +81,8 @@ class AddressTable:
     def __init__(self, rules: list[tuple[bool, str]], default: bool) -> None:
         ranges = [(*network_range(source), allow) for allow, source in rules]
         # The elementary intervals every rule boundary cuts the space into.
-        cuts = sorted({0, *(first for first, _, _ in ranges), *(last + 1 for _, last, _ in ranges if last + 1 < _ALL)})
+        ends = (last + 1 for _, last, _ in ranges if last + 1 < _ALL)
+        cuts = sorted({0, *(first for first, _, _ in ranges), *ends})
         verdict: list[bool | None] = [None] * len(cuts)
         # Rules in order: the first that covers an interval gives its verdict. ``skip``
         # jumps over intervals already decided (path-halving), so this is near-linear.
@@ -279,8 +280,8 @@ def forwarded_client(noted: dict[bytes, list[bytes]], trust: TrustPolicy) -> str
         for value in noted.get(b"forwarded") or ():
             for element in value.split(b","):
                 for pair in element.split(b";"):
-                    key, _, val = pair.strip().partition(b"=")
-                    if key.strip() == b"for":
+                    name, _, val = pair.strip().partition(b"=")
+                    if name.strip() == b"for":
                         chain.append(_forwarded_node(val.strip().decode("ascii", "replace")))
     found: str | None = None
     for ip in reversed(chain[-32:]):  # bounded: a long chain is someone's invention

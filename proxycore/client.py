@@ -287,7 +287,8 @@ class ClientConnection(asyncio.Protocol):
         policy = self.last_policy
         limit = self.last_limit
         if policy is None and limit is None:
-            exchange.start(decide(head, route, self.sni_route, https=self.https, https_port=self.node.https_port))
+            exchange.start(decide(head, route, self.sni_route, https=self.https,
+                                  https_port=self.node.https_port))
             return exchange
         retry_after = 0
         if limit is not None and self.last_limiter is not None:
@@ -333,7 +334,8 @@ class ClientConnection(asyncio.Protocol):
         self.last_allowed = policy.table.allows(self.client_key) if policy is not None else True
         limit = route.rate_limit if route is not None else None
         self.last_limit = limit
-        self.last_limiter = self.node.limiters.host(route.name) if limit is not None and route is not None else None
+        self.last_limiter = (
+            self.node.limiters.host(route.name) if limit is not None and route is not None else None)
 
     def take_slot(self, route: HostRoute | None, stats: HostStats, limit: RateLimit | None = None) -> bool:
         """Count this connection against ``route``'s per-client connection limit; False: over it."""
@@ -445,7 +447,8 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange = self.exchange
         if exchange is None:
-            watch = (HEAD if self.parser.in_head or self.proxy_header is not None else IDLE, self.exchanges, 0)
+            reading = self.parser.in_head or self.proxy_header is not None
+            watch = (HEAD if reading else IDLE, self.exchanges, 0)
         elif exchange.tunnel:
             self.watch = None
             return

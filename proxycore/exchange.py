@@ -123,7 +123,8 @@ class Exchange:
                 self.forward()
             elif outcome == credentials.THROTTLED:
                 self.count_refusal(429)
-                self.local_response(429, route, extra=[(b"retry-after", b"%d" % int(credentials.FAILURE_WINDOW))])
+                wait = b"%d" % int(credentials.FAILURE_WINDOW)
+                self.local_response(429, route, extra=[(b"retry-after", wait)])
             elif outcome == credentials.BUSY:
                 self.local_response(503, route, extra=[(b"retry-after", b"1")])
             else:
@@ -220,7 +221,8 @@ class Exchange:
         data = self.upstream_head
         route = self.route
         if not reused and route is not None and route.proxy_protocol is not _PP_OFF:
-            data = proxyproto.header_for(route.proxy_protocol, self.conn.transport, self.conn.client_source()) + data
+            conn = self.conn
+            data = proxyproto.header_for(route.proxy_protocol, conn.transport, conn.client_source()) + data
         if self.pending_body:
             data += b"".join(self.pending_body)
             self.pending_body.clear()

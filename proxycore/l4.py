@@ -73,7 +73,8 @@ class L4Pipe(asyncio.Protocol):
             return
         self.upstream = conn
         conn.owner = self
-        conn.write(proxyproto.header_for(self.route.proxy_protocol, self.transport, self.source) + b"".join(self.early))
+        header = proxyproto.header_for(self.route.proxy_protocol, self.transport, self.source)
+        conn.write(header + b"".join(self.early))
         self.early.clear()
         self.transport.resume_reading()
 
