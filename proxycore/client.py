@@ -338,8 +338,10 @@ class ClientConnection(asyncio.Protocol):
             self.node.limiters.host(route.name) if limit is not None and route is not None else None)
 
     def take_slot(self, route: HostRoute | None, stats: HostStats, limit: RateLimit | None = None) -> bool:
-        """Count this connection against ``route``'s per-client connection limit; False: over it."""
-        if route is None:
+        """Count this connection against ``route``'s per-client connection limit; False: over it.
+        A trusted proxy's connection without a PROXY header carries many clients' requests:
+        it is the proxy's, counted against nobody."""
+        if route is None or (self.trust is not None and self.source is None):
             return True
         limit = limit or route.rate_limit
         if limit is None or not limit.connections_per_client:

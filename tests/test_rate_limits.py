@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from dataclasses import replace
 
 import trustme
 
@@ -80,3 +81,19 @@ def test_plain_http_over_the_connection_limit_gets_429_and_close(ca: trustme.CA,
         status, headers = ask(second)
         assert status == 429 and headers[b"connection"] == [b"close"]
         assert b"strict-transport-security" not in headers
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(
+    ca: trustme.CA, upstream: Upstream
+) -> None:
+    limit = core.RateLimit(requests_per_second=0.1, burst=1, connections_per_client=1)
+    snap = replace(snapshot(ca, upstream.port, limit),
+                   listener_trust=(core.ListenerTrust("https", ("127.0.0.2",)),))
+    with running_node(snap) as node:
+        # the proxy's connections carry many clients: not limited as one client's
+        first, second = (connect_from("127.0.0.2", node.https_port, ca, "a.example") for _ in range(2))
+        for sock, client, expected in ((first, "10.0.0.1", 200), (second, "10.0.0.1", 429),
+                                       (first, "10.0.0.2", 200)):
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: {client}\r\n\r\n".encode())
+            assert read_response(sock)[0] == expected
+        wait_until(lambda: node.stats()["hosts"]["a"]["limited_clients"] == {"10.0.0.1": 1})
