@@ -227,3 +227,37 @@ def test_proxy_headers_v1_and_v2_are_read_and_bounded() -> None:
             proxyproto.parse_header(bad)
     with pytest.raises(proxyproto.BadProxyHeader):
         proxyproto.parse_header(proxyproto.V2_SIGNATURE + b"\x21\x11\xff\xff")
+
+
+def test_the_compiled_table_agrees_with_first_match_on_random_rules() -> None:
+    import ipaddress
+    import random
+
+    rng = random.Random(14)
+    for _ in range(20):
+        rules: list[tuple[bool, str]] = []
+        for _ in range(rng.randint(1, 60)):
+            if rng.random() < 0.7:
+                net = ipaddress.ip_network((rng.choice([0x0A000000, 0xC0A80000]) | rng.getrandbits(16),
+                                            rng.randint(8, 32)), strict=False)
+            else:
+                net = ipaddress.ip_network((0x20010DB8 << 96 | rng.getrandbits(32) << 64, rng.randint(32, 128)),
+                                           strict=False)
+            rules.append((rng.random() < 0.5, str(net)))
+        default = rng.random() < 0.5
+        table = AddressTable(rules, default)
+        networks = [(allow, ipaddress.ip_network(source)) for allow, source in rules]
+        probes = [str(n.network_address) for _, n in networks] + [str(n.broadcast_address) for _, n in networks]
+        probes += [str(ipaddress.IPv4Address(rng.choice([0x0A000000, 0xC0A80000]) | rng.getrandbits(16)))
+                   for _ in range(50)]
+        for probe in probes:
+            ip = ipaddress.ip_address(probe)
+            expected = next((allow for allow, n in networks if n.version == ip.version and ip in n), default)
+            assert table.allows(address_key(probe)) is expected, (rules, probe)
+
+
+def test_five_thousand_rules_compile_quickly() -> None:
+    rules = [(i % 3 == 0, f"10.{i // 256 % 256}.{i % 256}.0/{24 - i % 8}") for i in range(5000)]
+    start = time.perf_counter()
+    AddressTable(rules, False)
+    assert time.perf_counter() - start < 2.0

@@ -158,3 +158,17 @@ def test_trusted_proxies_are_settings_per_listener(tmp_path: Path) -> None:
         core.ListenerTrust("https", ("192.0.2.0/24", "2001:db8::1/128"), True),)
     bad = config() | {"settings": {"http_trusted_proxies": "not-a-network"}}
     assert "'not-a-network' is not an IP address" in refusal(tmp_path, bad)
+
+
+@pytest.mark.django_db
+def test_every_bound_itself_is_accepted(tmp_path: Path) -> None:
+    users = [{"username": f"{i:03d}" + "u" * 147, "password": "p" * 1024} for i in range(accesslists.MAX_USERS)]
+    limits = {"requests_per_second": 100_000, "burst": 1_000_000, "connections_per_client": 100_000}
+    proxies = "\n".join(f"192.0.2.{i}" for i in range(accesslists.MAX_TRUSTED_PROXIES))
+    import_document(tmp_path, config(office(users=users, realm="r" * 100), rate_limit=limits)
+                    | {"settings": {"http_trusted_proxies": proxies}})
+    route = snapshot.build_snapshot().hosts[0]
+    assert route.access is not None and len(route.access.users) == accesslists.MAX_USERS
+    assert route.rate_limit == core.RateLimit(100_000.0, 1_000_000, 100_000)
+    too_many = "\n".join(f"192.0.2.{i}" for i in range(accesslists.MAX_TRUSTED_PROXIES + 1))
+    assert "at most 100" in refusal(tmp_path, config() | {"settings": {"http_trusted_proxies": too_many}})

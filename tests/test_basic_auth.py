@@ -9,7 +9,7 @@ import pytest
 import trustme
 
 from proxycore import config as core
-from proxycore import credentials
+from proxycore import access, credentials
 from tests.proxyharness import (
     HSTS,
     Upstream,
@@ -110,3 +110,12 @@ def test_a_flood_of_wrong_passwords_is_throttled_without_hashing(ca: trustme.CA,
         # another client address is not affected
         other = connect_from("127.0.0.3", node.https_port, ca, "a.example")
         assert ask(other, basic("ops", "right horse"))[0] == 200
+
+
+def test_the_longest_username_and_password_pass(ca: trustme.CA, upstream: Upstream) -> None:
+    username, password = "u" * access.MAX_USERNAME, "p" * access.MAX_PASSWORD
+    acl = core.AccessList("big", core.AccessAction.DENY, users=(core.BasicUser(username, password_hash(password)),))
+    with running_node(snapshot(ca, upstream.port, acl)) as node:
+        sock = connect_from("127.0.0.2", node.https_port, ca, "a.example")
+        assert ask(sock, basic(username, password))[0] == 200
+        assert ask(sock, basic(username, password + "p"))[0] == 401
