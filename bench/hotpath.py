@@ -74,7 +74,8 @@ def guards() -> dict[str, Any]:
     rules.append(core.AccessRule(allow, "127.0.0.0/8"))
     return {
         "access": core.AccessList("bench", deny, tuple(rules)),
-        "rate_limit": core.RateLimit(requests_per_second=1e9, burst=1_000_000_000, connections_per_client=100),
+        "rate_limit": core.RateLimit(requests_per_second=1e9, burst=1_000_000_000,
+                                     connections_per_client=100),
     }
 
 

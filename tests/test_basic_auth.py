@@ -8,8 +8,8 @@ import json
 import pytest
 import trustme
 
-from proxycore import config as core
 from proxycore import access, credentials
+from proxycore import config as core
 from tests.proxyharness import (
     HSTS,
     Upstream,
