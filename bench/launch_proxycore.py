@@ -32,6 +32,7 @@ from proxycore import config as core
 from proxycore.accesslog import AccessLogWriter
 from proxycore.limits import Limits
 from proxycore.server import ProxyNode
+from proxycore.workers import NodeSupervisor
 
 HSTS_MAX_AGE = 31536000
 
@@ -81,6 +82,24 @@ async def serve(snapshot: core.Snapshot, https_port: int, access: BinaryIO | Non
     print("stats " + json.dumps(node.stats.as_dict()), flush=True)
 
 
+async def serve_workers(snapshot: core.Snapshot, https_port: int, access_log: Path | None,
+                        resumption: bool, workers: int, max_connections: int | None) -> None:
+    """The product's node of worker processes (``runproxy --workers N``), without Django."""
+    limits = Limits(max_connections=max_connections) if max_connections else Limits()
+    node = NodeSupervisor(snapshot, workers=workers, https_address=("127.0.0.1", https_port),
+                          http_address=("127.0.0.1", 0), limits=limits,
+                          access_log=str(access_log) if access_log else None, session_resumption=resumption)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    print(f"ready {node.listeners[0].port}", flush=True)
+    await stop.wait()
+    await node.stop(1.0)
+    print("stats " + json.dumps(node.as_dict()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cert", type=Path, required=True)
@@ -91,8 +110,14 @@ def main() -> None:
     parser.add_argument("--no-resumption", action="store_true",
                         help="issue no session tickets (full-handshake measurement)")
     parser.add_argument("--max-connections", type=int, help="the node's connection limit per listener")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes (runproxy --workers); 1: one process, as before")
     args = parser.parse_args()
     snapshot = bench_snapshot(certificate_bundle(args.cert, args.key), args.backend_port)
+    if args.workers > 1:
+        uvloop.run(serve_workers(snapshot, args.https_port, args.access_log, not args.no_resumption,
+                                 args.workers, args.max_connections))
+        return
     access = open(args.access_log, "ab") if args.access_log else None  # noqa: SIM115
     try:
         uvloop.run(serve(snapshot, args.https_port, access, not args.no_resumption, args.max_connections))

@@ -22,6 +22,7 @@ class Load:
     path: str
     connections: int
     close: bool = False  # "Connection: close": one TLS connection per request
+    threads: int = 1  # wrk threads: 1 beside a one-core server, 2 for the scaling runs
 
 
 LOADS = (
@@ -29,6 +30,9 @@ LOADS = (
     Load("close", "new TLS conn/s (Connection: close)", "/small", 50, close=True),
     Load("bulk", "bulk MB/s (1 MiB body)", "/1m", 10),
 )
+# --scaling: the servers get both cores, and wrk two threads to load them.
+SCALING_LOADS = tuple(Load(ld.key, ld.title, ld.path, ld.connections * 2 if not ld.close else ld.connections,
+                           ld.close, threads=2) for ld in LOADS)
 
 
 @dataclass
@@ -71,8 +75,8 @@ class Result:
         return data
 
 
-def wrk_argv(server: Server, load: Load, duration: float, threads: int = 1) -> list[str]:
-    argv = ["wrk", f"-t{threads}", f"-c{load.connections}", f"-d{duration:g}s", "--timeout", "5s",
+def wrk_argv(server: Server, load: Load, duration: float) -> list[str]:
+    argv = ["wrk", f"-t{load.threads}", f"-c{load.connections}", f"-d{duration:g}s", "--timeout", "5s",
             "-s", str(SUMMARY_LUA)]
     if load.close:
         argv += ["-H", "Connection: close"]

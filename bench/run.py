@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import check, load, servers, tools
 from bench.certs import CertFiles, make_certificates
-from bench.load import LOADS, Load, Result
+from bench.load import LOADS, SCALING_LOADS, Load, Result
 from bench.servers import Server
 from proxycore import compiled
 
@@ -75,6 +75,25 @@ def contenders(args: argparse.Namespace, haproxy: bool, caddy: bool = False) -> 
                   Contender("proxy-nolog", "", proxy(False, False), (FULL,), resumption=False)]
     if args.only:
         found = [c for c in found if c.key in args.only]
+    return found
+
+
+def scaling_contenders(haproxy: bool, caddy: bool) -> list[Contender]:
+    """--scaling: every server gets both cores (2 nginx workers, 2 HAProxy threads, Caddy with
+    GOMAXPROCS=2) and proxycore runs with 1 and with 2 worker processes, access log on."""
+    loads = SCALING_LOADS
+    found = [Contender("nginx-2", "nginx w2",
+                       lambda d, c, b: servers.start_nginx(d, c, b, "2", True, 32), loads)]
+    if haproxy:
+        found.append(Contender("haproxy-2", "haproxy t2",
+                               lambda d, c, b: servers.start_haproxy(d, c, b, True, threads=2), loads))
+    if caddy:
+        found.append(Contender("caddy-2", "caddy p2", lambda d, c, b: servers.start_caddy(d, c, b, procs=2),
+                               loads))
+    found += [Contender("proxy-w1", "proxy w1",
+                        lambda d, c, b: servers.start_proxycore(d, c, b, True), loads),
+              Contender("proxy-w2", "proxy w2",
+                        lambda d, c, b: servers.start_proxycore(d, c, b, True, workers=2), loads)]
     return found
 
 
@@ -223,8 +242,11 @@ ROWS = (
     ("bulk", "cpu_us_per_request", "  CPU us/response", "{:.0f}"),
 )
 RATIOS = (("proxy", "nginx"), ("proxy-nolog", "nginx"), ("proxy", "haproxy"), ("proxy-nolog", "haproxy"),
-          ("proxy", "caddy"), ("proxy-nolog", "caddy"))
-SHORT = {"proxy": "log", "proxy-nolog": "nolog", "nginx": "nginx", "haproxy": "hap", "caddy": "caddy"}
+          ("proxy", "caddy"), ("proxy-nolog", "caddy"),
+          ("proxy-w2", "nginx-2"), ("proxy-w2", "haproxy-2"), ("proxy-w2", "caddy-2"),
+          ("proxy-w2", "proxy-w1"))
+SHORT = {"proxy": "log", "proxy-nolog": "nolog", "nginx": "nginx", "haproxy": "hap", "caddy": "caddy",
+         "proxy-w1": "w1", "proxy-w2": "w2", "nginx-2": "nginx2", "haproxy-2": "hap2", "caddy-2": "caddy2"}
 
 
 def metric(all_results: dict[str, dict[str, Result]], key: str, load_key: str, attr: str) -> float | None:
@@ -280,6 +302,9 @@ def main() -> None:
                         help="skip the runs with session resumption off")
     parser.add_argument("--only", nargs="+",
                         choices=["nginx", "haproxy", "caddy", "proxy", "proxy-nolog", "nginx-auto"])
+    parser.add_argument("--scaling", action="store_true",
+                        help="both cores for every server: nginx w2, HAProxy t2, Caddy p2, proxycore "
+                             "with 1 and 2 workers; wrk -t2")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the temp dir (configs, certificates, logs) for inspection")
@@ -315,7 +340,9 @@ def main() -> None:
     errors: list[str] = []
     started_servers: list[Running] = []
     try:
-        for c in contenders(args, haproxy, caddy):
+        chosen = scaling_contenders(haproxy, caddy) if args.scaling else contenders(args, haproxy, caddy)
+        loads_run = SCALING_LOADS if args.scaling else (*LOADS, FULL)
+        for c in chosen:
             try:
                 started_servers.append(start_contender(c, workdir, certs, backend))
             except (RuntimeError, AssertionError, OSError) as exc:
@@ -325,7 +352,7 @@ def main() -> None:
         # round after round, so that background noise falls on all of them alike.
         for round_no in range(1, args.rounds + 1):
             print(f"round {round_no}/{args.rounds}", flush=True)
-            for ld in (*LOADS, FULL):
+            for ld in loads_run:
                 for running in started_servers:
                     if ld in running.contender.loads:
                         measure(running, ld, args, backend, workdir, certs)

@@ -237,14 +237,15 @@ def nginx_version() -> str:
 # ---- HAProxy ---------------------------------------------------------------------
 
 
-def start_haproxy(workdir: Path, certs: CertFiles, backend_port: int, resumption: bool = True) -> Server:
+def start_haproxy(workdir: Path, certs: CertFiles, backend_port: int, resumption: bool = True,
+                  threads: int = 1) -> Server:
     port = free_port()
-    name = "haproxy" if resumption else "haproxy-full"
+    name = ("haproxy" if resumption else "haproxy-full") + ("" if threads == 1 else f"-{threads}")
     conf = workdir / f"{name}.cfg"
     cache = "" if resumption else "\n    tune.ssl.cachesize 0"
     conf.write_text(f"""
 global
-    nbthread 1
+    nbthread {threads}
     maxconn 8000
     ssl-default-bind-ciphers {INTERMEDIATE_CIPHERS}
     ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets prefer-client-ciphers
@@ -273,7 +274,7 @@ frontend tls
 backend backend
     server b1 127.0.0.1:{backend_port}
 """)
-    return _start(workdir, name, "HAProxy (nbthread 1)", port, ["haproxy", "-db", "-f", str(conf)])
+    return _start(workdir, name, f"HAProxy (nbthread {threads})", port, ["haproxy", "-db", "-f", str(conf)])
 
 
 def haproxy_version() -> str:
@@ -285,13 +286,14 @@ def haproxy_version() -> str:
 # ---- Caddy --------------------------------------------------------------------------
 
 
-def start_caddy(workdir: Path, certs: CertFiles, backend_port: int) -> Server:
+def start_caddy(workdir: Path, certs: CertFiles, backend_port: int, procs: int = 1) -> Server:
     """Debian's Caddy as a TLS terminator, one OS thread for Go code (GOMAXPROCS=1), like the
     other one-core contenders; HTTP/1.1 only, no access log (Caddy logs none unless asked),
     HSTS added, X-Forwarded-* set by Caddy itself. No full-handshake variant: Caddy's
     Caddyfile cannot turn its session tickets off."""
     port = free_port()
-    conf = workdir / "Caddyfile"
+    name = "caddy" if procs == 1 else f"caddy-{procs}"
+    conf = workdir / f"Caddyfile-{procs}"
     conf.write_text(f"""
 {{
     admin off
@@ -309,9 +311,9 @@ https://localhost:{port} {{
     }}
 }}
 """)
-    env = os.environ | {"GOMAXPROCS": "1", "XDG_DATA_HOME": str(workdir / "caddy-data"),
-                        "XDG_CONFIG_HOME": str(workdir / "caddy-config")}
-    return _start(workdir, "caddy", "Caddy (GOMAXPROCS=1)", port,
+    env = os.environ | {"GOMAXPROCS": str(procs), "XDG_DATA_HOME": str(workdir / f"{name}-data"),
+                        "XDG_CONFIG_HOME": str(workdir / f"{name}-config")}
+    return _start(workdir, name, f"Caddy (GOMAXPROCS={procs})", port,
                   ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"], env=env)
 
 
@@ -324,17 +326,21 @@ def caddy_version() -> str:
 
 
 def start_proxycore(workdir: Path, certs: CertFiles, backend_port: int, access_log: bool,
-                    resumption: bool = True) -> Server:
+                    resumption: bool = True, workers: int = 1) -> Server:
     port = free_port()
     name = ("proxycore" if access_log else "proxycore-nolog") + ("" if resumption else "-full")
+    name += "" if workers == 1 else f"-w{workers}"
     argv = [sys.executable, str(BENCH_DIR / "launch_proxycore.py"), "--cert", str(certs.chain),
             "--key", str(certs.key), "--https-port", str(port), "--backend-port", str(backend_port)]
     if not resumption:
         argv.append("--no-resumption")
+    if workers != 1:
+        argv += ["--workers", str(workers)]
     logs = []
     if access_log:
         log = workdir / f"{name}-access.log"
         argv += ["--access-log", str(log)]
         logs.append(log)
     label = "proxycore (access log on)" if access_log else "proxycore (access log off)"
+    label += "" if workers == 1 else f", {workers} workers"
     return _start(workdir, name, label, port, argv, logs=logs)

@@ -63,6 +63,10 @@ class AccessLog:
 
 # Past this many waiting lines, write at once rather than at the next tick.
 MAX_PENDING_LINES = 10_000
+# Lines are written in whole-line chunks of at most this many bytes, one write(2) each:
+# the workers of a node append to the same file or pipe, and a write of up to PIPE_BUF
+# bytes is never interleaved with another process's (O_APPEND files: any single write).
+WRITE_CHUNK = 4096
 
 
 class AccessLogWriter:
@@ -80,9 +84,22 @@ class AccessLogWriter:
     def flush(self) -> None:
         if self.pending:
             lines, self.pending = self.pending, []
-            lines.append(b"")
-            self.stream.write(b"\n".join(lines))
+            chunk: list[bytes] = []
+            size = 0
+            for line in lines:
+                if chunk and size + len(line) >= WRITE_CHUNK:
+                    self._write(chunk)
+                    chunk = []
+                    size = 0
+                chunk.append(line)
+                size += len(line) + 1
+            self._write(chunk)
         self.stream.flush()
+
+    def _write(self, lines: list[bytes]) -> None:
+        lines.append(b"")
+        self.stream.write(b"\n".join(lines))
+        self.stream.flush()  # one write(2) per chunk: whole lines, never split by a buffer
 
     async def flush_every_second(self) -> None:
         while True:

@@ -20,6 +20,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
@@ -35,7 +36,6 @@ from proxycore.agentproto import (
     RequestsWatch,
     StatsReport,
 )
-from proxycore.stats import Stats
 
 log = logging.getLogger("proxycore.agent")
 
@@ -105,6 +105,12 @@ class RecentLines:
 
 
 
+class Totals(Protocol):
+    """What the link reports: a node's ``Stats``, or a supervisor's sum of its workers'."""
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
 class AgentLink:
     """Keeps the link up; call ``run()`` as a task and cancel it to stop."""
 
@@ -115,7 +121,7 @@ class AgentLink:
         *,
         node: str,
         version: str,
-        stats: Stats,
+        stats: Totals,
         listeners: Sequence[Listener],
         revision: Callable[[], int],
         on_config_changed: Callable[[int], None],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,8 @@ class HealthMonitor:
         self.stats = stats
         self.checkers: dict[TargetPool, tuple[CheckPlan, asyncio.Task[None]]] = {}
         self.cooldowns: dict[TargetPool, asyncio.TimerHandle] = {}
+        # A worker tells its supervisor of each cool-down it starts, so the others follow it.
+        self.on_cooldown: Callable[[TargetPool, str, float, str], None] | None = None
 
     # ---- active checks --------------------------------------------------------------
 
@@ -152,6 +154,29 @@ class HealthMonitor:
         until = pool.health.down_until
         self.cooldowns[pool] = asyncio.get_running_loop().call_later(
             until - now, self.cooldown_over, pool, upstream.name, until)
+        if self.on_cooldown is not None:
+            self.on_cooldown(pool, upstream.name, until - now, error)
+
+    def follow_cooldown(self, pool: TargetPool, upstream: str, seconds: float, error: str) -> None:
+        """Another worker of the node put ``pool`` in a cool-down: keep it out here as well.
+
+        That worker logged and counted it; here it is only followed, silently.
+        """
+        now = time.monotonic()
+        until = now + seconds
+        if pool.health.down_until >= until or seconds <= 0:
+            return
+        pool.health.down_until = until
+        pool.health.last_error = error
+        timer = self.cooldowns.pop(pool, None)
+        if timer is not None:
+            timer.cancel()
+        self.cooldowns[pool] = asyncio.get_running_loop().call_later(
+            seconds, self.followed_cooldown_over, pool, until)
+
+    def followed_cooldown_over(self, pool: TargetPool, until: float) -> None:
+        self.cooldowns.pop(pool, None)
+        health.end_cooldown(pool.health, until)
 
     def cooldown_over(self, pool: TargetPool, upstream: str, until: float) -> None:
         timer = self.cooldowns.pop(pool, None)

@@ -141,6 +141,12 @@ class StatsCollector:
         yield rejected
         yield GaugeMetricFamily("proxyadmin_start_time_seconds",
                                 "Start time of the node since the Unix epoch.", value=stats.started_at)
+        workers = stats.workers or {"count": 1, "restarts": 0}
+        yield GaugeMetricFamily("proxyadmin_workers", "Worker processes serving the listeners.",
+                                value=workers["count"])
+        yield CounterMetricFamily("proxyadmin_worker_restarts",
+                                  "Worker processes that died and were started again.",
+                                  value=workers["restarts"])
 
 
 def cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from proxycore.limits import Limits
 from proxycore.ratelimit import Limiters
 from proxycore.stats import ListenerStats, Stats
 from proxycore.tlssessions import TicketKeys
-from proxycore.upstream import Balancer, Pools, TargetPool
+from proxycore.upstream import Balancer, PoolKey, Pools, TargetPool
 
 log = logging.getLogger("proxycore")
 
@@ -119,6 +120,8 @@ class ProxyNode:
         access_log: Sink | None = None,
         session_resumption: bool = True,
         ticket_keys: TicketKeys | None = None,
+        listen_sockets: Mapping[str, socket.socket] | None = None,
+        active_checks: bool = True,
     ) -> None:
         self.limits = limits or Limits()
         self.stats = stats or Stats()
@@ -130,6 +133,9 @@ class ProxyNode:
         self.tickets = ticket_keys or TicketKeys()  # one secret for the node's life: survives reloads
         self.ticket_epoch = self.tickets.epoch(time.time())
         self.state = self.build(snapshot)  # a bad first snapshot is fatal
+        # A worker process runs no checks of its own: its supervisor sends the verdicts.
+        self.active_checks = active_checks
+        self.listen_sockets = dict(listen_sockets or {})  # listener name -> socket handed over
         self.health = HealthMonitor(self.stats)
         self.stats.upstream_states = lambda: describe_upstreams(self.state.balancers, time.monotonic())
         self.stats.host_upstreams = lambda: {r.name: r.upstream.name for r in self.state.snapshot.hosts}
@@ -146,23 +152,36 @@ class ProxyNode:
         self.heap = HeapTrim(glibc_malloc_trim())  # hands back what closed connections freed
 
     @property
+    def revision(self) -> int:
+        return self.state.snapshot.revision
+
+    def worker_pids(self) -> list[int]:
+        return []
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None
         return self._loop
 
     # ---- start, reload, stop ---------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, listen: bool = True) -> None:
+        """Listen and run; ``listen=False``: only health checks and timers (a supervisor's)."""
         self._loop = asyncio.get_running_loop()
-        for listener in self.listeners:
+        for listener in self.listeners if listen else ():
             factory = self._tls_acceptor(listener) if listener.https else self._plain(listener)
-            listener.server = await self.loop.create_server(
-                factory, listener.host, listener.port, reuse_address=True, backlog=1024
-            )
+            given = self.listen_sockets.get(listener.name)
+            if given is not None:
+                listener.server = await self.loop.create_server(factory, sock=given, backlog=1024)
+            else:
+                listener.server = await self.loop.create_server(
+                    factory, listener.host, listener.port, reuse_address=True, backlog=1024
+                )
             sock = listener.server.sockets[0]
             listener.port = sock.getsockname()[1]
             log.info("listening on %s://%s:%d", listener.name, listener.host, listener.port)
-        self.https_port = self.listeners[0].port
+        if listen:
+            self.https_port = self.listeners[0].port
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self.sweep)
         self.adopt_upstreams()  # health checkers and draining for the first snapshot
 
@@ -236,7 +255,21 @@ class ProxyNode:
         taking = {id(p) for balancer in state.balancers.values() for p in balancer.pools}
         for pool in state.pools:
             pool.drain(id(pool) not in taking)
-        self.health.replan(plan_checks(state.snapshot, state.balancers), state.pools)
+        plans = plan_checks(state.snapshot, state.balancers) if self.active_checks else {}
+        self.health.replan(plans, state.pools)
+
+    def health_verdicts(self) -> dict[PoolKey, tuple[bool, str]]:
+        """The active checks' verdict on every pool: what a supervisor sends its workers."""
+        return {key: (pool.health.healthy, pool.health.last_error) for key, pool in self.pools.pools.items()}
+
+    def follow_health(self, verdicts: Mapping[PoolKey, tuple[bool, str]]) -> None:
+        """Take the supervisor's verdicts (a worker runs no active checks of its own)."""
+        for key, pool in self.pools.pools.items():
+            verdict = verdicts.get(key)
+            if verdict is not None:
+                pool.health.healthy = verdict[0]
+                if not verdict[0]:
+                    pool.health.last_error = verdict[1]
 
     def _all_connections(self) -> list[Stoppable]:
         return [c for listener in self.listeners for c in listener.connections]

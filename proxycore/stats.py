@@ -166,6 +166,8 @@ class Stats:
         self.upstream_states: Callable[[], dict[str, dict[str, Any]]] | None = None
         # host name -> its upstream's name, set by the node next to upstream_states
         self.host_upstreams: Callable[[], dict[str, str]] | None = None
+        # {"count": n, "restarts": r} on a node of worker processes (proxycore.workers)
+        self.workers: dict[str, int] | None = None
 
     def host(self, name: str) -> HostStats:
         stats = self.hosts.get(name)
@@ -200,7 +202,7 @@ class Stats:
         self.config_rejected = (revision, error)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        totals: dict[str, Any] = {
             "started_at": self.started_at,
             "config_revision": self.config_revision,
             "config_rejected": (
@@ -212,3 +214,6 @@ class Stats:
             "upstreams": self.upstreams_as_dict(),
             "host_upstreams": self.host_upstreams() if self.host_upstreams is not None else {},
         }
+        if self.workers is not None:
+            totals["workers"] = dict(self.workers)
+        return totals

@@ -34,6 +34,7 @@ from proxycore.limits import Limits
 from proxycore.metrics import start_metrics_server
 from proxycore.server import ProxyNode
 from proxycore.tls import TLSConfigError
+from proxycore.workers import MAX_WORKERS, NodeSupervisor, default_workers
 
 log = logging.getLogger("proxyadmin.runproxy")
 POLL_INTERVAL = 1.0
@@ -143,6 +144,20 @@ async def stop_agent_link(running: RunningLink, timeout: float = LINK_STOP_TIMEO
         log.warning("the agent link ended with an error: %s", task.exception())
 
 
+def worker_count(option: int | None) -> int:
+    """--workers, else PROXYADMIN_WORKERS, else the CPUs this process may use."""
+    if option is None:
+        raw = os.environ.get("PROXYADMIN_WORKERS", "").strip()
+        if not raw:
+            return default_workers()
+        if not raw.isdigit():
+            raise CommandError(f"PROXYADMIN_WORKERS must be a whole number, not {raw!r}.")
+        option = int(raw)
+    if not 1 <= option <= MAX_WORKERS:
+        raise CommandError(f"--workers must be between 1 and {MAX_WORKERS}, not {option}.")
+    return option
+
+
 class Command(BaseCommand):
     help = "Run a proxy node: terminate TLS for the configured hosts and forward to upstreams."
     session_resumption = True  # --no-session-resumption turns it off
@@ -155,6 +170,10 @@ class Command(BaseCommand):
         parser.add_argument("--no-access-log", action="store_true", help="log no requests")
         defaults = Limits()
         parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
+        parser.add_argument(
+            "--workers", type=int, default=None,
+            help="worker processes serving the listeners (default: the CPUs this process may use, "
+                 "or PROXYADMIN_WORKERS); 1: one process that serves itself")
         parser.add_argument("--no-session-resumption", action="store_true",
                             help="resume no TLS session: every handshake is a full one")
         parser.add_argument("--stop-deadline", type=float, default=defaults.stop_deadline,
@@ -176,6 +195,7 @@ class Command(BaseCommand):
                    else parse_address(options["metrics"], "--metrics"))
         if options["max_connections"] < 1:
             raise CommandError("--max-connections must be at least 1.")
+        self.workers = worker_count(options["workers"])
         try:
             snapshot = build_snapshot()
         except SnapshotError as exc:
@@ -200,6 +220,9 @@ class Command(BaseCommand):
                 access.close()
 
     def open_access_log(self, options: dict[str, Any]) -> BinaryIO | None:
+        """The access log a single-process node writes; a node of workers checks here that the
+        file opens, and each worker opens it for appending (lines never split: see AccessLogWriter)."""
+        self.access_target = None if options["no_access_log"] else options["access_log"]
         if options["no_access_log"]:
             return None
         if options["access_log"] == "-":
@@ -219,17 +242,31 @@ class Command(BaseCommand):
         # with --no-access-log too.
         linked = self.control is not None and bool(getattr(settings, "AGENT_TOKEN", ""))
         self.recent = RecentLines() if linked else None
+        node: ProxyNode | NodeSupervisor
         try:
-            node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
-                             access_log=access_sink(writer, self.recent),
-                             session_resumption=self.session_resumption)
-            await node.start()
+            if self.workers > 1:
+                writer = None  # each worker writes its own lines
+                self.recent = None
+                node = NodeSupervisor(snapshot, workers=self.workers, https_address=https, http_address=http,
+                                      limits=limits, access_log=self.access_target,
+                                      session_resumption=self.session_resumption, recent=linked)
+                await node.start()
+                self.recent = node.recent
+            else:
+                node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
+                                 access_log=access_sink(writer, self.recent),
+                                 session_resumption=self.session_resumption)
+                await node.start()
         except TLSConfigError as exc:
             raise CommandError(f"The configuration cannot be served: {exc}") from None
         except OSError as exc:
             raise CommandError(f"Cannot listen: {exc}") from None
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from None
         ports = ", ".join(f"{lst.name}://{lst.host}:{lst.port}" for lst in node.listeners)
-        self.stdout.write(f"Proxy node serving revision {snapshot.revision} on {ports}")
+        processes = (f" with {self.workers} worker processes ({', '.join(map(str, node.worker_pids()))})"
+                     if isinstance(node, NodeSupervisor) else "")
+        self.stdout.write(f"Proxy node serving revision {snapshot.revision} on {ports}{processes}")
         log.info("data plane core: %s", compiled.state())
         metrics_server = await self.start_metrics(node, metrics) if metrics is not None else None
         self.stdout.flush()
@@ -254,11 +291,14 @@ class Command(BaseCommand):
         if metrics_server is not None:
             metrics_server.close()
 
-    async def start_metrics(self, node: ProxyNode, address: tuple[str, int]) -> asyncio.Server:
+    async def start_metrics(
+        self, node: ProxyNode | NodeSupervisor, address: tuple[str, int],
+    ) -> asyncio.Server:
         """Serve /metrics on the node's loop; a taken port stops the node and fails the command."""
         host, port = address
+        stats = node.view if isinstance(node, NodeSupervisor) else node.stats
         try:
-            server = await start_metrics_server(node.stats, host, port)
+            server = await start_metrics_server(stats, host, port)
         except OSError as exc:
             await node.stop(0)
             raise CommandError(f"Cannot listen on --metrics {host}:{port}: {exc}") from None
@@ -267,21 +307,24 @@ class Command(BaseCommand):
         self.stdout.write(f"Prometheus metrics at http://{url_host}:{bound_port}/metrics")
         return server
 
-    def start_agent_link(self, node: ProxyNode, wake: Wakeup) -> RunningLink | None:
+    def start_agent_link(self, node: ProxyNode | NodeSupervisor, wake: Wakeup) -> RunningLink | None:
         token = getattr(settings, "AGENT_TOKEN", "")
         if self.control is None or not token:
             return None
         listeners = [Listener(lst.name, f"{lst.host}:{lst.port}") for lst in node.listeners]
         link = AgentLink(
-            self.control, token, node=self.node_name, version=VERSION, stats=node.stats,
-            listeners=listeners, revision=lambda: node.state.snapshot.revision,
+            self.control, token, node=self.node_name, version=VERSION,
+            stats=node if isinstance(node, NodeSupervisor) else node.stats,
+            listeners=listeners, revision=lambda: node.revision,
             on_config_changed=lambda revision: wake.check(), recent=self.recent,
         )
         return RunningLink(link, asyncio.get_running_loop().create_task(link.run()))
 
-    async def follow_revisions(self, node: ProxyNode, wake: Wakeup, link: RunningLink | None) -> None:
+    async def follow_revisions(
+        self, node: ProxyNode | NodeSupervisor, wake: Wakeup, link: RunningLink | None,
+    ) -> None:
         """Reload on a push, on SIGHUP, or on a poll: every second while the agent link is down."""
-        applied = node.state.snapshot.revision
+        applied = node.revision
         rejected = 0
         links_seen = 0
         polls = 0
@@ -308,7 +351,7 @@ class Command(BaseCommand):
             except Exception:
                 log.exception("cannot read the configuration; still serving revision %d", applied)
                 continue
-            if node.reload(snapshot):
+            if await node.reload(snapshot) if isinstance(node, NodeSupervisor) else node.reload(snapshot):
                 applied = snapshot.revision
                 self.report(link, ConfigApplied(applied))
             else:

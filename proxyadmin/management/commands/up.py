@@ -21,6 +21,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from proxyadmin import chartlib, demo
 from proxyadmin.supervisor import STOP_GRACE, Child, Supervisor
+from proxycore.workers import MAX_WORKERS
 
 MANAGE = settings.BASE_DIR / "manage.py"
 ADMIN_USER_ENV = "PROXYADMIN_ADMIN_USER"
@@ -53,6 +54,9 @@ class Command(BaseCommand):
         parser.add_argument("--no-proxy", action="store_true", help="run the admin only")
         parser.add_argument("--no-session-resumption", action="store_true",
                             help="the proxy node resumes no TLS session (runproxy's option)")
+        parser.add_argument("--workers", type=int, default=None,
+                            help="worker processes of the proxy node (runproxy's option; default: "
+                                 "the CPUs this process may use)")
         parser.add_argument("--demo", action="store_true",
                             help="add a working example on first run (host 'localhost', its "
                                  "certificate, an HSTS policy) and run its demo upstream")
@@ -66,6 +70,8 @@ class Command(BaseCommand):
         if options["metrics"] is not None:
             parse_address(options["metrics"], "--metrics")
         demo_port = parse_address(options["demo_upstream"], "--demo-upstream")[1]
+        if options["workers"] is not None and not 1 <= options["workers"] <= MAX_WORKERS:
+            raise CommandError(f"--workers must be between 1 and {MAX_WORKERS}, not {options['workers']}.")
         try:
             self.prepare_and_supervise(options, admin_host, admin_port, demo_port)
         except KeyboardInterrupt:  # Ctrl-C before the children started: nothing to stop
@@ -87,7 +93,8 @@ class Command(BaseCommand):
         if not options["no_proxy"]:
             children.append(self.proxy_child(options["https"], options["http"], options["metrics"],
                                              control=f"http://{options['admin']}",
-                                             resumption=not options["no_session_resumption"]))
+                                             resumption=not options["no_session_resumption"],
+                                             workers=options["workers"]))
             lines += [f"Proxy:  https://{options['https']}/  and  http://{options['http']}/"]
             if options["metrics"] is not None:
                 lines += [f"Metrics: http://{options['metrics']}/metrics"]
@@ -127,12 +134,14 @@ class Command(BaseCommand):
 
     def proxy_child(
         self, https: str, http: str, metrics: str | None = None, control: str | None = None,
-        resumption: bool = True,
+        resumption: bool = True, workers: int | None = None,
     ) -> Child:
         argv = [sys.executable, str(MANAGE), "runproxy", "--https", https, "--http", http,
                 "--stop-deadline", f"{NODE_STOP_DEADLINE:g}"]
         if not resumption:
             argv.append("--no-session-resumption")
+        if workers is not None:
+            argv += ["--workers", str(workers)]
         if control is not None:
             argv += ["--control", control]
         if metrics is not None:
