@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -51,6 +51,11 @@ class RecentClients:
             counts[client] += 1
         elif len(counts) < RECENT_PER_MINUTE:
             counts[client] = 1
+
+    def restore(self, counts: Mapping[str, int], now: float) -> None:
+        """Counts summed elsewhere (several workers' reports), as this minute's."""
+        kept = list(counts.items())[:RECENT_PER_MINUTE]
+        self.minutes = {int(now // 60): {client: int(n) for client, n in kept}}
 
     def top(self, now: float) -> dict[str, int]:
         since = int(now // 60) - RECENT_MINUTES

@@ -18,6 +18,7 @@ retired report counts none). ``upstreams`` is state, merged by ``merge_upstreams
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -124,6 +125,8 @@ def _host_stats(totals: Mapping[str, Any]) -> HostStats:
             if len(counts) == len(LATENCY_BUCKETS) + 1:
                 stats.latency_buckets = counts
             stats.latency_sum = float(value.get("sum", 0.0))
+        elif key == "limited_clients":  # not a Counter: recent counts, restored as this minute's
+            stats.limited_clients.restore(value, time.time())
         elif isinstance(value, Mapping):
             if hasattr(stats, key):
                 setattr(stats, key, Counter(value))

@@ -80,3 +80,13 @@ def test_dashboard_ticks_carry_the_refusals_per_host() -> None:
     after = StatsSample(2.0, {"started_at": 0.0, "hosts": {"a": {"denied": 4, "unauthorized": 1, "rate_limited": 2}}})
     entry = stats_delta(before, after).hosts["a"].tick_entry(1.0)
     assert (entry["denied"], entry["unauthorized"], entry["rate_limited"]) == (3, 1, 2)
+
+
+def test_worker_totals_rebuilt_for_metrics_keep_the_limited_clients() -> None:
+    from proxycore import statsmerge
+
+    merged = statsmerge.add(refusing_stats().as_dict(), refusing_stats().as_dict())
+    rebuilt = statsmerge.rebuild(merged, Stats())
+    host = rebuilt.as_dict()["hosts"]["a"]
+    assert host["limited_clients"] == {"192.0.2.1": 8, "2001:db8::1": 2}
+    assert (host["denied"], host["rate_limited"]) == (6, 10)
