@@ -261,3 +261,12 @@ def test_five_thousand_rules_compile_quickly() -> None:
     start = time.perf_counter()
     AddressTable(rules, False)
     assert time.perf_counter() - start < 2.0
+
+
+def test_the_authorization_bound() -> None:
+    longest = b"Basic " + b64(b"u" * access.MAX_USERNAME + b":" + b"p" * access.MAX_PASSWORD)
+    assert len(longest) <= access.MAX_AUTHORIZATION
+    assert access.basic_credentials(longest) is not None
+    padded = longest + b" " * (access.MAX_AUTHORIZATION - len(longest))
+    assert access.basic_credentials(padded) is not None  # exactly at the bound
+    assert access.basic_credentials(padded + b" ") is None
