@@ -87,6 +87,12 @@ class Limiters:
         self.hosts: dict[str, HostLimiter] = {}
         self.max_clients = max_clients
 
+    def retain(self, names: set[str]) -> None:
+        """Forget the buckets of hosts no longer configured (a connection that still holds a
+        slot keeps its own reference to give it back)."""
+        for name in [n for n in self.hosts if n not in names]:
+            del self.hosts[name]
+
     def host(self, name: str) -> HostLimiter:
         limiter = self.hosts.get(name)
         if limiter is None:

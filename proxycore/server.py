@@ -220,6 +220,7 @@ class ProxyNode:
             return False
         self.state = state
         self.pools.retire_all_but(state.pools)
+        self.limiters.retain({route.name for route in snapshot.hosts if route.rate_limit is not None})
         if self._loop is not None and not self.stopping:
             self.adopt_upstreams()
         self.stats.config_applied(snapshot.revision)

@@ -270,3 +270,15 @@ def test_the_authorization_bound() -> None:
     padded = longest + b" " * (access.MAX_AUTHORIZATION - len(longest))
     assert access.basic_credentials(padded) is not None  # exactly at the bound
     assert access.basic_credentials(padded + b" ") is None
+
+
+def test_a_removed_hosts_buckets_are_forgotten() -> None:
+    from proxycore.ratelimit import Limiters
+
+    limiters = Limiters()
+    kept, gone = limiters.host("a"), limiters.host("b")
+    assert gone.connect(core.RateLimit(connections_per_client=1), 7)
+    limiters.retain({"a"})
+    assert limiters.hosts == {"a": kept}
+    gone.disconnect(7)  # a connection still holding its slot gives it back to its own limiter
+    assert gone.connections == {}
