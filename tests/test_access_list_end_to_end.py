@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxyadmin import snapshot
 from proxyadmin import models as m
+from proxyadmin import snapshot
 from tests.proxyharness import Upstream, basic, connect_from, read_response, running_node
 from tests.test_import_export import document, import_document, new_certificate
 
