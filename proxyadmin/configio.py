@@ -163,7 +163,8 @@ def _dump_host_fields(host: m.Host) -> dict[str, Any]:
 
 def dump_access_list(acl: m.AccessList, *, with_keys: bool) -> dict[str, Any]:
     """An access list in the document's shape; users' password hashes only ``with_keys``."""
-    users = acl.users.all() if acl.pk else []
+    # Sorted here, not by the database: its collation must not make an import look like a change.
+    users = sorted(acl.users.all(), key=lambda u: u.username) if acl.pk else []
     return dump_object(acl) | {
         "rules": [{"action": action, "source": source}
                   for action, source in accesslists.parse_rules(acl.rules)],
@@ -662,7 +663,7 @@ def import_access_list(entry: Mapping[str, Any]) -> Outcome:
         return Outcome("refused", what, tuple(problems))
     after = dump_object(form.instance) | {
         "rules": [{"action": a, "source": s} for a, s in accesslists.parse_rules(form.instance.rules)],
-        "users": [{"username": u, "password_hash": h} for u, h in sorted(users)],
+        "users": [{"username": u, "password_hash": h} for u, h in sorted(users, key=lambda user: user[0])],
     }
     if before is not None and before == after:
         return Outcome("unchanged", what)
