@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 import trustme
 
 from proxycore import config as core
@@ -105,3 +106,18 @@ def test_a_trusted_peer_must_send_the_proxy_header_when_the_listener_wants_one(
             handshake = False
         assert not handshake
         wait_until(lambda: node.stats()["hosts"]["-"]["handshakes_failed"].get("bad_proxy_header") == 1)
+
+
+@pytest.mark.parametrize("mode", [core.Mode.HTTP, core.Mode.TCP])
+def test_the_proxy_header_sent_upstream_names_the_real_client(
+    ca: trustme.CA, upstream: Upstream, mode: core.Mode
+) -> None:
+    snap = snapshot(ca, upstream.port, trusted("https", True), proxy_protocol=core.ProxyProtocol.V1,
+                    mode=mode, hsts=None)
+    with running_node(snap) as node:
+        raw = connect_from("127.0.0.2", node.https_port)
+        raw.sendall(proxyproto.encode_v1(("10.7.7.7", 4242), ("127.0.0.1", 443)))
+        sock = client_context(ca).wrap_socket(raw, server_hostname="a.example")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        read_response(sock)
+        wait_until(lambda: bytes(upstream.raw).startswith(b"PROXY TCP4 10.7.7.7 "))
