@@ -8,7 +8,11 @@ reads the ClientHello itself (``proxycore.clienthello``), picks the host by SNI
 A ClientHello naming no known host gets ``unrecognized_name`` (strict SNI, or no
 default certificate), and plain HTTP on this port a plain 400. A ClientHello that
 offers only ALPN ``acme-tls/1`` is an ACME tls-alpn-01 validation: it gets the
-challenge certificate for its name (``proxycore.acmealpn``), never a host's. Every failed
+challenge certificate for its name (``proxycore.acmealpn``), never a host's. A trusted
+proxy's PROXY header, when its listener wants one, is read before the ClientHello; an
+address the host's access list denies outright (a list without users), or a client
+already holding all its connections, is refused once the host is known, before any
+handshake work (``refused_early``). Every failed
 handshake is counted by reason, and a handshake OpenSSL refuses ends with the alert
 OpenSSL wrote (``proxycore.tlsalert``).
 

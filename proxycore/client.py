@@ -1,6 +1,10 @@
 """The client side of the HTTP reverse proxy: one ``asyncio.Protocol`` per connection.
 
-The connection moves bytes and keeps time; it decides nothing itself. Bytes from
+The connection moves bytes and keeps time; it decides nothing itself. For a host with
+an access list or a rate limit it gathers the facts ``decide`` rules on: the list's
+verdict on the client's address (once per host and address, not per request), a token
+from the client's bucket, what the Authorization header is worth; and it knows who the
+client is: the peer, or whom a trusted proxy names (PROXY header, X-Forwarded-For). Bytes from
 the client go through the strict parser (``http1``); each request head becomes an
 ``Exchange`` (``proxycore.exchange``) that carries out what ``decide`` says for it,
 and the exchange writes the response back through the connection. The connection
