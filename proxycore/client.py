@@ -4,10 +4,11 @@ The connection moves bytes and keeps time; it decides nothing itself. For a host
 an access list or a rate limit it gathers the facts ``decide`` rules on: the list's
 verdict on the client's address (once per host and address, not per request), a token
 from the client's bucket, what the Authorization header is worth; and it knows who the
-client is: the peer, or whom a trusted proxy names (PROXY header, X-Forwarded-For). Bytes from
-the client go through the strict parser (``http1``); each request head becomes an
-``Exchange`` (``proxycore.exchange``) that carries out what ``decide`` says for it,
-and the exchange writes the response back through the connection. The connection
+client is: the peer, or whom a trusted proxy names (PROXY header, X-Forwarded-For).
+
+Bytes from the client go through the strict parser (``http1``); each request head
+becomes an ``Exchange`` (``proxycore.exchange``) that carries out what ``decide`` says
+for it, and the exchange writes the response back through the connection. The connection
 owns framing (one exchange at a time; pipelined requests wait their turn, paused),
 back-pressure (``pause_reading`` reasons), the timeouts watched by the node's sweep
 (``check_deadlines``), and the errors that have no request: a malformed or late head.
@@ -77,6 +78,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_limiter: HostLimiter | None = None
         self.verified: tuple[bytes, bytes] | None = None  # (list identity, Authorization value)
         self.slot: HostLimiter | None = None  # holds a per-client connection slot of this host
+        self.slot_key = -1  # ... for this client address
         self.log_prefix = b""  # client address and listener, for the access log
         self.exchange: Exchange | None = None  # the request being served
         self.events: deque[RequestHead | BodyData | MessageEnd | Upgraded | ParseError] = deque()
@@ -353,13 +355,13 @@ class ClientConnection(asyncio.Protocol):
         limiter = self.node.limiters.host(route.name)
         if not limiter.connect(limit, self.client_key):
             return False
-        self.slot = limiter
+        self.slot, self.slot_key = limiter, self.client_key
         return True
 
     def give_slot(self) -> None:
         slot, self.slot = self.slot, None
         if slot is not None:
-            slot.disconnect(self.client_key)
+            slot.disconnect(self.slot_key)
 
     def client_source(self) -> tuple[str, int] | None:
         """The client's (address, port) for a PROXY header upstream; None: the peer's own."""
