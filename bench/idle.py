@@ -1,6 +1,6 @@
 """Idle TLS connections: the proxy's memory per connection, and new clients served meanwhile.
 
-    python bench/idle.py [--connections 10000]
+    python bench/idle.py [--connections 10000] [--workers 2]
 
 Starts the shared backend and one proxycore node as bench/run.py does, opens
 ``--connections`` TLS connections to it (handshake done, then silent), and prints the
@@ -26,16 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvloop
 
 from bench.certs import make_certificates
-from bench.servers import BENCH_DIR, _start, free_port, start_backend
+from bench.servers import BENCH_DIR, _children, _start, free_port, start_backend
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident memory of the node: its process and its children (the workers, if any)."""
+    total = 0.0
+    for one in (pid, *_children(pid)):
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    if not total:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return total
 
 
 async def open_idle(
@@ -78,6 +83,7 @@ async def served(port: int, ctx: ssl.SSLContext, requests: int) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (runproxy --workers)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.connections + 1000  # each side's sockets (the node inherits the limit), and some
@@ -96,7 +102,7 @@ def main() -> None:
         port = free_port()
         argv = [sys.executable, str(BENCH_DIR / "launch_proxycore.py"), "--cert", str(certs.chain),
                 "--key", str(certs.key), "--https-port", str(port), "--backend-port", str(backend.port),
-                "--max-connections", str(args.connections + 1000)]
+                "--max-connections", str(args.connections + 1000), "--workers", str(args.workers)]
         proxy = _start(workdir, "proxy", "proxy", port, argv)
         ctx = ssl.create_default_context(cafile=str(certs.ca))
         try:

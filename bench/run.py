@@ -323,7 +323,7 @@ def main() -> None:
         "command": command, "machine": machine(), "notes": notes, "core": compiled.state(),
         "background_cpu_at_start": round(background, 2),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
-                     "wrk_threads": 1,
+                     "wrk_threads": 2 if args.scaling else 1, "scaling": args.scaling,
                      "nginx_upstream_keepalive": args.nginx_keepalive,
                      "loads": {ld.key: {"path": ld.path, "connections": ld.connections, "close": ld.close}
                                for ld in (*LOADS, FULL)}},
@@ -394,10 +394,16 @@ def main() -> None:
     print()
     print(text)
     print()
-    print("nginx w1: worker_processes 1, the same one-process budget as proxycore (one event loop);")
-    print("nginx auto: worker_processes auto (2 here), for reference; haproxy: nbthread 1,")
-    print("http-reuse always; caddy: GOMAXPROCS=1, no access log, no full-handshake run (its")
-    print("Caddyfile cannot turn session tickets off).")
+    if args.scaling:
+        print("--scaling: nginx worker_processes 2, HAProxy nbthread 2, Caddy GOMAXPROCS=2, proxycore")
+        print("with 1 and 2 worker processes (access log on); wrk -t2 and twice the keep-alive clients.")
+        print("With 2 cores shared by wrk, the backend and the server, the client is part of the")
+        print("bottleneck: w2/w1 is the node's scaling on this machine, not the code's ceiling.")
+    else:
+        print("nginx w1: worker_processes 1, the same one-process budget as proxycore (one event loop);")
+        print("nginx auto: worker_processes auto (2 here), for reference; haproxy: nbthread 1,")
+        print("http-reuse always; caddy: GOMAXPROCS=1, no access log, no full-handshake run (its")
+        print("Caddyfile cannot turn session tickets off).")
     print(f"nginx upstream keepalive {args.nginx_keepalive}: with 50 clients it opens new upstream")
     print("connections (see 'new upstream conns' above); proxycore keeps up to 64 idle ones.")
     print("wrk: 1 thread (the other core is the proxy's); 'resumed' rows: wrk resumes TLS sessions;")

@@ -7,9 +7,11 @@ inherited file descriptor), the limits and the node's session-ticket secret. It 
 database connection and no agent link and runs no active health checks: the supervisor
 does those once for the node and sends the verdicts.
 
-It stops gracefully on ``Stop``, on SIGTERM or SIGINT, and when the supervisor's end of
-the socket pair closes (the supervisor died); it also asks the kernel for SIGTERM when
-the supervisor dies (PR_SET_PDEATHSIG), in case the socket pair is somehow held open.
+It stops gracefully on ``Stop``, on SIGTERM, and when the supervisor's end of the socket
+pair closes (the supervisor died); it also asks the kernel for SIGTERM when the
+supervisor dies (PR_SET_PDEATHSIG), in case the socket pair is somehow held open. It
+ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the stop is the
+supervisor's to run (a worker stopping on its own would look like one that died).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class Worker:
         setup = await wp.receive(reader)
         if not isinstance(setup, wp.Setup):
             raise SystemExit("proxycore.worker: the supervisor sent no setup first")
-        logging.getLogger().handlers[0].setFormatter(logging.Formatter(
+        root = logging.getLogger()
+        root.setLevel(setup.log_level)
+        root.handlers[0].setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)s %(name)s [worker {setup.index}] %(message)s"))
         stream = open_access_log(setup.access_log)
         access = AccessLogWriter(stream) if stream is not None else None
@@ -69,8 +73,7 @@ class Worker:
         node.health.on_cooldown = self.cooled_down
         await node.start()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         self.send(wp.Ready(os.getpid(), node.state.snapshot.revision))
         tasks = [loop.create_task(self.follow(reader, node, recent)),
                  loop.create_task(self.report(node, recent))]
@@ -167,6 +170,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or not argv[1].isdigit():
         raise SystemExit("usage: python -m proxycore.worker FD (started by runproxy --workers)")
     _die_with_supervisor()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     channel = socket.socket(fileno=int(argv[1]))
     try:

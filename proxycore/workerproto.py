@@ -44,6 +44,7 @@ class Setup:
     session_resumption: bool
     access_log: str | None  # a file path, "-" for stdout, None for none
     recent: bool  # keep recent lines per host for the dashboard
+    log_level: int
     health: dict[PoolKey, tuple[bool, str]]
 
 

@@ -157,11 +157,12 @@ class NodeSupervisor:
         self.stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._verdicts: dict[PoolKey, tuple[bool, str]] = {}
+        self.applied_revision = snapshot.revision
 
     @property
     def revision(self) -> int:
         """The revision every worker serves."""
-        return self.checker.state.snapshot.revision
+        return self.applied_revision
 
     @property
     def stats(self) -> Stats:
@@ -209,6 +210,10 @@ class NodeSupervisor:
             raise
         self.own_sockets += group
         return group
+
+    def stop_restarting(self) -> None:
+        """The node is stopping: a worker that exits now is not started again."""
+        self.stopping = True
 
     async def stop(self, deadline: float | None = None) -> None:
         """Drain every worker: they finish in-flight requests within ``deadline`` seconds."""
@@ -260,12 +265,17 @@ class NodeSupervisor:
             limits=self.limits, ticket_secret=self.tickets.secret,
             session_resumption=self.session_resumption, access_log=self.access_log,
             recent=self.recent is not None, health=self._verdicts,
+            log_level=logging.getLogger().getEffectiveLevel(),
         ))
         try:
             while True:
                 self._received(handle, await wp.receive(reader))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # it exited: _supervise sees the process end
+        except Exception:  # a frame that makes no sense: the worker is broken, start it again
+            log.exception("worker %d (pid %d) sent a bad message: killed", handle.index, handle.pid)
+            if handle.alive() and handle.process is not None:
+                handle.process.kill()
         finally:
             writer.close()
 
@@ -315,7 +325,7 @@ class NodeSupervisor:
         process = handle.process
         if process is None:
             if now >= handle.next_start and not self.stopping:
-                self._spawn(handle)
+                self._start_again(handle, now)
             return
         code = process.poll()
         if code is None:
@@ -324,7 +334,7 @@ class NodeSupervisor:
                           handle.pid, READY_TIMEOUT)
                 process.kill()
             return
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
         log.error("worker %d (pid %d) died (%s): starting it again", handle.index, handle.pid, how)
         self.restarts += 1
         if handle.report is not None:
@@ -336,7 +346,16 @@ class NodeSupervisor:
         handle.ready = False
         handle.report = None
         if handle.next_start <= now:
+            self._start_again(handle, now)
+
+    def _start_again(self, handle: WorkerHandle, now: float) -> None:
+        try:
             self._spawn(handle)
+        except OSError as exc:  # out of processes or files: try again after the back-off
+            handle.backoff = min(handle.backoff * 2, BACKOFF_MAX)
+            handle.next_start = now + handle.backoff
+            log.error("worker %d cannot be started (%s); next try in %.0f s", handle.index, exc,
+                      handle.backoff)
 
     def _retire(self, report: dict[str, Any]) -> None:
         """Keep a dead worker's counters in the node's totals (bounded: sums, not a list)."""
@@ -349,9 +368,28 @@ class NodeSupervisor:
     # ---- reload -------------------------------------------------------------------
 
     async def reload(self, snapshot: Snapshot) -> bool:
-        """Serve ``snapshot`` on every worker; False (all keep the old one) if it cannot be built."""
+        """Serve ``snapshot`` on every worker; False (all keep the old one) if it cannot be built.
+
+        It is built here first, so a snapshot that fails never reaches a worker. Should a
+        worker still reject it (it builds the same contexts, so only a fault of its own
+        would), every worker goes back to the revision before, as does this process.
+        """
+        previous = self.checker.state.snapshot
         if not self.checker.reload(snapshot):
             return False
+        error = await self._load_everywhere(snapshot)
+        if error is None:
+            self.applied_revision = snapshot.revision
+            return True
+        log.error("config revision %d rejected by a worker, every worker back on %d: %s",
+                  snapshot.revision, previous.revision, error)
+        self.checker.reload(previous)
+        await self._load_everywhere(previous)
+        self.stats.config_failed(snapshot.revision, error)
+        return False
+
+    async def _load_everywhere(self, snapshot: Snapshot) -> str | None:
+        """Send ``snapshot`` to every worker and wait for each: None, or the first error."""
         for handle in self.handles:
             handle.load_error = None
         self.broadcast(wp.Load(snapshot))
@@ -364,14 +402,9 @@ class NodeSupervisor:
         try:
             await self._wait_until(settled, LOAD_TIMEOUT)
         except TimeoutError:
-            log.error("config revision %d: not every worker answered within %.0f s", revision, LOAD_TIMEOUT)
+            return f"not every worker answered within {LOAD_TIMEOUT:.0f} s"
         failed = [h.load_error for h in self.handles if h.load_error is not None]
-        if failed:
-            error = failed[0][1]
-            log.error("config revision %d rejected by a worker: %s", revision, error)
-            self.stats.config_failed(revision, error)
-            return False
-        return True
+        return failed[0][1] if failed else None
 
     async def _wait_until(self, condition: Any, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -390,8 +423,9 @@ class NodeSupervisor:
         for report in reports:
             statsmerge.add(merged, report)
         own = self.checker.stats.as_dict()
-        for key in ("started_at", "config_revision", "config_rejected", "host_upstreams"):
+        for key in ("started_at", "config_rejected", "host_upstreams"):
             merged[key] = own[key]
+        merged["config_revision"] = self.applied_revision
         merged.setdefault("hosts", {})
         merged.setdefault("listeners", {})
         merged["upstreams"] = statsmerge.merge_upstreams(
@@ -404,10 +438,17 @@ class NodeSupervisor:
         totals = self.as_dict()
         view = statsmerge.rebuild(totals, self.view)
         view.started_at = totals["started_at"]
-        view.config_revision = self.checker.stats.config_revision
+        view.config_revision = self.applied_revision
         view.config_rejected = self.checker.stats.config_rejected
         view.workers = dict(totals["workers"])
         return view
 
     def worker_pids(self) -> list[int]:
         return [h.pid for h in self.handles if h.alive()]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -138,8 +138,9 @@ def one_per_worker(node: Node, ca: trustme.CA) -> dict[int, ssl.SSLSocket]:
     raise AssertionError(f"connections never reached every worker: {sorted(held)} of {pids}")
 
 
-def start_node(project: Project, ca: trustme.CA, upstream_port: int, *extra: str) -> Node:
-    project.import_config(config(ca, upstream_port, ["a"]))
+def start_node(project: Project, ca: trustme.CA, upstream_port: int, *extra: str,
+               document: dict[str, object] | None = None) -> Node:
+    project.import_config(document or config(ca, upstream_port, ["a"]))
     https, http, metrics = free_port(), free_port(), free_port()
     log = project.tmp / "access.log"
     proc = project.start("runproxy", "--https", f"127.0.0.1:{https}", "--http", f"127.0.0.1:{http}",
@@ -371,3 +372,103 @@ def test_a_bad_worker_count_is_refused_with_a_clear_message(project: Project, va
         project.env["PROXYADMIN_WORKERS"] = value
         stderr = project.refuses("runproxy")
         assert "PROXYADMIN_WORKERS must be a whole number" in stderr
+
+
+def test_health_is_checked_once_per_node_and_every_worker_routes_by_it(
+    project: Project, ca: trustme.CA, upstream: Upstream, loop_thread: LoopThread,
+) -> None:
+    checks: list[float] = []
+
+    async def failing_checks(ex: Exchange) -> None:
+        if ex.target == "/health":
+            checks.append(time.monotonic())
+            ex.respond(500, b"down")
+        else:
+            ex.respond(200, b"the target whose checks fail")
+
+    bad = Upstream(loop_thread, failing_checks).start()
+
+    async def good_checks(ex: Exchange) -> None:
+        ex.respond(200, b"good")
+
+    good = Upstream(loop_thread, good_checks).start()
+    document = config(ca, good.port, ["a"])
+    document["upstreams"] = [{
+        "name": "app", "health_check_path": "/health", "health_check_interval": 0.5,
+        "unhealthy_threshold": 1, "healthy_threshold": 1,
+        "targets": [{"host": "127.0.0.1", "port": good.port}, {"host": "127.0.0.1", "port": bad.port}],
+    }]
+    node = start_node(project, ca, good.port, "--no-control", document=document)
+    try:
+        # Taken out by the supervisor's checks: no worker sends it a request any more.
+        wait_until(lambda: len(checks) >= 2, 10)
+        time.sleep(0.5)
+        pids = node.workers()
+        served_by = set()
+        for _ in range(16):
+            with node.connect(ca) as sock:
+                served_by.add(holder(pids, node.https, sock))
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                status, _, body = read_response(sock)
+                assert (status, body) == (200, b"good")
+        assert served_by == set(pids)
+        # One checker for the node: a check every 0.5 s, not one per worker.
+        first = len(checks)
+        time.sleep(3)
+        assert 4 <= len(checks) - first <= 8, len(checks) - first
+    finally:
+        kill(node.proc)
+
+
+def test_a_cool_down_one_worker_starts_is_followed_by_the_others(
+    project: Project, ca: trustme.CA, loop_thread: LoopThread,
+) -> None:
+    async def broken(ex: Exchange) -> None:
+        ex.respond(503, b"broken")
+
+    async def fine(ex: Exchange) -> None:
+        ex.respond(200, b"fine")
+
+    bad = Upstream(loop_thread, broken).start()
+    good = Upstream(loop_thread, fine).start()
+    document = config(ca, good.port, ["a"])
+    document["upstreams"] = [{
+        "name": "app", "health_check_enabled": False, "passive_failures": 2, "passive_cooldown": 30,
+        "targets": [{"host": "127.0.0.1", "port": good.port}, {"host": "127.0.0.1", "port": bad.port}],
+    }]
+    node = start_node(project, ca, good.port, "--no-control", document=document)
+    try:
+        held = one_per_worker(node, ca)
+        first, second = sorted(held)
+        statuses = []
+        for _ in range(6):  # round robin: the broken target gets every other request
+            held[first].sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            statuses.append(read_response(held[first])[0])
+        assert statuses.count(503) == 2, statuses  # then it cools down
+        time.sleep(0.5)
+        for _ in range(6):
+            held[second].sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            assert read_response(held[second])[:3:2] == (200, b"fine")
+        for sock in held.values():
+            sock.close()
+    finally:
+        kill(node.proc)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(node: Node, ca: trustme.CA) -> None:
+    pids = node.workers()
+    node.proc.kill()
+    node.proc.communicate(timeout=10)
+
+    def running(pid: int) -> bool:
+        try:
+            return b"proxycore.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    def gone() -> bool:
+        return not any(running(pid) for pid in pids)
+
+    wait_until(gone, 15)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", node.https), timeout=2).close()

@@ -280,6 +280,8 @@ class Command(BaseCommand):
         poller = loop.create_task(self.follow_revisions(node, wake, link))
         flusher = loop.create_task(writer.flush_every_second()) if writer is not None else None
         await stop.wait()
+        if isinstance(node, NodeSupervisor):
+            node.stop_restarting()
         poller.cancel()
         if link is not None:
             await stop_agent_link(link)
