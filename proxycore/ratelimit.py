@@ -3,7 +3,7 @@
 Limits are per proxy node (per worker process when a node runs several): nothing is
 shared between nodes, so a client spread evenly over N nodes can get N times a
 host's rate. Buckets are kept for at most ``MAX_CLIENTS`` addresses per host; the
-least recently seen is dropped first (it then starts again with a full bucket, which
+least recently seen (to within ``SEEN_GRANULARITY``) is dropped first (it then starts again with a full bucket, which
 only ever errs on the side of letting a client through). Connection counts exist only
 while a client holds connections, so they are bounded by the listener's connection limit.
 """
@@ -16,44 +16,61 @@ from typing import Final
 from proxycore.config import RateLimit
 
 MAX_CLIENTS: Final = 50_000  # tracked addresses per host
+# How stale "least recently seen" may be: a bucket moves to the young end of the order at
+# most once a second, not on every request (two dict operations saved per request).
+SEEN_GRANULARITY: Final = 1.0
 
 
 class Bucket:
-    __slots__ = ("at", "tokens")
+    __slots__ = ("at", "seen", "tokens")
 
     def __init__(self, tokens: float, at: float) -> None:
         self.tokens = tokens
-        self.at = at
+        self.at = at  # last refill
+        self.seen = at  # last move to the young end of the order
 
 
 class HostLimiter:
     """One host's buckets and connection counts; lives as long as the node (across reloads,
     the host's current ``RateLimit`` is read on each use)."""
 
-    __slots__ = ("buckets", "connections", "max_clients")
+    __slots__ = ("buckets", "capacity", "connections", "limit", "max_clients", "rate")
 
     def __init__(self, max_clients: int = MAX_CLIENTS) -> None:
         self.buckets: dict[int, Bucket] = {}
         self.connections: dict[int, int] = {}
         self.max_clients = max_clients
+        self.limit: RateLimit | None = None  # the figures below are this one's
+        self.rate = 0.0
+        self.capacity = 1.0
+
+    def configure(self, limit: RateLimit) -> None:
+        self.limit = limit
+        self.rate = limit.requests_per_second
+        self.capacity = float(limit.burst or max(1, math.ceil(self.rate)))
 
     def take(self, limit: RateLimit, client: int, now: float) -> int:
         """Take a token for a request of ``client`` at ``now``: 0 if there was one, else the
         seconds to wait for the next (what ``Retry-After`` says)."""
-        rate = limit.requests_per_second
-        if rate <= 0:
+        if limit is not self.limit:
+            self.configure(limit)
+        rate = self.rate
+        if rate <= 0.0:
             return 0
-        burst = float(limit.burst or max(1, math.ceil(rate)))
         buckets = self.buckets
-        bucket = buckets.pop(client, None)
+        bucket = buckets.get(client)
         if bucket is None:
             while len(buckets) >= self.max_clients:
                 del buckets[next(iter(buckets))]  # the least recently seen
-            bucket = Bucket(burst, now)
+            bucket = buckets[client] = Bucket(self.capacity, now)
         else:
-            bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
+            tokens = bucket.tokens + (now - bucket.at) * rate
+            bucket.tokens = tokens if tokens < self.capacity else self.capacity
             bucket.at = now
-        buckets[client] = bucket  # (last: most recently seen)
+            if now - bucket.seen >= SEEN_GRANULARITY:
+                bucket.seen = now
+                del buckets[client]
+                buckets[client] = bucket  # (last: most recently seen)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0

@@ -169,6 +169,13 @@ def test_a_changed_password_changes_the_lists_identity() -> None:
 # ---- rate limits ----------------------------------------------------------------------
 
 
+def test_a_reload_that_changes_the_limit_applies_to_existing_buckets() -> None:
+    limiter = HostLimiter()
+    assert limiter.take(core.RateLimit(requests_per_second=1, burst=1), 1, 0.0) == 0
+    assert limiter.take(core.RateLimit(requests_per_second=1, burst=1), 1, 0.0) == 1
+    assert limiter.take(core.RateLimit(requests_per_second=10, burst=5), 1, 0.5) == 0  # 5 tokens back
+
+
 def test_the_bucket_allows_the_burst_then_refills_at_the_rate() -> None:
     limiter = HostLimiter()
     limit = core.RateLimit(requests_per_second=2, burst=3)
@@ -181,8 +188,8 @@ def test_the_bucket_allows_the_burst_then_refills_at_the_rate() -> None:
 def test_tracked_clients_are_bounded_least_recently_seen_dropped() -> None:
     limiter = HostLimiter(max_clients=3)
     limit = core.RateLimit(requests_per_second=1, burst=1)
-    for client in (1, 2, 3, 1, 4):
-        limiter.take(limit, client, 0.0)
+    for now, client in enumerate((1, 2, 3, 1, 4)):
+        limiter.take(limit, client, float(now))
     assert list(limiter.buckets) == [3, 1, 4]
 
 
