@@ -3,9 +3,10 @@
 Limits are per proxy node (per worker process when a node runs several): nothing is
 shared between nodes, so a client spread evenly over N nodes can get N times a
 host's rate. Buckets are kept for at most ``MAX_CLIENTS`` addresses per host; the
-least recently seen (to within ``SEEN_GRANULARITY``) is dropped first (it then starts again with a full bucket, which
-only ever errs on the side of letting a client through). Connection counts exist only
-while a client holds connections, so they are bounded by the listener's connection limit.
+least recently seen (to within ``SEEN_GRANULARITY``) is dropped first: it then starts
+again with a full bucket, which only ever errs on the side of letting a client through.
+Connection counts exist only while a client holds connections, so they are bounded by
+the listener's connection limit.
 """
 
 from __future__ import annotations
