@@ -72,3 +72,14 @@ def test_the_proxy_host_page_refuses_a_rate_out_of_range(admin_client_logged_in:
     assert response.status_code == 200
     assert "Ensure this value is greater than or equal to 0.01" in page_text(response)
     assert not m.Host.objects.exists()
+
+
+def test_a_blank_password_keeps_the_stored_one(admin_client_logged_in: Client) -> None:
+    admin_client_logged_in.post(ACL_ADD_URL, acl_post([("ops", "correct horse")]))
+    acl = m.AccessList.objects.get()
+    user = acl.users.get()
+    data = acl_post([("ops", "")], **{"users-INITIAL_FORMS": "1", "users-0-id": str(user.pk),
+                                      "users-0-access_list": str(acl.pk)})
+    response = admin_client_logged_in.post(f"/admin/proxyadmin/accesslist/{acl.pk}/change/", data)
+    assert response.status_code == 302, page_text(response)
+    assert acl.users.get().password_hash == user.password_hash
