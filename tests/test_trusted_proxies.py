@@ -10,6 +10,7 @@ import trustme
 
 from proxycore import config as core
 from proxycore import proxyproto
+from proxycore.limits import Limits
 from tests.proxyharness import (
     Upstream,
     bundle,
@@ -121,3 +122,15 @@ def test_the_proxy_header_sent_upstream_names_the_real_client(
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
         read_response(sock)
         wait_until(lambda: bytes(upstream.raw).startswith(b"PROXY TCP4 10.7.7.7 "))
+
+
+def test_a_proxy_header_that_never_ends_times_out(ca: trustme.CA, upstream: Upstream) -> None:
+    limits = Limits(head_timeout=0.5, handshake_timeout=0.5)
+    with running_node(snapshot(ca, upstream.port, trusted("http", True), trusted("https", True)), limits) as node:
+        plain = connect_from("127.0.0.2", node.http_port)
+        plain.sendall(b"PROXY TCP4 10.0.0.1")
+        assert read_response(plain)[0] == 408
+        tls = connect_from("127.0.0.2", node.https_port)
+        tls.sendall(b"PROXY TCP4 10.0.0.1")
+        assert tls.recv(100) == b""  # closed at the handshake timeout
+        wait_until(lambda: node.stats()["hosts"]["-"]["handshakes_failed"].get("timeout") == 1)
