@@ -90,3 +90,22 @@ def test_worker_totals_rebuilt_for_metrics_keep_the_limited_clients() -> None:
     host = rebuilt.as_dict()["hosts"]["a"]
     assert host["limited_clients"] == {"192.0.2.1": 8, "2001:db8::1": 2}
     assert (host["denied"], host["rate_limited"]) == (6, 10)
+
+
+def test_summed_workers_keep_the_top_clients_and_none_of_a_dead_workers() -> None:
+    from proxycore import statsmerge
+    from proxycore.stats import RECENT_TOP
+
+    def worker(first: int) -> dict[str, object]:
+        stats = Stats()
+        for i in range(RECENT_TOP):
+            for _ in range(first + i):
+                stats.host("a").limited(f"192.0.2.{first + i}", time.time())
+        return stats.as_dict()
+
+    merged = statsmerge.add(statsmerge.add({}, worker(1)), worker(100))
+    top = merged["hosts"]["a"]["limited_clients"]
+    assert len(top) == RECENT_TOP and min(top.values()) >= 100
+    dead = statsmerge.without_gauges(worker(1))
+    assert dead["hosts"]["a"]["limited_clients"] == {}
+    assert dead["hosts"]["a"]["rate_limited"] == sum(range(1, RECENT_TOP + 1))
