@@ -59,6 +59,16 @@ def bench_snapshot(bundle: core.CertificateBundle, backend_port: int) -> core.Sn
     return core.Snapshot(revision=1, hosts=(host,), default_certificate=bundle)
 
 
+async def serve_until_stopped(port: int) -> None:
+    """Say ``ready <port>``, then wait for SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    print(f"ready {port}", flush=True)
+    await stop.wait()
+
+
 async def serve(snapshot: core.Snapshot, https_port: int, access: BinaryIO | None,
                 resumption: bool = True, max_connections: int | None = None) -> None:
     writer = AccessLogWriter(access) if access is not None else None
@@ -68,13 +78,8 @@ async def serve(snapshot: core.Snapshot, https_port: int, access: BinaryIO | Non
     node = ProxyNode(snapshot, https_address=("127.0.0.1", https_port), http_address=("127.0.0.1", 0),
                      limits=limits, access_log=writer, session_resumption=resumption)
     await node.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    print(f"ready {node.https_port}", flush=True)
-    flusher = loop.create_task(writer.flush_every_second()) if writer is not None else None
-    await stop.wait()
+    flusher = asyncio.get_running_loop().create_task(writer.flush_every_second()) if writer else None
+    await serve_until_stopped(node.https_port)
     await node.stop(1.0)
     if flusher is not None and writer is not None:
         flusher.cancel()
@@ -90,12 +95,7 @@ async def serve_workers(snapshot: core.Snapshot, https_port: int, access_log: Pa
                           http_address=("127.0.0.1", 0), limits=limits,
                           access_log=str(access_log) if access_log else None, session_resumption=resumption)
     await node.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    print(f"ready {node.listeners[0].port}", flush=True)
-    await stop.wait()
+    await serve_until_stopped(node.listeners[0].port)
     await node.stop(1.0)
     print("stats " + json.dumps(node.as_dict()), flush=True)
 

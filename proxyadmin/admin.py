@@ -681,10 +681,12 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(m.ProxyNode)
 class ProxyNodeAdmin(ReadOnlyAdmin):
-    list_display = ["name", "status_display", "revision_display", "last_seen", "last_error_display"]
+    list_display = ["name", "status_display", "revision_display", "workers_display", "last_seen",
+                    "last_error_display"]
     search_fields = ["name"]
     readonly_fields = (
-        "name", "status_display", "revision_display", "version", "pid", "listeners_display",
+        "name", "status_display", "revision_display", "workers_display", "version", "pid",
+        "listeners_display",
         "connected", "last_seen", "started_at", "last_error_revision", "last_error",
     )
     fields = readonly_fields
@@ -700,6 +702,14 @@ class ProxyNodeAdmin(ReadOnlyAdmin):
     def status_display(self, obj: m.ProxyNode) -> str:
         status = {"online": "status-ok", "stale": "status-warn"}.get(obj.status, "status-bad")
         return format_html('<strong class="{}">{}</strong>', status, obj.status)
+
+    @admin.display(description="workers")
+    def workers_display(self, obj: m.ProxyNode) -> str:
+        """Worker processes, as of the last rollup flush; restarts flagged."""
+        if not obj.worker_restarts:
+            return format_html("{}", obj.workers)
+        return format_html('{} <strong class="status-warn">({} restarts)</strong>', obj.workers,
+                           obj.worker_restarts)
 
     @admin.display(description="applied / current revision")
     def revision_display(self, obj: m.ProxyNode) -> str:

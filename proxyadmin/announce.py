@@ -1,11 +1,12 @@
 """What the control plane tells proxy nodes and dashboards through the channel layer.
 
 The group names, and every message sent to a group: ``config.changed`` for the
-agents, ``state``, ``nodes`` and ``tick`` for the dashboards. The consumers
-(``proxyadmin.consumers``) relay these; the revision watcher
-(``proxyadmin.revwatch``) and the ``ConfigRevision`` signal connected in
-``ProxyAdminConfig.ready()`` send them. Nothing here imports the consumers, so
-models, commands and consumers can all use it without an import cycle.
+agents, ``state`` and ``nodes`` for the dashboards (``tick`` is
+``proxyadmin.coalesce``'s). The consumers (``proxyadmin.consumers``) relay these;
+``proxyadmin.ingest``, the revision watcher (``proxyadmin.revisionwatcher``) and
+the ``ConfigRevision`` signal connected in ``ProxyAdminConfig.ready()`` send them.
+Nothing here imports the consumers, so models, commands and consumers can all use
+it without an import cycle.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -51,12 +53,21 @@ def host_pages() -> dict[str, str]:
             for pk, name in Host.objects.values_list("pk", "name")}
 
 
-def nodes_message() -> dict[str, Any]:
-    """The node table; sent on every node and config change, so it carries the host links too."""
+def nodes_message(seen: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The node table; sent when nodes or the config change, so it carries the host links too.
+
+    ``seen``: when control-plane processes last heard from nodes (``proxyadmin.liveness``),
+    fresher than the rows, which are written once per rollup flush.
+    """
     current = ConfigRevision.current()
     now = timezone.now()
-    return {"type": "nodes", "nodes": [n.as_dashboard(current, now) for n in ProxyNode.objects.all()],
-            "host_pages": host_pages()}
+    seen = seen or {}
+
+    def live(name: str) -> dt.datetime | None:
+        return dt.datetime.fromtimestamp(seen[name], tz=dt.UTC) if name in seen else None
+
+    nodes = [n.as_dashboard(current, now, live(n.name)) for n in ProxyNode.objects.all()]
+    return {"type": "nodes", "nodes": nodes, "host_pages": host_pages()}
 
 
 def expiring_certificates(now: dt.datetime) -> list[dict[str, Any]]:
@@ -89,22 +100,6 @@ def dashboard_state() -> dict[str, Any]:
         "history": traffic.history(now),
         "certificates": expiring_certificates(now),
         "warnings": config_warnings(),
-    }
-
-
-def tick_message(node: str, delta: traffic.StatsDelta) -> dict[str, Any]:
-    """The dashboard's ``tick``: one node's traffic since its previous report (pure)."""
-    return {
-        "type": "tick",
-        "time": delta.time,
-        "node": node,
-        "hosts": {
-            name: {**host.tick_entry(delta.elapsed), **delta.host_targets(name)}
-            for name, host in delta.hosts.items() if host.worth_showing()
-        },
-        "tls_versions": delta.tls_versions,
-        "ciphers": delta.ciphers,
-        "upstreams": delta.upstreams,
     }
 
 

@@ -1,12 +1,12 @@
 """The control plane's two websockets: proxy nodes' agent link, and the staff's live dashboard.
 
-``AgentConsumer`` (``/ws/agent/``, bearer token only) takes a node's ``hello``,
-``stats`` and config reports (``proxycore.agentproto``), keeps ``ProxyNode`` and the
-traffic rollup up to date, fans out to the dashboards through the channel layer,
-and passes on ``config.changed`` (from ``proxyadmin.announce`` and from this
-process's ``proxyadmin.revisionwatcher``). ``DashboardConsumer``
+``AgentConsumer`` (``/ws/agent/``, bearer token only) takes a node's ``hello`` (the
+node's lease, ``proxyadmin.liveness``, and its row), hands its ``stats`` to this
+process's ``proxyadmin.ingest`` (memory only: ledgers, ticks, flushes), writes its
+config reports, and passes on ``config.changed`` (from ``proxyadmin.announce`` and
+from this process's ``proxyadmin.revisionwatcher``). ``DashboardConsumer``
 (``/ws/dashboard/``, staff sessions only) sends the current state on connect, then
-relays ``tick`` and ``nodes`` as they come.
+relays each process's ``tick`` (or says the page lags) and ``nodes`` as they come.
 
 Both join a channel-layer group, so with a Redis layer any daphne process can
 reach every node and every dashboard.
@@ -15,16 +15,21 @@ reach every node and every dashboard.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.db import DatabaseError
+from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
-from proxyadmin import agentauth, announce, traffic
+from proxyadmin import agentauth, announce, ledger, liveness, traffic
 from proxyadmin.announce import AGENTS_GROUP, DASHBOARD_GROUP
+from proxyadmin.ingest import ingest
 from proxyadmin.livehistory import history as live_history
 from proxyadmin.models import ConfigRevision, ProxyNode
 from proxyadmin.revisionwatcher import watcher
@@ -38,29 +43,51 @@ GROUP_REFRESH_SECONDS = 3600.0
 MALFORMED_LOG_FIRST = 5
 MALFORMED_LOG_EVERY = 100
 CLOSE_FORBIDDEN = 4403
+CLOSE_NAME_TAKEN = 4409  # another link holds this node's name
 CLOSE_POLICY_VIOLATION = 1008
+# How a node's stats frame starts (json.dumps of agentproto's message): queued as text,
+# decoded only when its turn comes, so a newer one can replace it unread.
+STATS_FRAME = re.compile(r'\s*\{\s*"type"\s*:\s*"stats"')
+# A tick this old when a dashboard's consumer gets to it is not shown: the page is told it lags.
+LAG_SECONDS = 3.0
+LAG_RESYNC_SECONDS = 5.0
 
 
 # -- node bookkeeping (sync, database) --------------------------------------
 
 
-def save_hello(hello: agentproto.Hello, channel_name: str) -> int | None:
-    """Record a node's hello; the current config revision, or None for a new node that does not fit."""
+@dataclass(frozen=True, slots=True)
+class HelloTaken:
+    revision: int  # the current config revision
+    pk: int
+    epoch: int  # the node's link_epoch, now this link's
+    baseline: ledger.Counts | None  # the node's counters as the rollup last took them
+
+
+def save_hello(hello: agentproto.Hello, channel_name: str, take: bool = True) -> HelloTaken | None:
+    """Record a node's hello and, with ``take``, give the node to this link.
+
+    None for a new node that does not fit under ``ProxyNode.MAX_NODES``.
+
+    The epoch is bumped and the baseline read under the row's lock, in one
+    transaction: a flush of an older link of the node either came before (and the
+    baseline holds its counts) or finds the epoch moved on and writes none of them.
+    """
     now = timezone.now()
-    existing = ProxyNode.objects.filter(name=hello.node).first()
-    if existing is None and not ProxyNode.make_room(now):
-        return None
-    if (existing is not None and existing.connected and existing.channel_name != channel_name
-            and existing.status_at(now) == ProxyNode.Status.ONLINE):
-        log.warning("two proxy nodes call themselves %r: give each a name of its own (runproxy --name)",
-                    hello.node)
-    node = existing or ProxyNode(name=hello.node)
-    node.version, node.pid = hello.version, hello.pid
-    node.listeners = [{"name": lst.name, "address": lst.address} for lst in hello.listeners]
-    node.note_applied(hello.revision)
-    node.connected, node.last_seen, node.channel_name = True, now, channel_name
-    node.save()
-    return ConfigRevision.current()
+    with transaction.atomic():
+        existing = ProxyNode.objects.select_for_update().filter(name=hello.node).first()
+        if existing is None and not ProxyNode.make_room(now):
+            return None
+        node = existing or ProxyNode(name=hello.node)
+        node.version, node.pid = hello.version, hello.pid
+        node.listeners = [{"name": lst.name, "address": lst.address} for lst in hello.listeners]
+        node.note_applied(hello.revision)
+        node.connected, node.last_seen, node.channel_name = True, now, channel_name
+        if take:
+            node.link_epoch += 1
+        node.save()
+    baseline = ledger.Counts.from_json(node.last_stats)
+    return HelloTaken(ConfigRevision.current(), node.pk, node.link_epoch, baseline)
 
 
 def save_config_report(name: str, report: agentproto.ConfigApplied | agentproto.ConfigRejected) -> None:
@@ -104,6 +131,18 @@ class GroupMember(AsyncJsonWebsocketConsumer):
                 except Exception:
                     log.warning("could not clean up after a failed websocket", exc_info=True)
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """As channels does it, without closing stale database connections first.
+
+        channels runs that on the one database thread before every handler, so a relayed
+        tick would wait behind any flush or query; ``database_sync_to_async`` closes them
+        itself around each piece of database work, which is where it matters.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
     async def disconnect(self, code: int) -> None:
         await self.clean_up(code)
 
@@ -124,7 +163,11 @@ class GroupMember(AsyncJsonWebsocketConsumer):
 
 
 class AgentConsumer(GroupMember):
-    """One proxy node's link. Not behind the session or origin middleware: the token is all."""
+    """One proxy node's link. Not behind the session or origin middleware: the token is all.
+
+    Stats reports go to ``proxyadmin.ingest`` (no database work per report); hello and
+    config reports are written to the node's row.
+    """
 
     group = AGENTS_GROUP
 
@@ -134,6 +177,12 @@ class AgentConsumer(GroupMember):
         # same one (the announcement on commit and the watcher both send each) is not passed on.
         self.told = 0
         self.malformed = 0
+        self.owner = self.channel_name
+        self.pending: str | dict[str, Any] | None = None
+        self.node_ledger: ledger.NodeLedger | None = None
+        self.previous: traffic.StatsSample | None = None
+        self.count_from_start = False
+        self.shed = 0
         self.peer = agentauth.peer_address(self.scope)
         if not agentauth.scope_is_agent(self.scope):
             log.warning("agent link refused from %s: missing or wrong agent token", self.peer)
@@ -142,29 +191,38 @@ class AgentConsumer(GroupMember):
         await watcher.add(self.channel_name)
         await self.join_group()
         await self.accept()
+        ingest.add(self)
 
     async def clean_up(self, code: int | None) -> None:
         self.cleaned_up = True
         watcher.discard(self.channel_name)
+        ingest.remove(self)
         node = getattr(self, "node", None)
         if node is None:
             await self.leave_group()
             return
         try:
-            # A link that died must not leave its node "connected": the node's next
-            # hello would be taken for a second node of the same name.
+            await self.release_lease(node)
+            # A link that died must not leave its node "connected".
             await database_sync_to_async(mark_disconnected)(node, self.channel_name)
             log.info("proxy node %s disconnected (%s, %s)", node, self.peer,
                      "the link failed" if code is None else f"code {code}")
         finally:
+            ingest.nodes_changed()
             await self.leave_group()
-        await self.broadcast_nodes()
 
     # node -> control plane
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
             self.drop("a binary frame")
+            return
+        limit = int(settings.AGENT_MAX_REPORT_KB) * 1024
+        if len(text_data) > limit:
+            self.drop(f"a message of {len(text_data) // 1024} KiB (at most {limit // 1024} KiB are taken)")
+            return
+        if self.node is not None and STATS_FRAME.match(text_data):
+            ingest.offer(self, text_data)
             return
         try:
             content = await self.decode_json(text_data)
@@ -184,7 +242,7 @@ class AgentConsumer(GroupMember):
         elif self.node is None:
             self.drop(f"{message.type} before hello")
         elif isinstance(message, agentproto.StatsReport):
-            await self.on_stats(message)
+            ingest.offer(self, content)
         elif isinstance(message, agentproto.RecentRequests):
             await self.on_recent_requests(message)
         else:
@@ -194,35 +252,53 @@ class AgentConsumer(GroupMember):
         if self.node is not None and hello.node != self.node:
             self.drop(f"hello naming another node ({hello.node!r})")
             return
-        current = await database_sync_to_async(save_hello)(hello, self.channel_name)
-        if current is None:
+        again = self.node is not None
+        if not again and not await self.acquire_lease(hello.node):
+            log.warning("agent link from %s refused: two proxy nodes call themselves %r (another link "
+                        "holds the name): give each a name of its own (runproxy --name)",
+                        self.peer, hello.node)
+            await self.close(code=CLOSE_NAME_TAKEN, reason="another link holds this node name")
+            return
+        taken = await database_sync_to_async(save_hello)(hello, self.channel_name, not again)
+        if taken is None:
+            await self.release_lease(hello.node)
             log.error("agent link from %s refused: proxy node %r would be one more than the %d kept, "
                       "and none of them has been offline long enough to be forgotten",
                       self.peer, hello.node, ProxyNode.MAX_NODES)
             await self.close(code=CLOSE_POLICY_VIOLATION, reason="too many proxy nodes online")
             return
         self.node = hello.node
+        if not again:
+            ingest.adopt(self, ledger.NodeLedger(hello.node, taken.pk, taken.epoch, taken.baseline,
+                                                 seen=time.time()))
+            self.previous, self.count_from_start = None, taken.baseline is None
+        else:
+            ingest.nodes_changed()
         self.told = max(self.told, hello.revision)
         log.info("proxy node %s connected from %s: version %s, pid %d, revision %d",
                  hello.node, self.peer, hello.version, hello.pid, hello.revision)
-        await self.broadcast_nodes()
-        await self.tell(current)  # it may have missed a push while the link was down
+        await self.tell(taken.revision)  # it may have missed a push while the link was down
 
-    async def on_stats(self, report: agentproto.StatsReport) -> None:
-        if report.node != self.node:
-            self.drop(f"stats naming another node ({report.node!r})")
-            return
+    async def acquire_lease(self, node: str) -> bool:
+        """The node's name for this link; taken when Redis cannot say (counting is fenced without it)."""
         try:
-            delta = await database_sync_to_async(traffic.record_stats)(report)
-        except DatabaseError:
-            # Not stored, so the next report's delta covers this one's traffic too.
-            log.warning("could not store the stats of proxy node %s", self.node, exc_info=True)
-            return
-        await self.rejoin_group_if_due()
-        if delta is not None:
-            tick = announce.tick_message(self.node, delta)
-            live_history.add_tick(tick, time.time())
-            await self.channel_layer.group_send(DASHBOARD_GROUP, tick)
+            return await liveness.current().acquire(node, self.owner)
+        except Exception:
+            log.warning("could not check that proxy node %s has one link only; taking it", node,
+                        exc_info=True)
+            return True
+
+    async def release_lease(self, node: str) -> None:
+        try:
+            await liveness.current().release(node, self.owner)
+        except Exception:  # it runs out by itself
+            log.warning("could not give back the name of proxy node %s", node, exc_info=True)
+
+    async def lost_node(self) -> None:
+        """Another link took this node (this one stopped reporting long enough to lose its lease)."""
+        log.warning("agent link of proxy node %s (%s) closed: another link took the node",
+                    self.node, self.peer)
+        await self.close(code=CLOSE_NAME_TAKEN, reason="another link took this node")
 
     async def on_recent_requests(self, message: agentproto.RecentRequests) -> None:
         """Lines of watched hosts: to the dashboards, which keep those of the host they show."""
@@ -238,7 +314,7 @@ class AgentConsumer(GroupMember):
                         self.node, report.revision, report.error)
         self.told = max(self.told, report.revision)
         await database_sync_to_async(save_config_report)(self.node, report)
-        await self.broadcast_nodes()
+        ingest.nodes_changed()
 
     def drop(self, what: str) -> None:
         """Drop a message the node should not have sent, and keep the link (agentproto says why)."""
@@ -246,10 +322,6 @@ class AgentConsumer(GroupMember):
         if self.malformed <= MALFORMED_LOG_FIRST or self.malformed % MALFORMED_LOG_EVERY == 0:
             log.error("agent link %s (%s): dropped %s [%d so far]",
                       self.node or "before hello", self.peer, what, self.malformed)
-
-    async def broadcast_nodes(self) -> None:
-        nodes = await database_sync_to_async(announce.nodes_message)()
-        await self.channel_layer.group_send(DASHBOARD_GROUP, nodes)
 
     # control plane -> node
 
@@ -312,11 +384,41 @@ class DashboardConsumer(GroupMember):
 
     # relayed group messages: they are already in the dashboard's format
 
+    lagging = False
+    lagged_ticks = 0
+    lag_told = 0.0
+
     async def tick(self, event: dict[str, Any]) -> None:
+        """A process's tick: relayed if fresh; a stale one is dropped and the page told it lags.
+
+        While it lags, and when it has caught up, the page gets this process's memory of
+        the window (``livehistory``) instead, every ``LAG_RESYNC_SECONDS``: it fills in what
+        the dropped ticks held, at their own times, under the "lagging" banner.
+        """
         await self.rejoin_group_if_due()
-        # A tick of another process's node: this process keeps it too (counted once).
-        live_history.add_tick(event, time.time())
+        now = time.time()
+        # A tick of another process: this process keeps it too (counted once).
+        live_history.add_tick(event, now)
+        behind = now - float(event.get("time", now))
+        if behind > LAG_SECONDS:
+            self.lagged_ticks += 1
+            if not self.lagging:
+                log.warning("a dashboard (%s) lags %.1f s behind the live ticks", self.peer_name(), behind)
+            if not self.lagging or now - self.lag_told >= LAG_RESYNC_SECONDS:
+                self.lagging, self.lag_told = True, now
+                await self.send_json({"type": "lagging", "lagging": True, "behind": round(behind, 1),
+                                      "dropped": self.lagged_ticks, "live": live_history.snapshot(now)})
+            return
+        if self.lagging:
+            self.lagging = False
+            await self.send_json({"type": "lagging", "lagging": False, "dropped": self.lagged_ticks,
+                                  "live": live_history.snapshot(now)})
+            self.lagged_ticks = 0
         await self.send_json(event)
+
+    def peer_name(self) -> str:
+        user = self.scope.get("user")
+        return str(getattr(user, "username", "?"))
 
     async def nodes(self, event: dict[str, Any]) -> None:
         await self.send_json(event)

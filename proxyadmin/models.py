@@ -492,9 +492,9 @@ class ProxyNode(models.Model):
     ONLINE_SECONDS = 5  # stats come every second: a few missed ones is still online
     STALE_SECONDS = 60
     # Rows are made by whoever holds the agent token, so they are bounded: at most
-    # MAX_NODES (every ``nodes`` broadcast carries them all; a real deployment has a
-    # few dozen nodes), and a node not heard from for FORGET_AFTER is deleted.
-    MAX_NODES = 200
+    # MAX_NODES (every ``nodes`` message carries them all, sent on change at most once a
+    # second per process), and a node not heard from for FORGET_AFTER is deleted.
+    MAX_NODES = 1000
     FORGET_AFTER = dt.timedelta(days=1)
 
     class Status(models.TextChoices):
@@ -515,9 +515,14 @@ class ProxyNode(models.Model):
     # The websocket (channel) that holds the link now: a late disconnect of an
     # older link of the same node must not mark the new one disconnected.
     channel_name = models.CharField(max_length=200, blank=True, editable=False)
-    # The previous ``stats`` message ({"time", "totals"}): deltas continue across a
-    # reconnection, or a restart of the control plane, without losing traffic.
+    # The node's rollup counters as the rollup last took them (``proxyadmin.ledger.Counts``):
+    # deltas continue across a reconnection, or a restart of the control plane.
     last_stats = models.JSONField(null=True, blank=True, editable=False)
+    # Bumped by every hello: a flush writes a node's counts only while its link holds this.
+    link_epoch = models.PositiveBigIntegerField(default=0, editable=False)
+    # From the node's stats (issue 12): its worker processes and how often they restarted.
+    workers = models.PositiveIntegerField(default=1, editable=False)
+    worker_restarts = models.PositiveBigIntegerField(default=0, editable=False)
 
     class Meta:
         ordering = ["name"]
@@ -526,12 +531,19 @@ class ProxyNode(models.Model):
     def __str__(self) -> str:
         return self.name
 
-    def status_at(self, now: dt.datetime) -> str:
-        """online: linked and heard from within seconds; stale: heard from within a minute."""
-        if self.last_seen is None:
+    def status_at(self, now: dt.datetime, seen: dt.datetime | None = None) -> str:
+        """online: linked and heard from within seconds; stale: heard from within a minute.
+
+        ``seen`` is when a control-plane process last heard from the node
+        (``proxyadmin.liveness``); without it the row's ``last_seen`` is the judge, and
+        it is written once per rollup flush, so it may be that much older.
+        """
+        last_seen = max(filter(None, (self.last_seen, seen)), default=None)
+        if last_seen is None:
             return self.Status.OFFLINE.value
-        age = (now - self.last_seen).total_seconds()
-        if self.connected and age < self.ONLINE_SECONDS:
+        age = (now - last_seen).total_seconds()
+        grace = 0.0 if seen is not None else float(settings.ROLLUP_FLUSH_SECONDS)
+        if self.connected and age < self.ONLINE_SECONDS + grace:
             return self.Status.ONLINE.value
         if age < self.STALE_SECONDS:
             return self.Status.STALE.value
@@ -574,16 +586,20 @@ class ProxyNode(models.Model):
         self.last_error = error
         self.last_error_revision = revision
 
-    def as_dashboard(self, current_revision: int, now: dt.datetime | None = None) -> dict[str, object]:
+    def as_dashboard(self, current_revision: int, now: dt.datetime | None = None,
+                     seen: dt.datetime | None = None) -> dict[str, object]:
         """This node as the dashboard's ``nodes`` list shows it (times are epoch seconds)."""
+        last_seen = max(filter(None, (self.last_seen, seen)), default=None)
         return {
             "name": self.name,
-            "status": self.status_at(now or timezone.now()),
+            "status": self.status_at(now or timezone.now(), seen),
             "version": self.version,
             "pid": self.pid,
             "applied_revision": self.applied_revision,
             "current_revision": current_revision,
-            "last_seen": self.last_seen.timestamp() if self.last_seen else None,
+            "last_seen": last_seen.timestamp() if last_seen else None,
+            "workers": self.workers,
+            "worker_restarts": self.worker_restarts,
             "last_error": self.last_error,
             "last_error_revision": self.last_error_revision,
             "listeners": self.listeners,

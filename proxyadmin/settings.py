@@ -19,6 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from proxyadmin.env import (
     envbool,
     envfile,
+    envfloat,
     envint,
     envlist,
     envurl,
@@ -143,8 +144,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_SOCKET_TIMEOUT = 15.0
 
 
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+
+
 def _channel_layers_from_env() -> dict[str, object]:
-    url = os.environ.get("REDIS_URL", "").strip()
+    url = REDIS_URL
     if not url:
         return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -203,6 +207,15 @@ if len(AGENT_TOKEN) < 16:
     raise ImproperlyConfigured("PROXYADMIN_AGENT_TOKEN must be at least 16 characters long.")
 # Days of per-minute traffic kept for the dashboard's history (the chart shows the last day).
 TRAFFIC_HISTORY_DAYS = envint("PROXYADMIN_TRAFFIC_HISTORY_DAYS", 7, minimum=1)
+# Seconds between two writes of the nodes' traffic into the rollup (one transaction per
+# process, whatever the number of nodes; see proxyadmin/ledger.py). Below 1: tests only.
+ROLLUP_FLUSH_SECONDS = envfloat("PROXYADMIN_ROLLUP_FLUSH_SECONDS", 10.0, 0.05, 60.0)
+# Largest stats report taken from a node, in KiB (a 50-host report is about 30 KiB;
+# daphne refuses websocket messages past 1 MiB before this is looked at).
+AGENT_MAX_REPORT_KB = envint("PROXYADMIN_AGENT_MAX_REPORT_KB", 512, minimum=1)
+# A node's name is held by one link at a time: this long after its last report, a link
+# that stopped reporting (a dead peer daphne has not noticed) lets another one take it.
+NODE_LEASE_SECONDS = envfloat("PROXYADMIN_NODE_LEASE_SECONDS", 10.0, 1.0, 300.0)
 
 # --- Automatic certificates (ACME) ----------------------------------------------
 # The directory every ACME host orders from (one account per directory), the contact

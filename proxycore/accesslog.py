@@ -22,6 +22,18 @@ if TYPE_CHECKING:
 
 Sink = Callable[[bytes], None]  # called with each line (no newline)
 
+def tee(first: Sink | None, second: Sink | None) -> Sink | None:
+    """One sink that hands each line to both (the log file and the dashboard's recent lines)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(line: bytes) -> None:
+        first(line)
+        second(line)
+
+    return both
+
+
 # The small numbers of a line, formatted once (``bytes %`` formats each %d through a str,
 # which cost more than the rest of a line): the milliseconds of the time, status codes,
 # whole milliseconds of the elapsed time below a second, and its tenths.

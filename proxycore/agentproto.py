@@ -25,6 +25,9 @@ node → control plane
         ``totals["started_at"]``. The control plane keeps the previous totals of
         each node and works with the differences; a new ``started_at`` means the
         node restarted and its totals start from zero again.
+        ``workers`` is ``{"count": int, "restarts": int}``: the node's worker
+        processes (1 to 1,024) and how many times they were restarted; absent
+        means one worker, never restarted (older and single-process nodes).
         Two entries of ``totals`` are current state, not counters:
         ``upstreams`` maps an upstream's name to ``{"targets": [{"address": str,
         "healthy": bool, "cooling_down": bool, "active": int, "weight": int,
@@ -120,6 +123,7 @@ MAX_RECENT_PER_HOST = 200
 MAX_RECENT_LINES = 1000
 MAX_LINE_LENGTH = 512
 MAX_WATCH_SECONDS = 300
+MAX_WORKERS = 1024  # worker processes of one node (``totals["workers"]["count"]``)
 
 HOST_COUNTERS = (
     "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
@@ -240,9 +244,17 @@ ControlMessage = ConfigChanged | RequestsWatch
 # against its bound, so what the control plane stores is bounded by this module.
 
 
+def _keys_are_text(mapping: dict[Any, Any]) -> bool:
+    # NUL is refused because PostgreSQL cannot store it in text or jsonb. One join checks
+    # every key at C speed (a key that is not a string makes it fail).
+    try:
+        return "\x00" not in "".join(mapping)
+    except TypeError:
+        return False
+
+
 def _object(value: object, what: str, *, limit: int | None = None) -> dict[str, Any]:
-    # NUL is refused because PostgreSQL cannot store it in text or jsonb.
-    if not isinstance(value, dict) or not all(isinstance(k, str) and "\x00" not in k for k in value):
+    if not isinstance(value, dict) or not _keys_are_text(value):
         raise ProtocolError(f"{what} must be a JSON object")
     if limit is not None and len(value) > limit:
         raise ProtocolError(f"{what} must have at most {limit} entries")
@@ -258,7 +270,10 @@ def _whole(value: object, what: str, limit: int = MAX_COUNTER) -> int:
 
 def _int(content: dict[str, Any], key: str, what: str, *, default: int | None = None,
          limit: int = MAX_COUNTER) -> int:
-    return _whole(content.get(key, default), f"{what}: {key!r}", limit)
+    value = content.get(key, default)
+    if type(value) is int and 0 <= value <= limit:  # every counter of every report: no message built
+        return value
+    return _whole(value, f"{what}: {key!r}", limit)
 
 
 def _real(value: object, what: str, low: float, high: float) -> float:
@@ -299,6 +314,10 @@ def _name(name: str, what: str) -> str:
 
 def _counter_map(value: object, what: str) -> dict[str, int]:
     mapping = _object(value, what, limit=MAX_MAP_ENTRIES)
+    # Keys are NUL-free strings already (_object); the per-entry checks only run to say what is wrong.
+    if all(type(n) is int and 0 <= n <= MAX_COUNTER and 0 < len(key) <= MAX_NAME_LENGTH
+           for key, n in mapping.items()):
+        return dict(mapping)
     return {_name(key, what): _whole(n, f"{what} {key[:40]!r}") for key, n in mapping.items()}
 
 
@@ -311,9 +330,17 @@ def _latency(value: object, what: str) -> dict[str, Any]:
         raise ProtocolError(f"{what}: must have buckets and one more count than buckets")
     if len(buckets) > MAX_LATENCY_BUCKETS:
         raise ProtocolError(f"{what}: must have at most {MAX_LATENCY_BUCKETS} buckets")
+    # The common case in one pass each (every report carries one histogram per host); the
+    # per-item checks below only run to say what is wrong.
+    fine_buckets = [float(b) for b in buckets
+                    if (type(b) is float or type(b) is int) and 0.0 <= b <= MAX_LATENCY_SECONDS]
+    fine_counts = [c for c in counts if type(c) is int and 0 <= c <= MAX_COUNTER]
+    if len(fine_buckets) != len(buckets) or len(fine_counts) != len(counts):
+        fine_buckets = [_real(b, f"{what} bucket", 0.0, MAX_LATENCY_SECONDS) for b in buckets]
+        fine_counts = [_whole(c, f"{what} count") for c in counts]
     return {
-        "buckets": [_real(b, f"{what} bucket", 0.0, MAX_LATENCY_SECONDS) for b in buckets],
-        "counts": [_whole(c, f"{what} count") for c in counts],
+        "buckets": fine_buckets,
+        "counts": fine_counts,
         "sum": _real(latency.get("sum", 0.0), f"{what} sum", 0.0, sys.float_info.max),
     }
 
@@ -394,15 +421,26 @@ def _host_upstreams(value: object) -> dict[str, str]:
     return {host: name for host, name in value.items() if _valid_name(host) and _valid_name(name)}
 
 
+def _workers(value: object) -> dict[str, int]:
+    """A node's worker processes (absent: an older or single-process node, one never restarted)."""
+    workers = _object(value, "stats workers")
+    count = _int(workers, "count", "stats workers", default=1, limit=MAX_WORKERS)
+    if count < 1:
+        raise ProtocolError(f"stats workers: 'count' must be from 1 to {MAX_WORKERS}")
+    return {"count": count, "restarts": _int(workers, "restarts", "stats workers", default=0)}
+
+
 def validate_totals(totals: object) -> dict[str, Any]:
     """A checked copy of ``Stats.as_dict()``: arithmetic on it cannot fail, and storing it cannot either."""
     checked = _object(totals, "stats totals")
+    workers = {"workers": _workers(checked["workers"])} if checked.get("workers") is not None else {}
     hosts = _object(checked.get("hosts", {}), "stats hosts", limit=MAX_HOSTS)
     listeners = _object(checked.get("listeners", {}), "stats listeners", limit=MAX_LISTENERS)
     return {
         "started_at": _epoch(checked, "started_at", "stats totals"),
         "config_revision": _int(checked, "config_revision", "stats totals", default=0),
         "config_rejected": _config_rejected(checked.get("config_rejected")),
+        **workers,
         "hosts": {_name(name, "stats hosts"): _host_stats(host, "stats host")
                   for name, host in hosts.items()},
         "listeners": {_name(name, "stats listeners"): _listener_stats(entry, "stats listener")

@@ -10,8 +10,9 @@ does those once for the node and sends the verdicts.
 It stops gracefully on ``Stop``, on SIGTERM, and when the supervisor's end of the socket
 pair closes (the supervisor died); it also asks the kernel for SIGTERM when the
 supervisor dies (PR_SET_PDEATHSIG), in case the socket pair is somehow held open. It
-ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the stop is the
-supervisor's to run (a worker stopping on its own would look like one that died).
+ignores SIGINT and SIGHUP: a terminal's Ctrl-C or hang-up reaches the whole process
+group, and the stop or reload is the supervisor's to run (a worker stopping on its own
+would look like one that died).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from typing import BinaryIO
 
 from proxycore import workerproto as wp
-from proxycore.accesslog import AccessLogWriter, Sink
+from proxycore.accesslog import AccessLogWriter, tee
 from proxycore.agent import RecentLines
 from proxycore.server import ProxyNode
 from proxycore.tlssessions import TicketKeys
@@ -64,7 +65,7 @@ class Worker:
             setup.snapshot,
             https_address=_address(sockets["https"]),
             http_address=_address(sockets["http"]) if "http" in sockets else None,
-            limits=setup.limits, access_log=_sink(access, recent),
+            limits=setup.limits, access_log=tee(access, recent),
             session_resumption=setup.session_resumption, ticket_keys=TicketKeys(setup.ticket_secret),
             listen_sockets=sockets, active_checks=False,
         )
@@ -139,17 +140,6 @@ def _address(sock: socket.socket) -> tuple[str, int]:
     return host, port
 
 
-def _sink(writer: AccessLogWriter | None, recent: RecentLines | None) -> Sink | None:
-    if writer is None or recent is None:
-        return writer or recent
-
-    def both(line: bytes) -> None:
-        writer(line)
-        recent(line)
-
-    return both
-
-
 def open_access_log(target: str | None) -> BinaryIO | None:
     if target is None:
         return None
@@ -171,6 +161,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m proxycore.worker FD (started by runproxy --workers)")
     _die_with_supervisor()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's: it reloads every worker
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     channel = socket.socket(fileno=int(argv[1]))
     try:

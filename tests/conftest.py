@@ -32,6 +32,12 @@ def pytest_configure(config: pytest.Config) -> None:
                     "run .venv/bin/pip install -e . again (or delete proxycore/*.so)", returncode=2)
 
 
+@pytest.fixture(autouse=True)
+def short_rollup_flush(settings: Any) -> None:
+    """Nodes' traffic is written to the rollup every 0.2 s in tests (ROLLUP_FLUSH_SECONDS)."""
+    settings.ROLLUP_FLUSH_SECONDS = 0.2
+
+
 @pytest.fixture
 def ca() -> trustme.CA:
     return trustme.CA()

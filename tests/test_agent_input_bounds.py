@@ -18,7 +18,8 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from proxyadmin import traffic
+from proxyadmin import ledger, traffic
+from proxyadmin.coalesce import TickCoalescer
 from proxyadmin.models import Host, ProxyNode, TrafficRollup, Upstream
 from proxycore import agentproto
 from proxycore.stats import Stats
@@ -231,14 +232,25 @@ def test_a_counter_past_2_63_is_dropped_and_logged_and_the_link_stays_up(
     assert errors, caplog.text
 
 
+def flush_reports(*reports: agentproto.StatsReport) -> traffic.FlushResult:
+    """The reports' nodes' first counts, written as one flush into ``MINUTE``."""
+    items = []
+    for report in reports:
+        node = ProxyNode.objects.get(name=report.node)
+        counts = ledger.Counts.of_totals(report.time, report.totals)
+        items.append(ledger.FlushItem(node.pk, node.link_epoch, None, [(MINUTE, counts)], report.time))
+    return traffic.flush_ledgers(items)
+
+
 @pytest.mark.django_db
 def test_rollup_counters_saturate_at_the_bigint_top_instead_of_failing() -> None:
     ProxyNode.objects.create(name="edge-1", connected=True)
     ProxyNode.objects.create(name="edge-2", connected=True)
     stats = Stats()
     stats.host("-").requests = TOP - 1
-    for node in ("edge-1", "edge-2"):
-        traffic.record_stats(agentproto.StatsReport(node, stats.started_at + 1, stats.as_dict()), MINUTE)
+    report = agentproto.StatsReport("edge-1", stats.started_at + 1, stats.as_dict())
+    flush_reports(report)
+    flush_reports(agentproto.StatsReport("edge-2", report.time, report.totals))
     assert TrafficRollup.objects.get(host="-", minute=MINUTE).requests == TOP
 
 
@@ -250,9 +262,14 @@ def test_only_configured_hosts_and_the_unmatched_bucket_are_rolled_up() -> None:
     stats = Stats()
     for name in ("shop", "-", "phantom-1", "phantom-2"):
         stats.host(name).requests = 1
-    delta = traffic.record_stats(agentproto.StatsReport("edge-1", stats.started_at + 1, stats.as_dict()), MINUTE)
+    report = agentproto.StatsReport("edge-1", stats.started_at + 1, stats.as_dict())
+    flush_reports(report)
     assert sorted(TrafficRollup.objects.values_list("host", flat=True)) == ["-", "shop"]
-    assert delta is not None and set(delta.hosts) == {"shop", "-", "phantom-1", "phantom-2"}, \
+    coalescer = TickCoalescer()
+    sample = traffic.StatsSample(report.time, report.totals)
+    coalescer.add("edge-1", report.time, report.totals, traffic.stats_delta(None, sample), report.time)
+    tick = coalescer.take(report.time)
+    assert tick is not None and set(tick["hosts"]) == {"shop", "-", "phantom-1", "phantom-2"}, \
         "the live tick still shows what the node sees"
 
 
@@ -323,3 +340,36 @@ def test_the_once_a_minute_pruning_forgets_old_nodes_too() -> None:
     ProxyNode.objects.create(name="ancient", last_seen=now - dt.timedelta(days=2))
     traffic.RollupPruner().prune_if_due(now)
     assert not ProxyNode.objects.filter(name="ancient").exists()
+
+
+# -- worker processes (issue 12's supervised nodes) -----------------------------------------
+
+
+@pytest.mark.parametrize(("workers", "ok"), [
+    ({"count": 1, "restarts": 0}, True),
+    ({"count": 1024, "restarts": TOP}, True),
+    ({"count": 4}, True),
+    ({"count": 0, "restarts": 0}, False),
+    ({"count": 1025, "restarts": 0}, False),
+    ({"count": 2, "restarts": 2**63}, False),
+    ({"count": True, "restarts": 0}, False),
+    ([2, 0], False),
+])
+def test_a_nodes_worker_count_and_restarts_are_bounded(workers: Any, ok: bool) -> None:
+    checked = totals()
+    checked["workers"] = workers
+    if ok:
+        kept = agentproto.validate_totals(checked)["workers"]
+        assert kept == {"count": workers["count"], "restarts": workers.get("restarts", 0)}
+    else:
+        with pytest.raises(agentproto.ProtocolError):
+            agentproto.validate_totals(checked)
+
+
+def test_a_node_without_workers_is_taken_as_one_never_restarted() -> None:
+    assert "workers" not in agentproto.validate_totals(totals())
+    coalescer = TickCoalescer()
+    coalescer.add("edge-1", 1.0, agentproto.validate_totals(totals()), None, 1.0)
+    tick = coalescer.take(1.0)
+    assert tick is not None and tick["nodes"]["edge-1"]["workers"] == 1
+    assert tick["nodes"]["edge-1"]["worker_restarts"] == 0

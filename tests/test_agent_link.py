@@ -331,7 +331,7 @@ def test_nodes_and_traffic_are_listed_read_only_in_the_admin() -> None:
     current = ConfigRevision.current()
     ProxyNode.objects.create(name="edge-9", connected=True, last_seen=timezone.now(),
                              applied_revision=current - 1, last_error="bad key",
-                             last_error_revision=current)
+                             last_error_revision=current, workers=4, worker_restarts=2)
     client = Client()
     client.force_login(User.objects.create_user("boss", is_staff=True, is_superuser=True))
 
@@ -341,6 +341,7 @@ def test_nodes_and_traffic_are_listed_read_only_in_the_admin() -> None:
     assert "edge-9" in body and "online" in body
     assert f"{current - 1} / {current}" in body
     assert f"revision {current}: bad key" in body
+    assert "(2 restarts)" in body, "issue 12's worker processes, as of the last flush"
     assert client.get("/admin/proxyadmin/proxynode/add/").status_code == 403
     assert client.get("/admin/proxyadmin/trafficrollup/").status_code == 200
     assert client.get("/admin/proxyadmin/trafficrollup/add/").status_code == 403

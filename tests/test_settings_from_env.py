@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from proxyadmin.env import envbool, envint, read_or_create_secret
+from proxyadmin.env import envbool, envfloat, envint, read_or_create_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,17 @@ def test_envint_refuses_words_and_small_numbers(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("X_DAYS", "0")
     with pytest.raises(ImproperlyConfigured, match="at least 1"):
         envint("X_DAYS", 1, minimum=1)
+
+
+def test_envfloat_refuses_words_and_numbers_out_of_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXYADMIN_ROLLUP_FLUSH_SECONDS", "soon")
+    with pytest.raises(ImproperlyConfigured, match="PROXYADMIN_ROLLUP_FLUSH_SECONDS must be a number"):
+        envfloat("PROXYADMIN_ROLLUP_FLUSH_SECONDS", 10.0, 0.05, 60.0)
+    monkeypatch.setenv("PROXYADMIN_ROLLUP_FLUSH_SECONDS", "120")
+    with pytest.raises(ImproperlyConfigured, match=r"from 0\.05 to 60, not 120"):
+        envfloat("PROXYADMIN_ROLLUP_FLUSH_SECONDS", 10.0, 0.05, 60.0)
+    monkeypatch.setenv("PROXYADMIN_ROLLUP_FLUSH_SECONDS", "30")
+    assert envfloat("PROXYADMIN_ROLLUP_FLUSH_SECONDS", 10.0, 0.05, 60.0) == 30.0
 
 
 def test_generated_secret_is_kept_in_a_0600_file(tmp_path: Path) -> None:

@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from proxyadmin import announce, traffic
-from proxyadmin.models import Host, ProxyNode, TrafficRollup, Upstream
-from proxycore.agentproto import StatsReport, latency_quantile
+from proxyadmin import ledger, traffic
+from proxyadmin.coalesce import TickCoalescer
+from proxyadmin.models import TrafficRollup
+from proxycore.agentproto import latency_quantile
 from proxycore.stats import Stats
 
 MINUTE = dt.datetime(2030, 5, 17, 12, 34, tzinfo=dt.UTC)
@@ -48,6 +50,16 @@ def sample(stats: Stats, at: float) -> traffic.StatsSample:
     return traffic.StatsSample(stats.started_at + at, stats.as_dict())
 
 
+def tick_of(delta: traffic.StatsDelta) -> dict[str, Any]:
+    """The tick of a process whose one node made ``delta`` in the last second."""
+    coalescer = TickCoalescer()
+    coalescer.last_take = delta.time - 1.0
+    coalescer.add("edge-1", delta.time, {"hosts": {}}, delta, delta.time)
+    tick = coalescer.take(delta.time)
+    assert tick is not None
+    return tick
+
+
 def test_delta_is_the_difference_of_consecutive_totals() -> None:
     stats = Stats()
     shop = stats.host("shop")
@@ -67,9 +79,10 @@ def test_delta_is_the_difference_of_consecutive_totals() -> None:
     assert delta.hosts["shop"].rollup_increments() == {
         "requests": 3, "responses_5xx": 1, "bytes_in": 300, "handshake_failures": 2, "upstream_errors": 1,
     }
-    tick = announce.tick_message("edge-1", delta)
+    tick = tick_of(delta)
     assert set(tick["hosts"]) == {"shop"}, "idle hosts stay out of ticks"
-    assert tick["hosts"]["shop"]["rps"] == 1.5
+    # The process's tick covers its last second: the 3 requests the report brought in it.
+    assert tick["hosts"]["shop"]["rps"] == 3.0
 
 
 def test_a_new_started_at_is_a_restart_counted_from_zero() -> None:
@@ -99,17 +112,16 @@ def test_a_host_whose_last_connection_closed_still_shows_once() -> None:
     stats.host("shop").active_connections = 2
     first = sample(stats, 1.0)
     stats.host("shop").active_connections = 0
-    tick = announce.tick_message("edge-1", traffic.stats_delta(first, sample(stats, 2.0)))
+    tick = tick_of(traffic.stats_delta(first, sample(stats, 2.0)))
     assert tick["hosts"]["shop"]["active"] == 0
-    assert announce.tick_message("edge-1", traffic.stats_delta(sample(stats, 2.0), sample(stats, 3.0)))[
-        "hosts"] == {}
+    assert tick_of(traffic.stats_delta(sample(stats, 2.0), sample(stats, 3.0)))["hosts"] == {}
 
 
 # -- the rollup -------------------------------------------------------------
 
 
-def delta_of(**counts: Any) -> traffic.HostDelta:
-    return traffic.HostDelta(**counts)
+def counters(**columns: int) -> list[int]:
+    return [columns.get(name, 0) for name in ledger.COLUMNS]
 
 
 def row(host: str, minute: dt.datetime = MINUTE) -> TrafficRollup:
@@ -117,13 +129,16 @@ def row(host: str, minute: dt.datetime = MINUTE) -> TrafficRollup:
 
 
 @pytest.mark.django_db
-def test_deltas_are_added_into_the_row_of_their_minute() -> None:
-    traffic.add_to_rollup({"shop": delta_of(requests=3, responses={"2xx": 3}, bytes_out=30)}, MINUTE)
-    traffic.add_to_rollup({"shop": delta_of(requests=2, responses={"5xx": 2}, bytes_out=20),
-                           "blog": delta_of(requests=1)}, MINUTE)
-    traffic.add_to_rollup({"shop": delta_of(requests=9)}, MINUTE + dt.timedelta(minutes=1))
-    traffic.add_to_rollup({"quiet": delta_of(active=4)}, MINUTE)
+def test_counts_are_added_into_the_row_of_their_minute() -> None:
+    traffic.add_to_rollup({(MINUTE, "shop"): counters(requests=3, responses_2xx=3, bytes_out=30)})
+    written = traffic.add_to_rollup({
+        (MINUTE, "shop"): counters(requests=2, responses_5xx=2, bytes_out=20),
+        (MINUTE, "blog"): counters(requests=1),
+        (MINUTE + dt.timedelta(minutes=1), "shop"): counters(requests=9),
+        (MINUTE, "quiet"): counters(),
+    })
 
+    assert written == 3
     shop = row("shop")
     assert (shop.requests, shop.responses_2xx, shop.responses_5xx, shop.bytes_out) == (5, 3, 2, 50)
     assert row("blog").requests == 1
@@ -132,22 +147,13 @@ def test_deltas_are_added_into_the_row_of_their_minute() -> None:
 
 
 @pytest.mark.django_db
-def test_a_row_made_by_another_writer_in_between_is_added_to_not_lost() -> None:
-    """The race: our UPDATE finds no row, another process inserts it, our INSERT collides."""
-    raced = {"done": False}
-
-    def insert_after_first_update(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        result = execute(sql, params, many, context)
-        if not raced["done"] and sql.startswith("UPDATE") and TrafficRollup._meta.db_table in sql:
-            raced["done"] = True
-            TrafficRollup.objects.bulk_create([TrafficRollup(minute=MINUTE, host="shop", requests=5)])
-        return result
-
-    with transaction.atomic(), connection.execute_wrapper(insert_after_first_update):
-        traffic.add_to_rollup({"shop": delta_of(requests=3)}, MINUTE)
-
-    assert raced["done"]
-    assert row("shop").requests == 8
+def test_one_statement_adds_a_batch_of_rows() -> None:
+    table = {(MINUTE, f"host-{n}"): counters(requests=n + 1) for n in range(traffic.UPSERT_ROWS + 1)}
+    with CaptureQueriesContext(connection) as queries:
+        traffic.add_to_rollup(table)
+    inserts = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("INSERT")]
+    assert len(inserts) == 2, "one statement per 500 rows"
+    assert TrafficRollup.objects.count() == traffic.UPSERT_ROWS + 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -163,8 +169,8 @@ def test_concurrent_writers_lose_no_counts() -> None:
             start.wait()
             for _ in range(rounds):
                 with transaction.atomic():
-                    traffic.add_to_rollup({"shop": delta_of(requests=1), "blog": delta_of(bytes_in=2)},
-                                          MINUTE)
+                    traffic.add_to_rollup({(MINUTE, "shop"): counters(requests=1),
+                                           (MINUTE, "blog"): counters(bytes_in=2)})
         except BaseException as exc:  # reported below
             errors.append(exc)
         finally:
@@ -194,31 +200,6 @@ def test_rows_older_than_the_history_are_pruned_at_most_once_a_minute() -> None:
     TrafficRollup.objects.create(minute=now - dt.timedelta(days=3), host="shop", requests=1)
     assert pruner.prune_if_due(now + dt.timedelta(seconds=30)) is None
     assert pruner.prune_if_due(now + dt.timedelta(seconds=60)) == 1
-
-
-@pytest.mark.django_db
-def test_stats_reports_of_a_node_are_rolled_up_as_deltas() -> None:
-    Host.objects.create(name="shop", upstream=Upstream.objects.create(name="app"))
-    ProxyNode.objects.create(name="edge-1", connected=True)
-    stats = Stats()
-    shop = stats.host("shop")
-    shop.requests = 4
-    shop.response(200)
-    first = traffic.record_stats(StatsReport("edge-1", stats.started_at + 1, stats.as_dict()), MINUTE)
-    shop.requests = 10
-    shop.response(404)
-    second = traffic.record_stats(StatsReport("edge-1", stats.started_at + 2, stats.as_dict()),
-                                  MINUTE + dt.timedelta(seconds=1))
-
-    assert first is not None and first.restarted
-    assert second is not None and not second.restarted
-    shop_row = row("shop")
-    assert (shop_row.requests, shop_row.responses_2xx, shop_row.responses_4xx) == (10, 1, 1)
-    node = ProxyNode.objects.get(name="edge-1")
-    assert node.last_seen == MINUTE + dt.timedelta(seconds=1)
-    assert node.started_at is not None
-    assert node.started_at.timestamp() == pytest.approx(stats.started_at, abs=1e-3)
-    assert traffic.record_stats(StatsReport("stranger", 1.0, stats.as_dict()), MINUTE) is None
 
 
 @pytest.mark.django_db

@@ -138,6 +138,17 @@ def one_per_worker(node: Node, ca: trustme.CA) -> dict[int, ssl.SSLSocket]:
     raise AssertionError(f"connections never reached every worker: {sorted(held)} of {pids}")
 
 
+def requests_on_new_connections(node: Node, ca: trustme.CA, count: int) -> set[int | None]:
+    """``count`` requests, each on a new connection, all 200; the workers that served them."""
+    pids = node.workers()
+    holders = set()
+    for _ in range(count):
+        with node.connect(ca) as sock:
+            holders.add(holder(pids, node.https, sock))
+            assert get(sock) == 200
+    return holders
+
+
 def start_node(project: Project, ca: trustme.CA, upstream_port: int, *extra: str,
                document: dict[str, object] | None = None) -> Node:
     project.import_config(document or config(ca, upstream_port, ["a"]))
@@ -248,13 +259,7 @@ def test_a_killed_worker_comes_back_and_the_others_keep_their_connections(
         sock.close()
     assert load.ok > 0
     # New connections: every one is served, by the survivor and by the new worker.
-    pids = node.workers()
-    holders = set()
-    for _ in range(16):
-        with node.connect(ca) as sock:
-            holders.add(holder(pids, node.https, sock))
-            assert get(sock) == 200
-    assert holders == set(pids)
+    assert requests_on_new_connections(node, ca, 16) == set(node.workers())
     wait_until(lambda: node.metric("proxyadmin_worker_restarts_total") == 1, 5)
     # Only connections the killed worker had accepted could fail (the kernel keeps what
     # was queued on its socket for the new worker).
@@ -338,13 +343,7 @@ def test_the_agent_link_reports_the_sum_of_every_worker(
     project.env["PROXYADMIN_AGENT_TOKEN"] = "t" * 32
     node = start_node(project, ca, upstream.port, "--control", f"http://127.0.0.1:{control}")
     try:
-        pids = node.workers()
-        holders = set()
-        for _ in range(20):
-            with node.connect(ca) as sock:
-                holders.add(holder(pids, node.https, sock))
-                assert get(sock) == 200
-        assert holders == set(pids)
+        assert requests_on_new_connections(node, ca, 20) == set(node.workers())
 
         def summed() -> bool:
             host = reports[-1]["hosts"].get("a", {}) if reports else {}
@@ -472,3 +471,18 @@ def test_workers_stop_when_their_supervisor_is_killed(node: Node, ca: trustme.CA
     wait_until(gone, 15)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", node.https), timeout=2).close()
+
+
+def test_sighup_to_the_node_reloads_every_worker(node: Node, ca: trustme.CA) -> None:
+    pids = node.workers()
+    os.kill(node.proc.pid, signal.SIGHUP)
+    held = one_per_worker(node, ca)
+    for sock in held.values():
+        assert get(sock) == 200
+        sock.close()
+    node.proc.send_signal(signal.SIGTERM)
+    out, _ = node.proc.communicate(timeout=20)
+    for index in (1, 2):
+        assert re.search(rf"\[worker {index}\] config revision \d+ applied", out), out
+    assert node.workers() == [] and "died" not in out
+    assert sorted(held) == pids  # the same workers: reloaded, not restarted

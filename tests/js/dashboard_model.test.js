@@ -180,3 +180,13 @@ test("a page opened after traffic starts from the control plane's window, and co
   assert.equal(model.totals(1011).requests, 12);
   assert.equal(model.hosts(1011)[0].counts.requests, 12);
 });
+
+test("a control plane's tick names the node behind each down target", () => {
+  const model = new LiveModel({ staleAfter: 5 });
+  const upstreams = app([true, false]);
+  for (const target of upstreams.app.targets) target.node = "edge-7";
+  const web = host({ upstream: "app", targets_healthy: 1, targets_total: 2, requests: 1 });
+  model.addTick(tick("control plane cp1:42", 700, { web }, { upstreams }), 700);
+  const [row] = model.hosts(700.5);
+  assert.deepEqual(row.targets.down.map((t) => t.node), ["edge-7"]);
+});

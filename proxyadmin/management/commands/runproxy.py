@@ -26,7 +26,7 @@ from django.db import close_old_connections
 from proxyadmin.models import ConfigRevision
 from proxyadmin.snapshot import SnapshotError, build_snapshot
 from proxycore import compiled
-from proxycore.accesslog import AccessLogWriter, Sink
+from proxycore.accesslog import AccessLogWriter, tee
 from proxycore.agent import AgentLink, RecentLines
 from proxycore.agentproto import ConfigApplied, ConfigRejected, Listener
 from proxycore.config import Snapshot
@@ -41,18 +41,6 @@ POLL_INTERVAL = 1.0
 LINKED_POLL_EVERY = 5  # with the agent link up, poll the database every 5th interval only
 VERSION = "0.1.0"
 LINK_STOP_TIMEOUT = 3.0  # the link's goodbye takes up to 2 s
-
-
-def access_sink(writer: AccessLogWriter | None, recent: RecentLines | None) -> Sink | None:
-    """Each access-log line to the log file and to the recent lines, whichever there are."""
-    if writer is None or recent is None:
-        return writer or recent
-
-    def both(line: bytes) -> None:
-        writer(line)
-        recent(line)
-
-    return both
 
 
 @dataclass
@@ -237,6 +225,14 @@ class Command(BaseCommand):
         self, snapshot: Snapshot, https: tuple[str, int], http: tuple[str, int] | None,
         limits: Limits, access: BinaryIO | None, *, metrics: tuple[str, int] | None = None,
     ) -> None:
+        # Signals are handled from the start: a SIGHUP or SIGTERM while the node starts must
+        # not kill it with its workers half started (SIGTERM then stops it once it serves).
+        stop = asyncio.Event()
+        wake = Wakeup()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, wake.force)
         writer = AccessLogWriter(access) if access is not None else None
         # A linked node keeps its last lines per host for the dashboard's recent requests,
         # with --no-access-log too.
@@ -254,7 +250,7 @@ class Command(BaseCommand):
                 self.recent = node.recent
             else:
                 node = ProxyNode(snapshot, https_address=https, http_address=http, limits=limits,
-                                 access_log=access_sink(writer, self.recent),
+                                 access_log=tee(writer, self.recent),
                                  session_resumption=self.session_resumption)
                 await node.start()
         except TLSConfigError as exc:
@@ -270,12 +266,6 @@ class Command(BaseCommand):
         log.info("data plane core: %s", compiled.state())
         metrics_server = await self.start_metrics(node, metrics) if metrics is not None else None
         self.stdout.flush()
-        stop = asyncio.Event()
-        wake = Wakeup()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, wake.force)
         link = self.start_agent_link(node, wake)
         poller = loop.create_task(self.follow_revisions(node, wake, link))
         flusher = loop.create_task(writer.flush_every_second()) if writer is not None else None

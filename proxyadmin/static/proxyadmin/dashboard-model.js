@@ -63,6 +63,7 @@
       enabled: target.enabled !== false,
       active: number(target.active),
       lastError: optionalString(target.last_error),
+      node: optionalString(target.node), // a process's tick sums its nodes: whose target this is
     };
   }
 
@@ -123,7 +124,7 @@
 
   function downTargets(node, state) {
     return state.targets.filter((t) => !t.healthy).map((t) => ({
-      node, address: t.address, state: targetState(t), lastError: t.lastError,
+      node: t.node || node, address: t.address, state: targetState(t), lastError: t.lastError,
     }));
   }
 

@@ -38,7 +38,11 @@
   const connection = { socket: null, status: "connecting", attempts: 0, retryAt: 0, closeCode: null };
   const charts = {};
   let rawLive = null; // the unstacked series behind the stacked requests chart, for its legend
-  const dashboard = { live, history, page, charts, connection, ticks: 0, renders: 0 };
+  // Each control-plane process ticks once a second for all its nodes; a tick's "nodes" says
+  // when each was last heard from, and its worker processes.
+  const nodeTicks = new Map(); // node name -> {time, workers, worker_restarts}
+  const lag = { lagging: false, behind: 0, dropped: 0 };
+  const dashboard = { live, history, page, charts, connection, nodeTicks, lag, ticks: 0, renders: 0 };
   window.dashboard = dashboard;
 
   const now = () => Date.now() / 1000;
@@ -502,9 +506,22 @@
   /** When the node was last heard of: its latest report to the control plane, or tick. */
   function lastSeen(node) {
     const reported = toEpoch(node.last_seen);
-    const ticked = live.nodes.get(node.name);
+    const ticked = nodeTicks.get(node.name);
     if (!ticked) return reported;
     return reported === null ? ticked.time : Math.max(reported, ticked.time);
+  }
+
+  /** Worker processes of the node, and how often they were restarted (issue 12's supervisor). */
+  function workersCell(node) {
+    const ticked = nodeTicks.get(node.name);
+    const workers = ticked ? ticked.workers : node.workers;
+    const restarts = ticked ? ticked.worker_restarts : node.worker_restarts;
+    if (typeof workers !== "number") return { text: "–", className: "num" };
+    const restarted = typeof restarts === "number" && restarts > 0;
+    return {
+      text: String(workers) + (restarted ? " (" + restarts + " restarts)" : ""),
+      className: "num" + (restarted ? " is-bad" : ""),
+    };
   }
 
   function nodeStatus(node) {
@@ -528,6 +545,7 @@
           { text: formatAgo(seen), title: seen === null ? "" : new Date(seen * 1000).toISOString() },
           { text: text(node.version) },
           { text: text(node.pid), className: "num" },
+          workersCell(node),
           { text: listenersText(node.listeners) },
           rejectedCell(node),
         ],
@@ -580,6 +598,13 @@
     warnings.hidden = page.warnings.length === 0;
   }
 
+  function drawLag() {
+    const banner = byId("lagging");
+    if (!banner) return;
+    banner.hidden = !lag.lagging;
+    setText("lagging-behind", String(Math.round(lag.behind)));
+  }
+
   function drawConnection() {
     const node = byId("connection-status");
     let label;
@@ -627,10 +652,21 @@
       if (recent.host !== null) sendWatch(); // a new socket: the nodes send the host's lines again
       render();
     } else if (message.type === "tick") {
+      for (const [name, summary] of Object.entries(message.nodes && typeof message.nodes === "object" ? message.nodes : {})) {
+        if (summary && typeof summary === "object" && typeof summary.time === "number") nodeTicks.set(name, summary);
+      }
       if (live.addTick(message, now())) {
         history.addTick(message);
         dashboard.ticks += 1;
       }
+    } else if (message.type === "lagging") {
+      // The control plane dropped ticks this page got too late; the charts have a gap there.
+      lag.lagging = message.lagging === true;
+      lag.behind = Number(message.behind) || 0;
+      lag.dropped = Number(message.dropped) || 0;
+      // What the dropped ticks held, from the control plane's memory, at their own times.
+      if (message.live) live.load(message.live, now());
+      drawLag();
     } else if (message.type === "recent") {
       addRecent(message);
     } else if (message.type === "nodes") {

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('proxyadmin', '0006_upstream_health_checks_on'),
+        ('proxyadmin', '0007_node_link_epoch_and_workers'),
     ]
 
     operations = [
