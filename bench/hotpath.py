@@ -1,6 +1,6 @@
 """The proxy's per-request Python path, without sockets, TLS or a kernel in the way.
 
-    python bench/hotpath.py [--requests 200000] [--access-log]
+    python bench/hotpath.py [--requests 200000] [--access-log] [--guarded]
     valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/hotpath.py --requests 20000
 
 Drives one client connection (``ClientConnection``) with in-memory transports: each
@@ -67,16 +67,30 @@ class MemoryTransport:
     abort = close
 
 
+def guards() -> dict[str, Any]:
+    """1,000 CIDRs (the client's address, 127.0.0.1, allowed by the last one) and a rate limit."""
+    deny, allow = core.AccessAction.DENY, core.AccessAction.ALLOW
+    rules = [core.AccessRule(deny, f"10.{i // 256}.{i % 256}.0/24") for i in range(999)]
+    rules.append(core.AccessRule(allow, "127.0.0.0/8"))
+    return {
+        "access": core.AccessList("bench", deny, tuple(rules)),
+        "rate_limit": core.RateLimit(requests_per_second=1e9, burst=1_000_000_000,
+                                     connections_per_client=100),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--access-log", action="store_true", help="format an access-log line per request")
+    parser.add_argument("--guarded", action="store_true",
+                        help="the host has an access list of 1,000 CIDRs and a rate limit (never reached)")
     args = parser.parse_args()
 
     hsts = core.HSTS(max_age=31536000, include_subdomains=True, preload=False, override_upstream=True)
     upstream = core.Upstream(name="backend", targets=(core.Target("127.0.0.1", 9),))
     route = core.HostRoute(name="bench", names=("bench.local",), mode=core.Mode.HTTP, upstream=upstream,
-                           hsts=hsts)
+                           hsts=hsts, **(guards() if args.guarded else {}))
     lines: list[bytes] = []
     node = ProxyNode(core.Snapshot(revision=1, hosts=(route,)),
                      access_log=lines.append if args.access_log else None)
@@ -104,7 +118,8 @@ def main() -> None:
     assert client_transport.last.endswith(b"hello, world\n"), client_transport.last
     assert not args.access_log or len(lines) == args.requests
     print(f"{elapsed / args.requests * 1e6:.2f} us/request over {args.requests} requests "
-          f"({'access log on' if args.access_log else 'no access log'})")
+          f"({'access log on' if args.access_log else 'no access log'}"
+          f"{', 1,000-CIDR access list and rate limit' if args.guarded else ''})")
 
 
 if __name__ == "__main__":

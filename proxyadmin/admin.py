@@ -29,7 +29,7 @@ from proxyadmin import coverage, forms, localca, pki, proxyhost
 from proxyadmin import models as m
 from proxyadmin.acme.admin import acme_state_html, request_now
 from proxyadmin.acme.models import HostState
-from proxyadmin.hoststatus import Overview, reported_upstream, reporting_nodes
+from proxyadmin.hoststatus import Overview, reported_access, reported_upstream, reporting_nodes
 from proxyadmin.loginguard.forms import ThrottledAuthenticationForm
 
 admin.site.site_header = "proxyadmin"
@@ -433,7 +433,7 @@ class HostAdmin(admin.ModelAdmin):
     list_select_related = ["upstream", "certificate", "acme_state"]
     search_fields = ["name", "names__name"]
     actions = ["enable_hosts", "disable_hosts", "generate_local_certificate", "request_acme_now"]
-    readonly_fields = ["acme_status"]
+    readonly_fields = ["acme_status", "access_activity"]
     fieldsets = [
         (None, {"fields": [
             "name", "enabled", "mode", "upstream", "certificate", "local_certificate", "max_body_size",
@@ -444,6 +444,9 @@ class HostAdmin(admin.ModelAdmin):
             "client_auth", "client_ca", "forward_client_cert", "forward_client_cert_chain",
         ]}),
         ("To the upstream", {"fields": ["proxy_protocol"]}),
+        ("Access and rate limits", {"fields": [
+            "access_list", "rate_limit_rps", "rate_limit_burst", "rate_limit_connections", "access_activity",
+        ]}),
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[m.Host]:
@@ -579,6 +582,19 @@ class HostAdmin(admin.ModelAdmin):
     def acme_status(self, obj: m.Host) -> str:
         return acme_state_html(getattr(obj, "acme_state", None)) if obj.pk and obj.acme else "—"
 
+    @admin.display(description="Refused (reporting nodes)")
+    def access_activity(self, obj: m.Host) -> str:
+        if not obj.pk:
+            return "—"
+        seen = reported_access(obj.name)
+        counts = format_html(
+            "403 denied: {} · 401 unauthorized: {} · 429 rate limited: {} (since each node started)",
+            seen["denied"], seen["unauthorized"], seen["rate_limited"])
+        if not seen["limited_clients"]:
+            return format_html("{}<br>No client rate-limited in the last 15 minutes.", counts)
+        rows = format_html_join("", "<li><code>{}</code>: {}</li>", seen["limited_clients"])
+        return format_html("{}<br>Most limited clients, last 15 minutes:<ul>{}</ul>", counts, rows)
+
     @admin.action(description="Request an ACME certificate now for the selected hosts")
     def request_acme_now(self, request: HttpRequest, queryset: QuerySet[m.Host]) -> None:
         request_now(self, request, queryset)
@@ -590,6 +606,37 @@ class HostAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Host '{host.name}' has no names: skipped.", messages.WARNING)
                 continue
             self.issue_local_certificate(request, host)
+
+
+class AccessUserInline(admin.TabularInline):
+    model = m.AccessUser
+    form = forms.AccessUserForm
+    formset = forms.AccessUserFormSet
+    extra = 1
+    fields = ["username", "password"]
+
+
+@admin.register(m.AccessList)
+class AccessListAdmin(admin.ModelAdmin):
+    form = forms.AccessListForm
+    inlines = [AccessUserInline]
+    list_display = ["name", "default", "satisfy", "rule_count", "user_count", "hosts_display"]
+    search_fields = ["name", "users__username"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[m.AccessList]:
+        return super().get_queryset(request).prefetch_related("users", "hosts")
+
+    @admin.display(description="rules")
+    def rule_count(self, obj: m.AccessList) -> int:
+        return sum(1 for line in obj.rules.splitlines() if line.strip())
+
+    @admin.display(description="users")
+    def user_count(self, obj: m.AccessList) -> int:
+        return len(obj.users.all())
+
+    @admin.display(description="used by")
+    def hosts_display(self, obj: m.AccessList) -> str:
+        return ", ".join(h.name for h in obj.hosts.all()) or "-"
 
 
 @admin.register(m.ProxySettings)

@@ -13,7 +13,14 @@ lists inside an object — an upstream's targets, a host's names — are replace
 whole, as the admin's inline forms do.
 
 Private keys leave the database only when the caller asks (``with_keys``); the
-Fernet token (``key_token``) never does.
+Fernet token (``key_token``) never does. The same goes for access-list users' password
+hashes; a clear ``password`` in an imported document is hashed on the way in.
+
+Access lists and rate limits have a fixed shape that scripts rely on (fields may be
+added, never renamed): ``"access_lists": [{"name", "default", "rules": [{"action",
+"source"}], "satisfy", "users": [{"username", "password" | "password_hash"}]}]`` and, per
+host, ``"access_list": name`` and ``"rate_limit": {"requests_per_second", "burst",
+"connections_per_client"}`` (absent or null: no limit).
 """
 
 from __future__ import annotations
@@ -25,10 +32,10 @@ from functools import partial
 from typing import Any, cast
 
 from django import forms as django_forms
-from django.core.exceptions import NON_FIELD_ERRORS
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import models, transaction
 
-from proxyadmin import crypto, forms, revisions
+from proxyadmin import accesslists, crypto, forms, revisions
 from proxyadmin import models as m
 
 FORMAT = "proxyadmin-config"
@@ -80,9 +87,10 @@ class Kind:
     model: type[models.Model]
     extra: Mapping[str, JsonTypes]
     required: tuple[str, ...] = ("name",)
+    exclude: tuple[str, ...] = ()  # model fields the document carries in another shape
 
     def shape(self) -> dict[str, JsonTypes]:
-        return _shape(self.model) | dict(self.extra)
+        return _shape(self.model, self.exclude) | dict(self.extra)
 
 
 CERTIFICATES = Kind(
@@ -92,10 +100,18 @@ CERTIFICATES = Kind(
 CLIENT_CAS = Kind("client_cas", "client CA", m.ClientCA, {}, ("name", "bundle_pem"))
 HSTS_POLICIES = Kind("hsts_policies", "HSTS policy", m.HSTSPolicy, {})
 UPSTREAMS = Kind("upstreams", "upstream", m.Upstream, {"targets": (list,)})
+ACCESS_LISTS = Kind("access_lists", "access list", m.AccessList, {"rules": (list,), "users": (list,)})
+# The host's rate-limit fields, as the document's "rate_limit" object names them.
+RATE_LIMIT_FIELDS = {
+    "requests_per_second": "rate_limit_rps", "burst": "rate_limit_burst",
+    "connections_per_client": "rate_limit_connections",
+}
 # "acme" is the challenge ("http-01", "tls-alpn-01", "any") or null when off.
-HOSTS = Kind("hosts", "host", m.Host, {"names": (list,), "acme": (str, type(None))})
+HOSTS = Kind("hosts", "host", m.Host, {
+    "names": (list,), "acme": (str, type(None)), "rate_limit": (dict, type(None)),
+}, exclude=tuple(RATE_LIMIT_FIELDS.values()))
 # In the order of application: each kind refers only to kinds before it.
-KINDS = (CERTIFICATES, CLIENT_CAS, HSTS_POLICIES, UPSTREAMS, HOSTS)
+KINDS = (CERTIFICATES, CLIENT_CAS, HSTS_POLICIES, UPSTREAMS, ACCESS_LISTS, HOSTS)
 
 TARGET_EXCLUDE = ("upstream",)
 TOP_LEVEL: dict[str, JsonTypes] = {
@@ -138,7 +154,23 @@ def dump_upstream(upstream: m.Upstream) -> dict[str, Any]:
 
 
 def _dump_host_fields(host: m.Host) -> dict[str, Any]:
-    return dump_object(host) | {"acme": host.acme or None}
+    limits = {key: getattr(host, field) for key, field in RATE_LIMIT_FIELDS.items()}
+    return dump_object(host, HOSTS.exclude) | {
+        "acme": host.acme or None,
+        "rate_limit": limits if any(v is not None for v in limits.values()) else None,
+    }
+
+
+def dump_access_list(acl: m.AccessList, *, with_keys: bool) -> dict[str, Any]:
+    """An access list in the document's shape; users' password hashes only ``with_keys``."""
+    # Sorted here, not by the database: its collation must not make an import look like a change.
+    users = sorted(acl.users.all(), key=lambda u: u.username) if acl.pk else []
+    return dump_object(acl) | {
+        "rules": [{"action": action, "source": source}
+                  for action, source in accesslists.parse_rules(acl.rules)],
+        "users": [{"username": u.username, **({"password_hash": u.password_hash} if with_keys else {})}
+                  for u in users],
+    }
 
 
 def dump_host(host: m.Host) -> dict[str, Any]:
@@ -155,7 +187,7 @@ def export_config(*, with_keys: bool = False) -> dict[str, Any]:
         "targets"
     )
     hosts = m.Host.objects.select_related(
-        "certificate", "upstream", "hsts_policy", "client_ca"
+        "certificate", "upstream", "hsts_policy", "client_ca", "access_list"
     ).prefetch_related("names")
     return {
         "format": FORMAT,
@@ -168,6 +200,9 @@ def export_config(*, with_keys: bool = False) -> dict[str, Any]:
         "client_cas": [dump_object(c) for c in m.ClientCA.objects.all()],
         "hsts_policies": [dump_object(p) for p in m.HSTSPolicy.objects.all()],
         "upstreams": [dump_upstream(u) for u in upstreams],
+        "access_lists": [
+            dump_access_list(a, with_keys=with_keys) for a in m.AccessList.objects.prefetch_related("users")
+        ],
         "hosts": [dump_host(h) for h in hosts],
     }
 
@@ -186,6 +221,9 @@ _EXPECTED = {
     (str,): "a string",
     (list,): "a list",
     (dict,): "an object",
+    (dict, type(None)): "an object or null",
+    (int, float, type(None)): "a number or null",
+    (int, type(None)): "an integer or null",
 }
 
 
@@ -239,6 +277,24 @@ def _check_lists(where: str, entry: dict[str, Any]) -> None:
             raise ConfigFileError(
                 f"{where}: names[{index}] must be a string, not {_json_name(name)}."
             )
+    if len(entry.get("rules", [])) > accesslists.MAX_RULES:
+        raise ConfigFileError(f"{where}: at most {accesslists.MAX_RULES} rules in an access list.")
+    for index, rule in enumerate(entry.get("rules", [])):
+        _check_entry(f"{where}: rules[{index}]", rule, RULE_SHAPE, ("action", "source"))
+    if len(entry.get("users", [])) > accesslists.MAX_USERS:
+        raise ConfigFileError(f"{where}: at most {accesslists.MAX_USERS} users in an access list.")
+    for index, user in enumerate(entry.get("users", [])):
+        _check_entry(f"{where}: users[{index}]", user, USER_SHAPE, ("username",))
+    if entry.get("rate_limit") is not None:
+        _check_entry(f"{where}: rate_limit", entry["rate_limit"], RATE_LIMIT_SHAPE, ())
+
+
+RULE_SHAPE: dict[str, JsonTypes] = {"action": (str,), "source": (str,)}
+USER_SHAPE: dict[str, JsonTypes] = {"username": (str,), "password": (str,), "password_hash": (str,)}
+RATE_LIMIT_SHAPE: dict[str, JsonTypes] = {
+    "requests_per_second": (int, float, type(None)), "burst": (int, type(None)),
+    "connections_per_client": (int, type(None)),
+}
 
 
 def _check_section(kind: Kind, entries: list[Any]) -> None:
@@ -535,7 +591,9 @@ def import_host(entry: Mapping[str, Any]) -> Outcome:
     existing: m.Host | None = _existing(m.Host, entry["name"])
     before = dump_host(existing) if existing else None
     values = {**(before or dump_host(m.Host())), **entry}
-    data, missing = _form_data(m.Host, values)
+    limits = values.get("rate_limit") or {}
+    data, missing = _form_data(m.Host, values | {
+        field: limits.get(key) for key, field in RATE_LIMIT_FIELDS.items()})
     data["acme"] = values.get("acme") or ""  # null is off: sent as the empty choice, not left out
     form = forms.HostForm(data, instance=existing, names=values["names"])
     problems = _form_problems(form, known=missing)
@@ -551,6 +609,69 @@ def import_host(entry: Mapping[str, Any]) -> Outcome:
         return Outcome("unchanged", what)
     host = form.save()
     _replace_names(host, names)
+    return _saved(what, existing is None)
+
+
+def _user_hashes(
+    entries: list[Mapping[str, Any]], existing: m.AccessList | None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(username, password hash) for each user entry, and the problems: a clear password is
+    hashed (kept as stored when it is the stored one), an exported hash checked, and a user
+    with neither keeps the stored hash."""
+    stored = {u.username: u.password_hash for u in existing.users.all()} if existing else {}
+    users: list[tuple[str, str]] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"users[{index}]"
+        try:
+            username = accesslists.check_username(entry["username"])
+            if username in seen:
+                raise ValidationError(f"the user '{username}' is listed twice.")
+            seen.add(username)
+            if "password" in entry and "password_hash" in entry:
+                raise ValidationError("give a password or a password_hash, not both.")
+            if "password" in entry:
+                password = accesslists.check_password(entry["password"])
+                old = stored.get(username)
+                encoded = old if old and accesslists.password_matches(password, old) else (
+                    accesslists.hash_password(password))
+            elif "password_hash" in entry:
+                encoded = accesslists.check_hash(entry["password_hash"])
+            elif username in stored:
+                encoded = stored[username]
+            else:
+                raise ValidationError(f"the new user '{username}' needs a password.")
+        except ValidationError as exc:
+            problems += [f"{where}: {message}" for message in exc.messages]
+            continue
+        users.append((username, encoded))
+    return users, problems
+
+
+def import_access_list(entry: Mapping[str, Any]) -> Outcome:
+    what = f"access list '{entry['name']}'"
+    existing: m.AccessList | None = _existing(m.AccessList, entry["name"])
+    before = dump_access_list(existing, with_keys=True) if existing else None
+    values = {**(before or dump_access_list(m.AccessList(), with_keys=True)), **entry}
+    rules = "".join(f"{r['action']} {r['source']}\n" for r in values["rules"])
+    data, missing = _form_data(m.AccessList, {**values, "rules": rules})
+    form = forms.AccessListForm(data, instance=existing)
+    users, problems = _user_hashes(values["users"], existing)
+    problems = _form_problems(form, known=missing) + problems
+    if problems:
+        return Outcome("refused", what, tuple(problems))
+    after = dump_object(form.instance) | {
+        "rules": [{"action": a, "source": s} for a, s in accesslists.parse_rules(form.instance.rules)],
+        "users": [{"username": u, "password_hash": h} for u, h in sorted(users, key=lambda user: user[0])],
+    }
+    if before is not None and before == after:
+        return Outcome("unchanged", what)
+    acl = form.save()
+    acl.users.exclude(username__in=[u for u, _ in users]).delete()
+    for username, encoded in users:
+        m.AccessUser.objects.update_or_create(
+            access_list=acl, username=username, defaults={"password_hash": encoded})
     return _saved(what, existing is None)
 
 
@@ -580,6 +701,7 @@ IMPORTERS = {
     CLIENT_CAS.section: import_client_ca,
     HSTS_POLICIES.section: import_hsts_policy,
     UPSTREAMS.section: import_upstream,
+    ACCESS_LISTS.section: import_access_list,
     HOSTS.section: import_host,
 }
 

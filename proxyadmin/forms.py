@@ -15,7 +15,7 @@ from django.core.exceptions import ValidationError
 from django.forms.models import BaseInlineFormSet
 from django.utils import timezone
 
-from proxyadmin import coverage, crypto, localca, pki
+from proxyadmin import accesslists, coverage, crypto, localca, pki
 from proxyadmin import models as m
 from proxycore.names import InvalidHostname, normalize_hostname, uncovered_names
 
@@ -366,7 +366,8 @@ class HostForm(forms.ModelForm):
         fields = [
             "name", "enabled", "mode", "upstream", "certificate", "max_body_size", "hsts_policy",
             "redirect_http", "redirect_status", "client_auth", "client_ca", "forward_client_cert",
-            "forward_client_cert_chain", "proxy_protocol", "allow_trace", "acme",
+            "forward_client_cert_chain", "proxy_protocol", "allow_trace", "acme", "access_list",
+            "rate_limit_rps", "rate_limit_burst", "rate_limit_connections",
         ]
 
     # How the refusal of a host without a certificate words the ways to get one.
@@ -386,10 +387,24 @@ class HostForm(forms.ModelForm):
             self.add_error("client_ca", "Client authentication needs a client CA bundle to verify against.")
         if data.get("mode") == m.Host.Mode.TCP and data.get("hsts_policy"):
             self.add_error("hsts_policy", "HSTS is an HTTP header; a TCP host sends none. Clear it.")
+        self._check_access(data)
         wildcards = [n for n in self.submitted_names() if n.startswith("*.")]
         if data.get("acme") and wildcards:
             self.add_error("acme", acme_wildcard_refusal(wildcards, data["acme"]))
         return data
+
+    def _check_access(self, data: dict[str, Any]) -> None:
+        """A TCP host has no requests: only address rules and connection limits apply to it."""
+        tcp = data.get("mode") == m.Host.Mode.TCP
+        acl = data.get("access_list")
+        if tcp and acl is not None and acl.users.exists():
+            self.add_error("access_list", f"A TCP host cannot ask for a password, and the access list "
+                                          f"'{acl.name}' has users. Choose a list of address rules only.")
+        if tcp and data.get("rate_limit_rps"):
+            self.add_error("rate_limit_rps", "A TCP host has no requests to limit; "
+                                             "use connections per client.")
+        if data.get("rate_limit_burst") and not data.get("rate_limit_rps"):
+            self.add_error("rate_limit_burst", "A burst needs a rate (requests per second).")
 
     def _check_certificate_choice(self, data: dict[str, Any]) -> None:
         """A host is saved only with a certificate that covers it, or one on its way."""
@@ -500,4 +515,74 @@ class HostNameFormSet(BaseInlineFormSet):
 class ProxySettingsForm(forms.ModelForm):
     class Meta:
         model = m.ProxySettings
-        fields = ["default_certificate", "strict_sni"]
+        fields = [
+            "default_certificate", "strict_sni", "https_trusted_proxies", "https_proxy_protocol",
+            "http_trusted_proxies", "http_proxy_protocol",
+        ]
+
+    def clean_https_trusted_proxies(self) -> str:
+        return "\n".join(accesslists.parse_trusted_proxies(self.cleaned_data["https_trusted_proxies"]))
+
+    def clean_http_trusted_proxies(self) -> str:
+        return "\n".join(accesslists.parse_trusted_proxies(self.cleaned_data["http_trusted_proxies"]))
+
+
+class AccessListForm(forms.ModelForm):
+    class Meta:
+        model = m.AccessList
+        fields = ["name", "default", "rules", "satisfy", "realm", "pass_authorization"]
+        widgets = {"rules": forms.Textarea(attrs={"rows": 12, "cols": 60, "spellcheck": "false"})}
+
+    def clean_rules(self) -> str:
+        return accesslists.rules_text(accesslists.parse_rules(self.cleaned_data["rules"]))
+
+    def clean_realm(self) -> str:
+        return accesslists.check_realm(self.cleaned_data["realm"])
+
+
+class AccessUserForm(forms.ModelForm):
+    """A Basic user; the password is write-only: never shown, blank keeps the stored one."""
+
+    password = forms.CharField(
+        required=False, strip=False, max_length=accesslists.MAX_PASSWORD,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Stored only as a salted PBKDF2 hash. Leave blank to keep the current password.",
+    )
+
+    class Meta:
+        model = m.AccessUser
+        fields = ["username"]
+
+    def clean_username(self) -> str:
+        return accesslists.check_username(self.cleaned_data["username"])
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or self.cleaned_data
+        password = data.get("password") or ""
+        if password:
+            try:
+                self.instance.password_hash = accesslists.hash_password(password)
+            except ValidationError as exc:
+                self.add_error("password", exc)
+        elif not self.instance.password_hash and data.get("username") and not data.get("DELETE"):
+            self.add_error("password", "A new user needs a password.")
+        return data
+
+    def validate_unique(self) -> None:
+        pass  # checked by the formset, with the username in the message
+
+
+class AccessUserFormSet(BaseInlineFormSet):
+    def clean(self) -> None:
+        super().clean()
+        if any(self.errors):
+            return
+        kept = [f for f in self.forms if f.cleaned_data and not f.cleaned_data.get("DELETE")]
+        if len(kept) > accesslists.MAX_USERS:
+            raise ValidationError(f"An access list holds at most {accesslists.MAX_USERS} users.")
+        seen: set[str] = set()
+        for form in kept:
+            name = str(form.cleaned_data.get("username"))
+            if name in seen:
+                raise ValidationError(f"The user '{name}' is listed twice.")
+            seen.add(name)

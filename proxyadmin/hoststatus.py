@@ -122,3 +122,30 @@ class Overview:
         if days < settings.CERT_EXPIRY_WARNING_DAYS:
             return [Status("warn", f"certificate expires in {days} days")]
         return []
+
+
+ACCESS_COUNTERS = ("denied", "unauthorized", "rate_limited")
+
+
+def reported_access(host: str, now: dt.datetime | None = None) -> dict[str, Any]:
+    """What the reporting nodes' access lists and rate limits refused for ``host``: the 403/401/429
+    counts since each node started, and the most limited client addresses of the last 15
+    minutes (each node reports its top 20), summed over the nodes, most limited first."""
+    counts = dict.fromkeys(ACCESS_COUNTERS, 0)
+    clients: dict[str, int] = {}
+    for node, _ in reporting_nodes(now):
+        stored = node.last_stats if isinstance(node.last_stats, dict) else {}
+        totals = stored.get("totals")
+        hosts = totals.get("hosts") if isinstance(totals, dict) else None
+        stats = hosts.get(host) if isinstance(hosts, dict) else None
+        if not isinstance(stats, dict):
+            continue
+        for key in ACCESS_COUNTERS:
+            value = stats.get(key)
+            counts[key] += value if isinstance(value, int) else 0
+        limited = stats.get("limited_clients")
+        for address, n in (limited.items() if isinstance(limited, dict) else ()):
+            if isinstance(n, int):
+                clients[address] = clients.get(address, 0) + n
+    top = sorted(clients.items(), key=lambda item: (-item[1], item[0]))[:20]
+    return {**counts, "limited_clients": top}

@@ -45,7 +45,8 @@ MAX_HOSTS = 1000
 MAX_INTERVAL = 5.0  # longest interval one tick is taken to cover, as in dashboard-model.js
 STALE_AFTER = 5.0  # a node not heard from for this long adds no active connections
 FUTURE_SLACK = 60.0  # a tick from further ahead of this process's clock is not kept
-COUNTERS = ("requests", "2xx", "3xx", "4xx", "5xx", "bytes_in", "bytes_out", "handshake_failures")
+COUNTERS = ("requests", "2xx", "3xx", "4xx", "5xx", "bytes_in", "bytes_out", "handshake_failures",
+            "unauthorized", "denied", "rate_limited")
 
 
 def _number(value: object) -> float:

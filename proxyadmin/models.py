@@ -229,6 +229,60 @@ class UpstreamTarget(models.Model):
         return f"{self.host}:{self.port}"
 
 
+class AccessList(models.Model):
+    """Who may use the hosts that name it: ordered address rules, then optional Basic users."""
+
+    class Default(models.TextChoices):
+        ALLOW = "allow", "Allow"
+        DENY = "deny", "Deny"
+
+    class Satisfy(models.TextChoices):
+        ANY = "any", "Any: an allowed address OR a valid password"
+        ALL = "all", "All: an allowed address AND a valid password"
+
+    name = models.CharField(max_length=100, unique=True)
+    default = models.CharField(
+        max_length=5, choices=Default.choices, default=Default.DENY,
+        help_text="What an address no rule matches gets.",
+    )
+    rules = models.TextField(
+        blank=True,
+        help_text="One rule a line, first match wins: 'allow 10.0.0.0/8', 'deny 2001:db8::/32', "
+                  "'allow 192.0.2.7'. At most 5,000.",
+    )
+    satisfy = models.CharField(max_length=3, choices=Satisfy.choices, default=Satisfy.ANY)
+    realm = models.CharField(
+        max_length=100, blank=True, help_text="The Basic realm browsers show; empty: the list's name.",
+    )
+    pass_authorization = models.BooleanField(
+        "pass Authorization upstream", default=False,
+        help_text="Forward the Authorization header the proxy checked. Off: the upstream never sees it.",
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class AccessUser(models.Model):
+    """An HTTP Basic user of an access list; only a slow salted hash of the password is stored."""
+
+    access_list = models.ForeignKey(AccessList, on_delete=models.CASCADE, related_name="users")
+    username = models.CharField(max_length=150)
+    password_hash = models.CharField(max_length=256, editable=False)
+
+    class Meta:
+        ordering = ["username"]
+        constraints = [
+            models.UniqueConstraint(fields=["access_list", "username"], name="unique_access_user"),
+        ]
+
+    def __str__(self) -> str:
+        return self.username
+
+
 class Host(models.Model):
     class Mode(models.TextChoices):
         HTTP = "http", "HTTP reverse proxy"
@@ -302,6 +356,24 @@ class Host(models.Model):
                   "Wildcard names need dns-01, which is not offered.",
     )
     enabled = models.BooleanField(default=True)
+    access_list = models.ForeignKey(
+        AccessList, null=True, blank=True, on_delete=models.PROTECT, related_name="hosts",
+        help_text="Address rules and Basic users that guard this host. Empty: open to all.",
+    )
+    rate_limit_rps = models.FloatField(
+        "requests per second", null=True, blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(100_000)],
+        help_text="Per client address and per proxy node. Empty: no limit.",
+    )
+    rate_limit_burst = models.PositiveIntegerField(
+        "burst", null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(1_000_000)],
+        help_text="Requests a client may make at once before the rate applies. Empty: the rate, rounded up.",
+    )
+    rate_limit_connections = models.PositiveIntegerField(
+        "connections per client", null=True, blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(100_000)],
+        help_text="Concurrent connections per client address and per node. Empty: no limit.",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -342,6 +414,18 @@ class ProxySettings(models.Model):
         help_text="Refuse handshakes without SNI or with an unknown name (unrecognized_name alert) "
         "instead of serving the default certificate.",
     )
+    https_trusted_proxies = models.TextField(
+        "HTTPS listener: trusted proxies", blank=True,
+        help_text="Addresses or CIDRs, one a line (at most 100), whose X-Forwarded-For / Forwarded "
+                  "name the client. Everyone else's are ignored.",
+    )
+    https_proxy_protocol = models.BooleanField(
+        "HTTPS listener: PROXY protocol from trusted proxies", default=False,
+        help_text="Trusted proxies open each connection with a PROXY v1/v2 header naming the client.",
+    )
+    http_trusted_proxies = models.TextField("HTTP listener: trusted proxies", blank=True)
+    http_proxy_protocol = models.BooleanField(
+        "HTTP listener: PROXY protocol from trusted proxies", default=False)
 
     class Meta:
         verbose_name = "proxy settings"
@@ -395,6 +479,7 @@ class ConfigRevision(models.Model):
 
 CONFIG_MODELS: tuple[type[models.Model], ...] = (
     Certificate, ClientCA, HSTSPolicy, Upstream, UpstreamTarget, Host, HostName, ProxySettings,
+    AccessList, AccessUser,
 )
 
 

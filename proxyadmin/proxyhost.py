@@ -126,11 +126,23 @@ class ProxyHostForm(forms.Form):
                                        choices=m.Host.ProxyProtocol.choices, initial=m.Host.ProxyProtocol.OFF)
     max_body_size = forms.IntegerField(label="Largest request body (bytes; 0: no limit)", min_value=0,
                                        initial=10 * 1024 * 1024)
+    access_list = forms.ModelChoiceField(
+        m.AccessList.objects.all(), required=False, label="Access list", empty_label="None: open to all",
+        help_text="Address rules and Basic users, from the Access lists page.",
+    )
+    rate_limit_rps = forms.FloatField(label="Requests per second per client", required=False,
+                                      help_text="Per proxy node. Empty: no limit.")
+    rate_limit_burst = forms.IntegerField(label="Burst", required=False,
+                                          help_text="Requests at once before the rate applies.")
+    rate_limit_connections = forms.IntegerField(label="Connections per client", required=False,
+                                                help_text="Concurrent, per proxy node. Empty: no limit.")
 
     BASIC = ("names", "forward_to", "upstream")
     TLS = ("tls", "certificate", "acme")
     HTTP = ("hsts", "hsts_max_age", "hsts_include_subdomains", "redirect_http", "name", "enabled")
-    ADVANCED = ("mode", "client_auth", "client_ca", "proxy_protocol", "max_body_size")
+    ADVANCED = ("mode", "client_auth", "client_ca", "proxy_protocol", "max_body_size", "access_list",
+                "rate_limit_rps", "rate_limit_burst", "rate_limit_connections")
+    LIMITS = ("rate_limit_rps", "rate_limit_burst", "rate_limit_connections")
 
     def __init__(self, *args: Any, host: m.Host | None = None, **kwargs: Any) -> None:
         self.host = host
@@ -188,6 +200,8 @@ class ProxyHostForm(forms.Form):
             "certificate": data["certificate"].pk if tls == "stored" and data.get("certificate") else "",
             "acme": (data.get("acme") or m.Host.Acme.ANY) if tls == "acme" else "",
             "client_ca": data["client_ca"].pk if data.get("client_ca") else "",
+            "access_list": data["access_list"].pk if data.get("access_list") else "",
+            **{key: data[key] for key in self.LIMITS if data.get(key) is not None},
             **{key: "on" for key in ("enabled", "redirect_http") if data.get(key)},
             **({"local_certificate": "on"} if tls == "local_ca" else {}),
             **({"forward_client_cert": "on"} if self.host is None or self.host.forward_client_cert else {}),
@@ -197,7 +211,8 @@ class ProxyHostForm(forms.Form):
         form.certificate_choices = PAGE_CHOICES
         form.fields["upstream"].required = False  # made or chosen when saving
         fields = {"certificate": "certificate", "local_certificate": "tls", "acme": "acme",
-                  "client_ca": "client_ca", "name": "name", "client_auth": "client_auth"}
+                  "client_ca": "client_ca", "name": "name", "client_auth": "client_auth",
+                  "access_list": "access_list", **{key: key for key in self.LIMITS}}
         for field, errors in form.errors.items():
             for error in errors:
                 self.add_error(fields.get(field) if field in fields else None, error)
@@ -289,6 +304,8 @@ def initial_for(host: m.Host) -> dict[str, Any]:
         "redirect_http": host.redirect_http, "name": host.name, "enabled": host.enabled,
         "mode": host.mode, "client_auth": host.client_auth, "client_ca": host.client_ca,
         "proxy_protocol": host.proxy_protocol, "max_body_size": host.max_body_size,
+        "access_list": host.access_list, "rate_limit_rps": host.rate_limit_rps,
+        "rate_limit_burst": host.rate_limit_burst, "rate_limit_connections": host.rate_limit_connections,
     }
 
 

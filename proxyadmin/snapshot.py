@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from proxyadmin import crypto
+from proxyadmin import accesslists, crypto
 from proxyadmin import models as m
 from proxyadmin.acme.models import Challenge
 from proxyadmin.coverage import served_certificate
@@ -97,6 +98,49 @@ def _client_auth(host: m.Host) -> core.ClientAuth:
     )
 
 
+def _access_list(acl: m.AccessList) -> core.AccessList:
+    try:
+        rules = accesslists.parse_rules(acl.rules)
+    except ValidationError as exc:
+        raise SnapshotError(f"access list '{acl.name}': {'; '.join(exc.messages)}") from None
+    return core.AccessList(
+        name=acl.name,
+        default=core.AccessAction(acl.default),
+        rules=tuple(core.AccessRule(core.AccessAction(action), source) for action, source in rules),
+        satisfy=core.Satisfy(acl.satisfy),
+        users=tuple(core.BasicUser(u.username, u.password_hash) for u in acl.users.all()),
+        realm=acl.realm,
+        pass_authorization=acl.pass_authorization,
+    )
+
+
+def _rate_limit(host: m.Host) -> core.RateLimit | None:
+    if not (host.rate_limit_rps or host.rate_limit_connections):
+        return None
+    return core.RateLimit(
+        requests_per_second=host.rate_limit_rps or 0.0,
+        burst=host.rate_limit_burst or 0,
+        connections_per_client=host.rate_limit_connections or 0,
+    )
+
+
+def _listener_trust(row: m.ProxySettings | None) -> tuple[core.ListenerTrust, ...]:
+    if row is None:
+        return ()
+    trust = []
+    for listener, text, proxy_protocol in (
+        ("https", row.https_trusted_proxies, row.https_proxy_protocol),
+        ("http", row.http_trusted_proxies, row.http_proxy_protocol),
+    ):
+        try:
+            sources = accesslists.parse_trusted_proxies(text)
+        except ValidationError as exc:
+            raise SnapshotError(f"{listener} trusted proxies: {'; '.join(exc.messages)}") from None
+        if sources:
+            trust.append(core.ListenerTrust(listener, tuple(sources), proxy_protocol))
+    return tuple(trust)
+
+
 def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
     """Read the whole config in one transaction and return it as a ``Snapshot``."""
     now = now or timezone.now()
@@ -108,9 +152,10 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
         hosts = (
             m.Host.objects.all()
             .select_related("certificate", "upstream", "hsts_policy", "client_ca",
-                            "upstream__tls_client_certificate")
-            .prefetch_related("names", "upstream__targets")
+                            "upstream__tls_client_certificate", "access_list")
+            .prefetch_related("names", "upstream__targets", "access_list__users")
         )
+        access_lists: dict[int, core.AccessList] = {}
         upstreams: dict[int, core.Upstream] = {}
         routes = []
         for host in hosts:
@@ -124,6 +169,9 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
             cert = served_certificate(host, names, certificates, now)
             if host.upstream_id not in upstreams:
                 upstreams[host.upstream_id] = _upstream(host.upstream, bundles)
+            acl = host.access_list
+            if acl is not None and acl.pk not in access_lists:
+                access_lists[acl.pk] = _access_list(acl)
             routes.append(
                 core.HostRoute(
                     name=host.name,
@@ -138,6 +186,8 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
                     max_body_size=host.max_body_size,
                     allow_trace=host.allow_trace,
                     enabled=host.enabled,
+                    access=access_lists[acl.pk] if acl is not None else None,
+                    rate_limit=_rate_limit(host),
                 )
             )
         challenges = list(Challenge.objects.all())
@@ -153,4 +203,5 @@ def build_snapshot(now: dt.datetime | None = None) -> core.Snapshot:
         acme_tls_alpn=tuple(
             (c.name, c.digest()) for c in challenges if c.kind == Challenge.Kind.TLS_ALPN_01
         ),
+        listener_trust=_listener_trust(settings_row),
     )

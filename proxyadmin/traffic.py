@@ -78,6 +78,9 @@ class HostDelta:
     active_before: int = 0
     latency_buckets: tuple[float, ...] = ()
     latency_counts: tuple[int, ...] = (0,)
+    denied: int = 0  # the host's access list: 403s and connections refused before TLS
+    unauthorized: int = 0  # 401s
+    rate_limited: int = 0  # 429s and connections over the per-client limit
 
     def rollup_increments(self) -> dict[str, int]:
         """The non-zero ``TrafficRollup`` columns this delta adds to (each at most ``MAX_COUNTER``)."""
@@ -98,7 +101,8 @@ class HostDelta:
     def worth_showing(self) -> bool:
         """Idle hosts stay out of ticks; a host whose last connection just closed does not."""
         return bool(self.requests or self.responses or self.bytes_in or self.bytes_out
-                    or self.handshake_failures or self.upstream_errors or self.active or self.active_before)
+                    or self.handshake_failures or self.upstream_errors or self.active or self.active_before
+                    or self.denied or self.unauthorized or self.rate_limited)
 
     def tick_entry(self, elapsed: float) -> dict[str, Any]:
         def ms(q: float) -> float | None:
@@ -114,6 +118,9 @@ class HostDelta:
             "bytes_out": self.bytes_out,
             "handshake_failures": self.handshake_failures,
             "upstream_errors": self.upstream_errors,
+            "denied": self.denied,
+            "unauthorized": self.unauthorized,
+            "rate_limited": self.rate_limited,
             "p50_ms": ms(0.5),
             "p95_ms": ms(0.95),
         }
@@ -208,6 +215,9 @@ def _host_delta(now: Mapping[str, Any], before: Mapping[str, Any],
         active_before=before.get("active_connections", 0),
         latency_buckets=tuple(buckets_now),
         latency_counts=latency_counts,
+        denied=_minus(now.get("denied"), before.get("denied")),
+        unauthorized=_minus(now.get("unauthorized"), before.get("unauthorized")),
+        rate_limited=_minus(now.get("rate_limited"), before.get("rate_limited")),
     )
 
 

@@ -8,7 +8,11 @@ reads the ClientHello itself (``proxycore.clienthello``), picks the host by SNI
 A ClientHello naming no known host gets ``unrecognized_name`` (strict SNI, or no
 default certificate), and plain HTTP on this port a plain 400. A ClientHello that
 offers only ALPN ``acme-tls/1`` is an ACME tls-alpn-01 validation: it gets the
-challenge certificate for its name (``proxycore.acmealpn``), never a host's. Every failed
+challenge certificate for its name (``proxycore.acmealpn``), never a host's. A trusted
+proxy's PROXY header, when its listener wants one, is read before the ClientHello; an
+address the host's access list denies outright (a list without users), or a client
+already holding all its connections, is refused once the host is known, before any
+handshake work (``refused_early``). Every failed
 handshake is counted by reason, and a handshake OpenSSL refuses ends with the alert
 OpenSSL wrote (``proxycore.tlsalert``).
 
@@ -21,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from proxycore import acmealpn, responses, tls
+from proxycore import access, acmealpn, proxyproto, responses, tls
 from proxycore.client import ClientConnection
 from proxycore.clientcert import client_cert_headers
 from proxycore.clienthello import (
@@ -34,7 +39,7 @@ from proxycore.clienthello import (
     NotTLS,
     parse_client_hello,
 )
-from proxycore.config import ClientAuthMode
+from proxycore.config import ClientAuthMode, HostRoute
 from proxycore.stats import UNMATCHED
 from proxycore.tlsalert import Handshake
 
@@ -45,6 +50,9 @@ log = logging.getLogger("proxycore")
 
 # How long a closing TLS connection waits for the client's close_notify.
 TLS_SHUTDOWN_TIMEOUT = 5.0
+
+# A fatal access_denied alert (RFC 8446 §6.2): what an address the host's list refuses gets.
+ALERT_ACCESS_DENIED = b"\x15\x03\x03\x00\x02\x02\x31"
 
 PLAIN_HTTP_ON_HTTPS, _ = responses.render(
     400, hsts=None, https=False, close=True, body=b"400 Bad Request: this port speaks HTTPS, not HTTP.\n",
@@ -69,6 +77,10 @@ class TLSAcceptor(asyncio.Protocol):
         self.holds_slot = False
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.client_ip = ""  # the peer, or the client a trusted proxy's PROXY header named
+        self.source: tuple[str, int] | None = None  # that PROXY header's client address
+        self.proxied = False  # the peer is a trusted proxy: its clients are known later
+        self.proxy_pending = False  # a PROXY header is due before the ClientHello
 
     # ---- event loop callbacks ----------------------------------------------------------
 
@@ -81,6 +93,12 @@ class TLSAcceptor(asyncio.Protocol):
             return
         self.holds_slot = True
         self.listener.handshaking += 1
+        peer = self.transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        trust = self.node.state.trust.get(self.listener.name) if self.node.state.trust else None
+        if trust is not None and trust.trusts(self.client_ip):
+            self.proxied = True
+            self.proxy_pending = trust.proxy_protocol
         loop = self.node.loop
         self.deadline = loop.time() + self.node.limits.handshake_timeout
         self.timer = loop.call_at(self.deadline, self.timed_out)
@@ -91,6 +109,8 @@ class TLSAcceptor(asyncio.Protocol):
                 self.buffer += data  # read before start_tls took the transport over: handed over
             return
         self.buffer += data
+        if self.proxy_pending and not self.read_proxy_header():
+            return
         try:
             hello = parse_client_hello(bytes(self.buffer))
         except NotTLS as exc:
@@ -103,6 +123,46 @@ class TLSAcceptor(asyncio.Protocol):
         self.stop_timer()
         self.transport.pause_reading()
         self.begin(hello)
+
+    def read_proxy_header(self) -> bool:
+        """A trusted proxy's PROXY header ahead of the ClientHello: True once it has been
+        read (and taken out of the buffer), False while incomplete or when refused."""
+        try:
+            parsed = proxyproto.parse_header(bytes(self.buffer))
+        except proxyproto.BadProxyHeader:
+            self.node.stats.host(UNMATCHED).handshakes_failed["bad_proxy_header"] += 1
+            self.refuse(b"")
+            return False
+        if parsed is None:
+            return False
+        source, length = parsed
+        del self.buffer[:length]
+        self.proxy_pending = False
+        if source is not None:
+            self.source = source
+            self.client_ip = source[0]
+            self.proxied = False  # the client is known now: its address rules apply here
+        return bool(self.buffer)
+
+    def refused_early(self, route: HostRoute) -> bool:
+        """The host's access list denies this address outright (no users to ask for a
+        password), or the client holds all its connections: refuse before the handshake."""
+        if self.proxied:
+            return False  # a trusted proxy's clients are named in their requests
+        state = self.node.state
+        policy = state.policies.get(route.name) if state.policies else None
+        key = access.address_key(self.client_ip)
+        if policy is not None and policy.refuse_early and not policy.table.allows(key):
+            self.node.stats.host(route.name).denied += 1
+            self.refuse(ALERT_ACCESS_DENIED)
+            return True
+        limit = route.rate_limit
+        if limit is not None and limit.connections_per_client and (
+                self.node.limiters.host(route.name).at_limit(limit, key)):
+            self.node.stats.host(route.name).limited(self.client_ip, time.time())
+            self.refuse(b"")
+            return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.started:
@@ -135,7 +195,9 @@ class TLSAcceptor(asyncio.Protocol):
                 node.stats.host(route.name).handshakes_failed["no_certificate"] += 1
             self.refuse(ALERT_UNRECOGNIZED_NAME)
             return
-        conn = ClientConnection(node, self.listener, state=state, sni_route=route)
+        if route is not None and self.refused_early(route):
+            return
+        conn = ClientConnection(node, self.listener, state=state, sni_route=route, source=self.source)
         node.track(node.loop.create_task(self.handshake(conn, context)))
         # start_tls swaps the transport's protocol in the task's first step, which runs
         # before this callback (FIFO); the TLS protocol then reads the ClientHello we hold.
@@ -235,7 +297,8 @@ class TLSAcceptor(asyncio.Protocol):
     def refuse(self, reply: bytes) -> None:
         self.started = True
         self.stop_timer()
-        self.transport.write(reply)
+        if reply:
+            self.transport.write(reply)
         self.transport.close()
         self.done()
 

@@ -131,8 +131,10 @@ MAX_WORKERS = 1024  # worker processes of one node (``totals["workers"]["count"]
 
 HOST_COUNTERS = (
     "active_connections", "total_connections", "handshakes_ok", "requests", "bytes_in", "bytes_out",
+    "denied", "unauthorized", "rate_limited",
 )
-HOST_COUNTER_MAPS = ("handshakes_failed", "responses", "upstream_errors")
+# limited_clients: {client address: count} of the last 15 minutes (top 20 per worker)
+HOST_COUNTER_MAPS = ("handshakes_failed", "responses", "upstream_errors", "limited_clients")
 LISTENER_COUNTERS = ("connections", "rejected_connections", "resumed_sessions")
 LISTENER_COUNTER_MAPS = ("tls_versions", "ciphers")
 UPSTREAM_LEVELS = ("healthy", "available", "total")

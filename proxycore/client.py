@@ -1,9 +1,14 @@
 """The client side of the HTTP reverse proxy: one ``asyncio.Protocol`` per connection.
 
-The connection moves bytes and keeps time; it decides nothing itself. Bytes from
-the client go through the strict parser (``http1``); each request head becomes an
-``Exchange`` (``proxycore.exchange``) that carries out what ``decide`` says for it,
-and the exchange writes the response back through the connection. The connection
+The connection moves bytes and keeps time; it decides nothing itself. For a host with
+an access list or a rate limit it gathers the facts ``decide`` rules on: the list's
+verdict on the client's address (once per host and address, not per request), a token
+from the client's bucket, what the Authorization header is worth; and it knows who the
+client is: the peer, or whom a trusted proxy names (PROXY header, X-Forwarded-For).
+
+Bytes from the client go through the strict parser (``http1``); each request head
+becomes an ``Exchange`` (``proxycore.exchange``) that carries out what ``decide`` says
+for it, and the exchange writes the response back through the connection. The connection
 owns framing (one exchange at a time; pipelined requests wait their turn, paused),
 back-pressure (``pause_reading`` reasons), the timeouts watched by the node's sweep
 (``check_deadlines``), and the errors that have no request: a malformed or late head.
@@ -16,14 +21,17 @@ Every callback here is called by the event loop (``connection_made``,
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
-from proxycore import http1, responses, routing
-from proxycore.config import HostRoute, Mode
+from proxycore import access, http1, proxyproto, responses, routing
+from proxycore.access import AccessPolicy, TrustPolicy
+from proxycore.config import HostRoute, Mode, RateLimit
 from proxycore.decide import decide
 from proxycore.exchange import Exchange
 from proxycore.http1 import BodyData, MessageEnd, ParseError, RequestHead, Upgraded
+from proxycore.ratelimit import HostLimiter
 from proxycore.stats import UNMATCHED, HostStats
 
 if TYPE_CHECKING:
@@ -40,13 +48,19 @@ class ClientConnection(asyncio.Protocol):
     def __init__(
         self, node: ProxyNode, listener: Listener, *,
         state: NodeState | None = None, sni_route: HostRoute | None = None,
+        source: tuple[str, int] | None = None,
     ) -> None:
         self.node = node
         self.state: NodeState = state or node.state  # in-flight connections keep their snapshot
         self.listener = listener
         self.https = listener.https
         self.transport: asyncio.Transport | None = None  # set once the node has admitted it
-        self.client_ip = ""
+        self.client_ip = ""  # the client's address: the peer's, or what a trusted proxy said
+        self.client_key = -1  # client_ip as access.address_key
+        self.peer_ip = ""
+        self.source = source  # the client's (address, port) from an inbound PROXY header
+        self.trust: TrustPolicy | None = None  # the listener trusts this peer's forwarding fields
+        self.proxy_header: bytearray | None = None  # reading an inbound PROXY header (plain HTTP)
         self.sni_route = sni_route  # the host chosen by SNI (None: the default certificate)
         self.client_cert_lines = b""  # RFC 9440 field lines (CRLF-ended), once verified
         self.conn_stats: HostStats = node.stats.host(UNMATCHED)
@@ -57,6 +71,14 @@ class ClientConnection(asyncio.Protocol):
         self.last_stats: HostStats = self.conn_stats
         self.forwarding = b""  # the X-Forwarded-*/Forwarded lines for last_host
         self.route_label = b"-"  # last_route's name, for the access log
+        # last_route's access list and rate limit, and what they say of this client
+        self.last_policy: AccessPolicy | None = None
+        self.last_allowed = True
+        self.last_limit: RateLimit | None = None
+        self.last_limiter: HostLimiter | None = None
+        self.verified: tuple[bytes, bytes] | None = None  # (list identity, Authorization value)
+        self.slot: HostLimiter | None = None  # holds a per-client connection slot of this host
+        self.slot_key = -1  # ... for this client address
         self.log_prefix = b""  # client address and listener, for the access log
         self.exchange: Exchange | None = None  # the request being served
         self.events: deque[RequestHead | BodyData | MessageEnd | Upgraded | ParseError] = deque()
@@ -87,11 +109,22 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else ""
-        self.log_prefix = b"%s %s" % (self.client_ip.encode("ascii"), self.listener.name.encode("ascii"))
+        self.peer_ip = peer[0] if peer else ""
+        trust = self.state.trust.get(self.listener.name) if self.state.trust else None
+        if trust is not None and trust.trusts(self.peer_ip):
+            self.trust = trust
+            if trust.proxy_protocol and not self.https:  # (the acceptor reads it on HTTPS)
+                self.proxy_header = bytearray()
+        self.set_client(self.source[0] if self.source is not None else self.peer_ip)
         transport.set_write_buffer_limits(high=256 * 1024)
         if self.sni_route is not None:  # (the acceptor has counted the handshake)
             self.conn_stats = self.node.stats.host(self.sni_route.name)
+            if not self.take_slot(self.sni_route, self.conn_stats):
+                self.conn_stats.limited(self.client_ip, time.time())  # over its connections: refused
+                self.closed = True
+                self.node.forget(self)
+                transport.abort()
+                return
             if self.sni_route.mode is Mode.TCP:
                 first_bytes, self.early = b"".join(self.early or ()), None
                 self.node.start_l4(self, transport, self.sni_route, first_bytes)
@@ -111,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.conn_stats.active_connections -= 1
         self.node.forget(self)
+        self.give_slot()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.abandon()
@@ -159,6 +193,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.parse_error is not None:
             return  # the parser is dead; the connection closes once the error is answered
+        if self.proxy_header is not None:
+            data = self.read_proxy_header(data)
+            if not data:
+                return
         exchange = self.exchange
         if exchange is not None:
             exchange.stats.bytes_in += len(data)
@@ -237,6 +275,8 @@ class ClientConnection(asyncio.Protocol):
     # ---- one request ----------------------------------------------------------------
 
     def start_request(self, head: RequestHead) -> Exchange:
+        if self.trust is not None:
+            self.forwarded_client(head, self.trust)
         host = head.host
         if host == self.last_host:  # the usual case: the same host as the last request
             route = self.last_route
@@ -247,10 +287,114 @@ class ClientConnection(asyncio.Protocol):
             self.last_host, self.last_route, self.last_stats = host, route, stats
             self.forwarding = routing.forwarding_lines(self.client_ip, host, https=self.https)
             self.route_label = route.name.encode("utf-8", "replace") if route is not None else b"-"
+            self.route_guards(route, stats)
         stats.requests += 1
         exchange = self.exchange = Exchange(self, head, route, stats)
-        exchange.start(decide(head, route, self.sni_route, https=self.https, https_port=self.node.https_port))
+        policy = self.last_policy
+        limit = self.last_limit
+        if policy is None and limit is None:
+            exchange.start(decide(head, route, self.sni_route, https=self.https,
+                                  https_port=self.node.https_port))
+            return exchange
+        retry_after = 0
+        if limit is not None and self.last_limiter is not None:
+            if self.slot is None and not self.https and not self.take_slot(route, stats, limit):
+                self.closing = True
+                retry_after = 1  # over the connection limit on plain HTTP: 429, then close
+            else:
+                retry_after = self.last_limiter.take(limit, self.client_key, exchange.started_at)
+        credentials = 0
+        if policy is not None and policy.users:
+            value = access.authorization(head.raw)
+            exchange.authorization = value
+            verified = self.verified
+            known = verified[1] if verified is not None and verified[0] == policy.identity else None
+            credentials = access.credential_state(policy, value, known)
+        exchange.start(decide(
+            head, route, self.sni_route, https=self.https, https_port=self.node.https_port,
+            policy=policy, address_allowed=self.last_allowed, credentials=credentials,
+            retry_after=retry_after,
+        ))
         return exchange
+
+    # ---- the client's address, access lists and limits --------------------------------
+
+    def set_client(self, ip: str) -> None:
+        self.client_ip = ip
+        self.client_key = access.address_key(ip)
+        self.log_prefix = b"%s %s" % (ip.encode("ascii", "replace"), self.listener.name.encode("ascii"))
+        self.last_host = None  # forwarding lines and access verdicts are the client's: made again
+
+    def forwarded_client(self, head: RequestHead, trust: TrustPolicy) -> None:
+        """A trusted proxy's request: its X-Forwarded-For / Forwarded name the client."""
+        if self.source is not None:
+            return  # a PROXY header said who the client is, once for the connection
+        ip = access.forwarded_client(head.noted, trust) or self.peer_ip
+        if ip != self.client_ip:
+            self.set_client(ip)
+
+    def route_guards(self, route: HostRoute | None, stats: HostStats) -> None:
+        """The access list and rate limit of ``route``, and the client address's verdict."""
+        policy = self.state.policies.get(route.name) if route is not None and self.state.policies else None
+        self.last_policy = policy
+        self.last_allowed = policy.table.allows(self.client_key) if policy is not None else True
+        limit = route.rate_limit if route is not None else None
+        self.last_limit = limit
+        self.last_limiter = (
+            self.node.limiters.host(route.name) if limit is not None and route is not None else None)
+
+    def take_slot(self, route: HostRoute | None, stats: HostStats, limit: RateLimit | None = None) -> bool:
+        """Count this connection against ``route``'s per-client connection limit; False: over it.
+        A trusted proxy's connection without a PROXY header carries many clients' requests:
+        it is the proxy's, counted against nobody."""
+        if route is None or (self.trust is not None and self.source is None):
+            return True
+        limit = limit or route.rate_limit
+        if limit is None or not limit.connections_per_client:
+            return True
+        limiter = self.node.limiters.host(route.name)
+        if not limiter.connect(limit, self.client_key):
+            return False
+        self.slot, self.slot_key = limiter, self.client_key
+        return True
+
+    def give_slot(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.disconnect(self.slot_key)
+
+    def client_source(self) -> tuple[str, int] | None:
+        """The client's (address, port) for a PROXY header upstream; None: the peer's own."""
+        if self.source is not None or self.client_ip == self.peer_ip or self.transport is None:
+            return self.source
+        peer = self.transport.get_extra_info("peername")
+        return (self.client_ip, peer[1] if peer else 0)
+
+    def authenticated(self, policy: AccessPolicy, value: bytes) -> None:
+        """The exchange verified ``value`` for ``policy``: the rest of the connection skips it."""
+        self.verified = (policy.identity, value)
+
+    def read_proxy_header(self, data: bytes) -> bytes:
+        """Bytes of a trusted peer's connection before its PROXY header is whole: b"" until
+        then, after it the rest. A peer that sends anything else gets 400."""
+        buffer = self.proxy_header
+        assert buffer is not None
+        buffer += data
+        try:
+            parsed = proxyproto.parse_header(bytes(buffer))
+        except proxyproto.BadProxyHeader:
+            self.proxy_header = None
+            self.parse_error = http1.ParseError(400, "bad PROXY header")
+            self.send_error(400, None)
+            return b""
+        if parsed is None:
+            return b""
+        source, length = parsed
+        self.proxy_header = None
+        if source is not None:
+            self.source = source
+            self.set_client(source[0])
+        return bytes(buffer[length:])
 
     def exchange_done(self, exchange: Exchange) -> None:
         """The exchange is over (response sent, request read): serve the next one, or close."""
@@ -311,7 +455,8 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange = self.exchange
         if exchange is None:
-            watch = (HEAD if self.parser.in_head else IDLE, self.exchanges, 0)
+            reading = self.parser.in_head or self.proxy_header is not None
+            watch = (HEAD if reading else IDLE, self.exchanges, 0)
         elif exchange.tunnel:
             self.watch = None
             return

@@ -31,6 +31,16 @@ class ProxyProtocol(StrEnum):
     V2 = "v2"
 
 
+class AccessAction(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Satisfy(StrEnum):
+    ANY = "any"  # an allowed address OR a valid password lets a request through
+    ALL = "all"  # both are needed
+
+
 class Balancing(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_CONNECTIONS = "least_connections"
@@ -133,6 +143,54 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessRule:
+    """One ordered rule of an access list: the first rule whose network holds the client wins."""
+
+    action: AccessAction
+    source: str  # an IPv4/IPv6 address or CIDR network, as ipaddress.ip_network reads it
+
+
+@dataclass(frozen=True, slots=True)
+class BasicUser:
+    """An HTTP Basic user. ``password_hash`` is Django's ``pbkdf2_sha256$iterations$salt$hash``."""
+
+    username: str
+    password_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessList:
+    """Who may use a host: address rules, then (optionally) HTTP Basic users."""
+
+    name: str
+    default: AccessAction = AccessAction.DENY  # when no rule matches the address
+    rules: tuple[AccessRule, ...] = ()
+    satisfy: Satisfy = Satisfy.ANY
+    users: tuple[BasicUser, ...] = ()
+    realm: str = ""  # the Basic realm; empty: the list's name
+    pass_authorization: bool = False  # forward the Authorization header the proxy checked
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Per client address and per node; 0 means no limit of that kind."""
+
+    requests_per_second: float = 0.0
+    burst: int = 0  # bucket size; 0 with a rate: the rate rounded up (at least 1)
+    connections_per_client: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTrust:
+    """Which peers of a listener speak for the client: their X-Forwarded-For / Forwarded
+    (or inbound PROXY header) give the client address. Everyone else's are ignored."""
+
+    listener: str  # "https" or "http"
+    trusted_proxies: tuple[str, ...] = ()  # CIDR networks
+    proxy_protocol: bool = False  # trusted peers must open with a PROXY v1/v2 header
+
+
+@dataclass(frozen=True, slots=True)
 class HostRoute:
     """One host: the names it answers to and how its traffic is handled."""
 
@@ -148,6 +206,8 @@ class HostRoute:
     max_body_size: int = 10 * 1024 * 1024  # 0: no limit
     allow_trace: bool = False  # TRACE is refused (405) unless the host allows it
     enabled: bool = True  # a disabled HTTP host is still known: its requests get a 503 page
+    access: AccessList | None = None
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,3 +224,5 @@ class Snapshot:
     # A ClientHello for the name offering only ALPN "acme-tls/1" gets a self-signed
     # certificate for it carrying the digest (each node makes its own; no key is shipped).
     acme_tls_alpn: tuple[tuple[str, bytes], ...] = ()
+    # Trusted proxies and inbound PROXY protocol, per listener (none: every peer is the client).
+    listener_trust: tuple[ListenerTrust, ...] = ()

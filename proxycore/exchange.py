@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
-from proxycore import decide, health, http1, proxyproto, responses, routing, tls
+from proxycore import access, credentials, decide, health, http1, proxyproto, responses, routing, tls
+from proxycore.access import AccessPolicy
 from proxycore.config import HostRoute, ProxyProtocol
 from proxycore.http1 import BodyData, Framing, MessageEnd, ParseError, RequestHead, ResponseHead, Upgraded
 from proxycore.stats import HostStats
@@ -78,6 +79,7 @@ class Exchange:
         self.status = 0
         self.tunnel = False
         self.done = False
+        self.authorization: bytes | None = None  # the Authorization value, when a list has users
 
     # ---- carrying out the decision -----------------------------------------------------
 
@@ -86,11 +88,50 @@ class Exchange:
         if action == decide.FORWARD:
             self.forward()
         elif action == decide.LOCAL:
-            self.local_response(decision.status, decision.route, body=decision.body)
+            status = decision.status
+            if status == 401 or status == 403 or status == 429:
+                self.count_refusal(status)
+            self.local_response(status, decision.route, extra=decision.headers, body=decision.body)
+        elif action == decide.AUTHENTICATE:
+            assert decision.policy is not None
+            self.authenticate(decision.policy)
         elif action == decide.REDIRECT:
             self.local_response(decision.status, decision.route, extra=[(b"location", decision.location)])
         else:
             self.acme_response(decision.token)
+
+    def count_refusal(self, status: int) -> None:
+        """A 401/403/429 of the host's access list or rate limit (not the upstream's)."""
+        if status == 403:
+            self.stats.denied += 1
+        elif status == 401:
+            self.stats.unauthorized += 1
+        else:
+            self.stats.limited(self.conn.client_ip, time.time())
+
+    def authenticate(self, policy: AccessPolicy) -> None:
+        """A Basic credential this connection has not verified: the node's verifier checks it."""
+        value = self.authorization
+        assert value is not None
+
+        def verified(outcome: int) -> None:
+            if self.done or self.conn.closed:
+                return
+            route = self.route
+            if outcome == credentials.OK:
+                self.conn.authenticated(policy, value)
+                self.forward()
+            elif outcome == credentials.THROTTLED:
+                self.count_refusal(429)
+                wait = b"%d" % int(credentials.FAILURE_WINDOW)
+                self.local_response(429, route, extra=[(b"retry-after", wait)])
+            elif outcome == credentials.BUSY:
+                self.local_response(503, route, extra=[(b"retry-after", b"1")])
+            else:
+                self.count_refusal(401)
+                self.local_response(401, route, extra=[(b"www-authenticate", policy.challenge)])
+
+        self.conn.node.verifier.verify(policy, value, self.conn.client_ip, verified)
 
     def forward(self) -> None:
         route = self.route
@@ -102,6 +143,9 @@ class Exchange:
             return
         added = conn.forwarding + conn.client_cert_lines if route is conn.sni_route else conn.forwarding
         self.upstream_head = routing.upstream_request_head(self.request, added)
+        policy = conn.last_policy
+        if policy is not None and policy.strips_authorization:
+            self.upstream_head = access.strip_authorization(self.upstream_head)
         self.pool = pool
         self.connect_upstream(pool)
 
@@ -177,7 +221,8 @@ class Exchange:
         data = self.upstream_head
         route = self.route
         if not reused and route is not None and route.proxy_protocol is not _PP_OFF:
-            data = proxyproto.header_for(route.proxy_protocol, self.conn.transport) + data
+            conn = self.conn
+            data = proxyproto.header_for(route.proxy_protocol, conn.transport, conn.client_source()) + data
         if self.pending_body:
             data += b"".join(self.pending_body)
             self.pending_body.clear()

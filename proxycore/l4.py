@@ -8,6 +8,7 @@ a side that cannot keep up pauses reading on the other.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from proxycore import health, proxyproto, tls
@@ -35,6 +36,8 @@ class L4Pipe(asyncio.Protocol):
         self.early: list[bytes] = []  # client bytes that arrived before the upstream connected
         self.early_size = 0
         self.closed = False
+        self.source: tuple[str, int] | None = None  # the client's address from a PROXY header
+        self.on_close: Callable[[], None] | None = None  # gives back a per-client connection slot
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -70,7 +73,8 @@ class L4Pipe(asyncio.Protocol):
             return
         self.upstream = conn
         conn.owner = self
-        conn.write(proxyproto.header_for(self.route.proxy_protocol, self.transport) + b"".join(self.early))
+        header = proxyproto.header_for(self.route.proxy_protocol, self.transport, self.source)
+        conn.write(header + b"".join(self.early))
         self.early.clear()
         self.transport.resume_reading()
 
@@ -96,6 +100,8 @@ class L4Pipe(asyncio.Protocol):
             return
         self.closed = True
         self.stats.active_connections -= 1
+        if self.on_close is not None:
+            self.on_close()
         if self.upstream is not None and self.pool is not None:
             conn, self.upstream = self.upstream, None
             self.pool.give_back(conn, reusable=False)

@@ -70,6 +70,11 @@ class StatsCollector:
         latency = HistogramMetricFamily(
             "proxyadmin_upstream_latency_seconds",
             "Time from a request's head to the end of the upstream's response.", labels=host)
+        refused = CounterMetricFamily(
+            "proxyadmin_access_refused",
+            "Requests or connections the host's access list or rate limit refused: "
+            "denied (403, or before the TLS handshake), unauthorized (401), rate_limited "
+            "(429, or a connection over the per-client limit).", labels=["host", "reason"])
 
         # Traffic that matched no host is reported as host="-".
         for name, s in self.stats.hosts.items():
@@ -87,8 +92,12 @@ class StatsCollector:
             for kind, n in s.upstream_errors.items():
                 upstream_errors.add_metric([name, kind], n)
             latency.add_metric([name], cumulative_buckets(s.latency_buckets), s.latency_sum)
+            for reason, n in (("denied", s.denied), ("unauthorized", s.unauthorized),
+                              ("rate_limited", s.rate_limited)):
+                if n:
+                    refused.add_metric([name, reason], n)
         yield from (active, connections, handshakes, failures, requests, responses,
-                    received, sent, upstream_errors, latency)
+                    received, sent, upstream_errors, latency, refused)
 
     def listener_metrics(self) -> Iterator[Metric]:
         connections = CounterMetricFamily("proxyadmin_listener_connections",

@@ -134,13 +134,16 @@ def encode_v2(
     return V2_SIGNATURE + struct.pack("!BBH", _VERSION_2 | CMD_PROXY, family, len(body)) + body
 
 
-def header_for(version: ProxyProtocol, transport: asyncio.BaseTransport | None) -> bytes:
+def header_for(
+    version: ProxyProtocol, transport: asyncio.BaseTransport | None, source: Address | None = None,
+) -> bytes:
     """The PROXY header (``version``) that tells an upstream who is at the other end of
     ``transport``, a client connection; b"" when the host sends none. The one builder both
-    the HTTP and the L4 paths use."""
+    the HTTP and the L4 paths use. ``source``: the client's address when a trusted proxy
+    in front told it (inbound PROXY header, X-Forwarded-For), else the peer's."""
     if version is ProxyProtocol.OFF or transport is None:
         return b""
-    src = transport.get_extra_info("peername")
+    src = source or transport.get_extra_info("peername")
     dst = transport.get_extra_info("sockname")
     if version is ProxyProtocol.V1:
         return encode_v1(src[:2], dst[:2])
@@ -162,3 +165,67 @@ def tls_info(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> TLSInfo:
                 common_name = str(value)
     return TLSInfo(version=ssl_object.version() or "", cipher=cipher[0] if cipher else "",
                    client_cert=bool(peer), verified=bool(peer), common_name=common_name)
+
+
+# --- inbound: a trusted proxy in front of this one ----------------------------------------
+
+# The most a v2 header may take here (16 fixed bytes, addresses, TLVs): a bound on what a
+# peer can make the proxy buffer before the first real byte.
+V2_MAX_LENGTH = 16 + 1024
+
+
+class BadProxyHeader(ValueError):
+    """Bytes that were to be a PROXY header are not one."""
+
+
+def parse_header(data: bytes) -> tuple[Address | None, int] | None:
+    """Read the PROXY header (v1 or v2) at the start of ``data``: (the client address it
+    gives, or None for LOCAL/UNKNOWN/UNSPEC; the header's length), or None while it is
+    incomplete. ``BadProxyHeader`` when it is not one or is longer than the bounds."""
+    if data[:1] == b"\r":
+        return _parse_v2(data)
+    if not data.startswith(b"PROXY "[: len(data)]):
+        raise BadProxyHeader("no PROXY header")
+    end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
+    if end == -1:
+        if len(data) >= V1_MAX_LENGTH:
+            raise BadProxyHeader("PROXY v1 header too long")
+        return None
+    parts = data[:end].split(b" ")
+    if parts[1:2] == [b"UNKNOWN"]:
+        return None, end + 2
+    if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
+        raise BadProxyHeader("malformed PROXY v1 header")
+    try:
+        ip = ipaddress.ip_address(parts[2].decode("ascii"))
+        port = int(parts[4])
+    except ValueError:
+        raise BadProxyHeader("malformed PROXY v1 address") from None
+    if (ip.version == 4) != (parts[1] == b"TCP4") or not 0 <= port <= 65535:
+        raise BadProxyHeader("malformed PROXY v1 address")
+    return (str(ip), port), end + 2
+
+
+def _parse_v2(data: bytes) -> tuple[Address | None, int] | None:
+    if not V2_SIGNATURE.startswith(data[:12]):
+        raise BadProxyHeader("no PROXY header")
+    if len(data) < 16:
+        return None
+    version_command, family, length = struct.unpack("!BBH", data[12:16])
+    if version_command >> 4 != 2 or version_command & 0x0F not in (CMD_LOCAL, CMD_PROXY):
+        raise BadProxyHeader("unsupported PROXY v2 version or command")
+    total = 16 + length
+    if total > V2_MAX_LENGTH:
+        raise BadProxyHeader("PROXY v2 header too long")
+    if len(data) < total:
+        return None
+    body = data[16:total]
+    if version_command & 0x0F == CMD_LOCAL:
+        return None, total
+    if family == TCP_OVER_IPV4 and length >= 12:
+        return (str(ipaddress.IPv4Address(body[:4])), struct.unpack("!H", body[8:10])[0]), total
+    if family == TCP_OVER_IPV6 and length >= 36:
+        return (str(ipaddress.IPv6Address(body[:16])), struct.unpack("!H", body[32:34])[0]), total
+    if family == FAMILY_UNSPEC:
+        return None, total
+    raise BadProxyHeader("unsupported PROXY v2 address family")

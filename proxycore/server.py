@@ -22,15 +22,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from proxycore import acmealpn, routing, tls
+from proxycore import access, acmealpn, routing, tls
 from proxycore.acceptor import TLSAcceptor
 from proxycore.accesslog import AccessLog, Sink
 from proxycore.client import ClientConnection
 from proxycore.config import HostRoute, Snapshot
+from proxycore.credentials import Verifier
 from proxycore.healthcheck import HealthMonitor, describe_upstreams, plan_checks
 from proxycore.heaptrim import HeapTrim, glibc_malloc_trim
 from proxycore.l4 import L4Pipe
 from proxycore.limits import Limits
+from proxycore.ratelimit import Limiters
 from proxycore.stats import ListenerStats, Stats
 from proxycore.tlssessions import TicketKeys
 from proxycore.upstream import Balancer, PoolKey, Pools, TargetPool
@@ -60,6 +62,8 @@ class NodeState:
     acme: dict[str, str]
     pools: tuple[TargetPool, ...]
     acme_alpn: Mapping[str, ssl.SSLContext]  # tls-alpn-01 challenges by name (acmealpn)
+    policies: Mapping[str, access.AccessPolicy]  # compiled access lists by host name
+    trust: Mapping[str, access.TrustPolicy]  # trusted proxies by listener name
 
 
 def build_state(
@@ -87,6 +91,8 @@ def build_state(
         acme=dict(snapshot.acme_challenges),
         pools=tuple(used),
         acme_alpn=acmealpn.challenge_contexts(snapshot.acme_tls_alpn),
+        policies=access.compile_policies(snapshot),
+        trust={t.listener: access.TrustPolicy(t) for t in snapshot.listener_trust if t.trusted_proxies},
     )
 
 
@@ -121,6 +127,8 @@ class ProxyNode:
         self.stats = stats or Stats()
         self.access_log = AccessLog(access_log) if access_log is not None else None
         self.pools = Pools()
+        self.limiters = Limiters()  # rate limits: per node, they survive reloads
+        self.verifier = Verifier()  # Basic credentials: caches and a bounded hashing pool
         self.session_resumption = session_resumption  # off: every TLS handshake is a full one
         self.tickets = ticket_keys or TicketKeys()  # one secret for the node's life: survives reloads
         self.ticket_epoch = self.tickets.epoch(time.time())
@@ -212,6 +220,7 @@ class ProxyNode:
             return False
         self.state = state
         self.pools.retire_all_but(state.pools)
+        self.limiters.retain({route.name for route in snapshot.hosts if route.rate_limit is not None})
         if self._loop is not None and not self.stopping:
             self.adopt_upstreams()
         self.stats.config_applied(snapshot.revision)
@@ -238,6 +247,7 @@ class ProxyNode:
             task.cancel()
         self.health.stop()
         self.pools.close()
+        self.verifier.close()
         log.info("stopped")
 
     def adopt_upstreams(self) -> None:
@@ -305,6 +315,7 @@ class ProxyNode:
         self, conn: ClientConnection, transport: asyncio.Transport, route: HostRoute, early: bytes,
     ) -> None:
         pipe = L4Pipe(self, conn.state, route, self.stats.host(route.name))
+        pipe.source, pipe.on_close = conn.source, conn.give_slot
         conn.listener.connections.discard(conn)
         conn.listener.connections.add(pipe)
         conn.closed = True  # the pipe owns the transport from now on

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -23,6 +23,49 @@ from typing import Any, Final
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
+
+
+# Rate-limited client addresses: per-minute counts for the last RECENT_MINUTES minutes,
+# at most RECENT_PER_MINUTE addresses a minute, the top RECENT_TOP of them reported.
+RECENT_MINUTES: Final = 15
+RECENT_PER_MINUTE: Final = 256
+RECENT_TOP: Final = 20
+
+
+class RecentClients:
+    """Client addresses a host limited lately: bounded whatever the traffic."""
+
+    __slots__ = ("minutes",)
+
+    def __init__(self) -> None:
+        self.minutes: dict[int, dict[str, int]] = {}
+
+    def add(self, client: str, now: float) -> None:
+        minute = int(now // 60)
+        counts = self.minutes.get(minute)
+        if counts is None:
+            for old in [m for m in self.minutes if m <= minute - RECENT_MINUTES]:
+                del self.minutes[old]
+            counts = self.minutes[minute] = {}
+        if client in counts:
+            counts[client] += 1
+        elif len(counts) < RECENT_PER_MINUTE:
+            counts[client] = 1
+
+    def restore(self, counts: Mapping[str, int], now: float) -> None:
+        """Counts summed elsewhere (several workers' reports), as this minute's."""
+        kept = list(counts.items())[:RECENT_PER_MINUTE]
+        self.minutes = {int(now // 60): {client: int(n) for client, n in kept}}
+
+    def top(self, now: float) -> dict[str, int]:
+        since = int(now // 60) - RECENT_MINUTES
+        total: dict[str, int] = {}
+        for minute, counts in self.minutes.items():
+            if minute > since:
+                for client, n in counts.items():
+                    total[client] = total.get(client, 0) + n
+        best = sorted(total.items(), key=lambda item: (-item[1], item[0]))[:RECENT_TOP]
+        return dict(best)
 
 
 @dataclass(slots=True)
@@ -38,6 +81,16 @@ class HostStats:
     upstream_errors: Counter[str] = field(default_factory=Counter)
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
+    # Refused by the host's access list (403, or before the handshake) / without valid
+    # credentials (401) / over its rate or connection limit (429, or connection refused).
+    denied: int = 0
+    unauthorized: int = 0
+    rate_limited: int = 0
+    limited_clients: RecentClients = field(default_factory=RecentClients)
+
+    def limited(self, client: str, now: float) -> None:
+        self.rate_limited += 1
+        self.limited_clients.add(client, now)
 
     def response(self, status: int) -> None:
         self.responses[min(status // 100, 5)] += 1
@@ -62,6 +115,11 @@ class HostStats:
                 "counts": list(self.latency_buckets),
                 "sum": self.latency_sum,
             },
+            "denied": self.denied,
+            "unauthorized": self.unauthorized,
+            "rate_limited": self.rate_limited,
+            # {address: count}: summed key by key across workers, like the other maps
+            "limited_clients": self.limited_clients.top(time.time()),
         }
 
 

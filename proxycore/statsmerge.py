@@ -18,14 +18,18 @@ retired report counts none). ``upstreams`` is state, merged by ``merge_upstreams
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from proxycore.stats import LATENCY_BUCKETS, HostStats, ListenerStats, Stats, UpstreamStats
+from proxycore.stats import LATENCY_BUCKETS, RECENT_TOP, HostStats, ListenerStats, Stats, UpstreamStats
 
 _KEPT_ONCE = frozenset({"buckets"})  # bounds of a histogram, not counts
 _GAUGES = frozenset({"active_connections", "active"})  # connections open now
+# Recent, not since start: merged key by key but kept to the top few, and not kept from a
+# dead worker (a worker restarting every minute must not grow the node's report).
+_RECENT = frozenset({"limited_clients"})
 UPSTREAM_COUNTERS = ("went_down", "came_up", "retries")
 _STATE = frozenset({"upstreams", "host_upstreams", "started_at", "config_revision", "config_rejected",
                     "workers"})
@@ -47,6 +51,8 @@ def add(into: dict[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
             into[key] = mine + value
         elif isinstance(value, Mapping) and isinstance(mine, dict):
             add(mine, value)
+            if key in _RECENT and len(mine) > RECENT_TOP:
+                into[key] = dict(sorted(mine.items(), key=lambda item: (-item[1], item[0]))[:RECENT_TOP])
         elif isinstance(value, list) and isinstance(mine, list) and len(value) == len(mine):
             into[key] = [a + b if _number(a) and _number(b) else a for a, b in zip(mine, value, strict=True)]
     return into
@@ -58,6 +64,8 @@ def without_gauges(report: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in report.items():
         if key in _GAUGES:
             copied[key] = 0
+        elif key in _RECENT:
+            copied[key] = {}
         elif isinstance(value, Mapping):
             copied[key] = without_gauges(value)
         else:
@@ -124,6 +132,8 @@ def _host_stats(totals: Mapping[str, Any]) -> HostStats:
             if len(counts) == len(LATENCY_BUCKETS) + 1:
                 stats.latency_buckets = counts
             stats.latency_sum = float(value.get("sum", 0.0))
+        elif key == "limited_clients":  # not a Counter: recent counts, restored as this minute's
+            stats.limited_clients.restore(value, time.time())
         elif isinstance(value, Mapping):
             if hasattr(stats, key):
                 setattr(stats, key, Counter(value))

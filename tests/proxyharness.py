@@ -7,6 +7,7 @@ in production; tests talk to it through real sockets with ordinary clients.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -140,14 +141,15 @@ def handshake_failures(node: RunningNode, host: str, expected: dict[str, int]) -
 
 
 @contextlib.contextmanager
-def running_node(snapshot: core.Snapshot, limits: Limits | None = None,
+def running_node(snapshot: core.Snapshot, limits: Limits | None = None, address: str = "127.0.0.1",
                  **options: Any) -> Iterator[RunningNode]:
-    """A node serving ``snapshot``; ``options`` go to ``ProxyNode`` (``session_resumption``)."""
+    """A node serving ``snapshot`` on ``address``; ``options`` go to ``ProxyNode``
+    (``session_resumption``)."""
     loop = LoopThread()
     lines: list[bytes] = []
 
     async def start() -> ProxyNode:
-        node = ProxyNode(snapshot, https_address=("127.0.0.1", 0), http_address=("127.0.0.1", 0),
+        node = ProxyNode(snapshot, https_address=(address, 0), http_address=(address, 0),
                          limits=limits, access_log=lines.append, **options)
         await node.start()
         return node
@@ -407,3 +409,28 @@ class Upstream(LoopServer):
 
 def with_host(snapshot: core.Snapshot, new: core.HostRoute) -> core.Snapshot:
     return replace(snapshot, revision=snapshot.revision + 1, hosts=(*snapshot.hosts, new))
+
+
+def password_hash(password: str, iterations: int = 1000, salt: str = "testsalt") -> str:
+    """A Django ``pbkdf2_sha256`` hash, with few iterations so that tests stay fast."""
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(), iterations)
+    return f"pbkdf2_sha256${iterations}${salt}${base64.b64encode(digest).decode()}"
+
+
+def basic(username: str, password: str) -> str:
+    """An ``Authorization`` field line for HTTP Basic."""
+    return f"Authorization: Basic {base64.b64encode(f'{username}:{password}'.encode()).decode()}\r\n"
+
+
+def connect_from(source: str, port: int, ca: trustme.CA | None = None, server_name: str | None = None,
+                 target: str = "127.0.0.1") -> socket.socket:
+    """A connection to ``target``:``port`` from the local address ``source`` (127.0.0.2, ::1 ...),
+    wrapped in TLS for ``server_name`` when ``ca`` is given."""
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.settimeout(10)
+    raw.bind((source, 0))
+    raw.connect((target, port))
+    if ca is None:
+        return raw
+    return client_context(ca).wrap_socket(raw, server_hostname=server_name)

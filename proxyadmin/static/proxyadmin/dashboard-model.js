@@ -29,7 +29,8 @@
   const MAX_INTERVAL = 5; // longest interval one tick is taken to cover (after a gap, less is known)
   const HISTORY_MINUTES = 1440;
   const STATUS_CLASSES = ["2xx", "3xx", "4xx", "5xx"];
-  const COUNTERS = ["requests", "2xx", "3xx", "4xx", "5xx", "bytes_in", "bytes_out", "handshake_failures"];
+  const COUNTERS = ["requests", "2xx", "3xx", "4xx", "5xx", "bytes_in", "bytes_out", "handshake_failures",
+    "unauthorized", "denied", "rate_limited"];
 
   function number(value) {
     return typeof value === "number" && Number.isFinite(value) ? value : 0;

@@ -315,6 +315,8 @@
         { text: formatBytes(row.counts.bytes_out), className: "num" },
         { text: formatCount(row.counts.handshake_failures),
           className: row.counts.handshake_failures > 0 ? "num is-bad" : "num" },
+        { text: [row.counts.unauthorized, row.counts.denied, row.counts.rate_limited].map(formatCount).join(" / "),
+          className: "num" },
         targetsCell(row.targets),
       ],
     }));
