@@ -42,6 +42,9 @@ class HostSum:
     bytes_out: int = 0
     handshake_failures: int = 0
     upstream_errors: int = 0
+    denied: int = 0
+    unauthorized: int = 0
+    rate_limited: int = 0
     latency_buckets: tuple[float, ...] = ()
     latency_counts: list[int] | None = None
     upstream: str | None = None
@@ -56,6 +59,9 @@ class HostSum:
         self.bytes_out += delta.bytes_out
         self.handshake_failures += delta.handshake_failures
         self.upstream_errors += delta.upstream_errors
+        self.denied += delta.denied
+        self.unauthorized += delta.unauthorized
+        self.rate_limited += delta.rate_limited
         if self.latency_counts is None or self.latency_buckets != delta.latency_buckets:
             if self.latency_counts is None or sum(delta.latency_counts) > sum(self.latency_counts):
                 # Layouts differ only across node versions: the busier one is kept.
@@ -87,6 +93,9 @@ class HostSum:
             "bytes_out": self.bytes_out,
             "handshake_failures": self.handshake_failures,
             "upstream_errors": self.upstream_errors,
+            "denied": self.denied,
+            "unauthorized": self.unauthorized,
+            "rate_limited": self.rate_limited,
             "p50_ms": ms(0.5),
             "p95_ms": ms(0.95),
             "upstream": self.upstream,

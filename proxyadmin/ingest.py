@@ -182,6 +182,7 @@ class Ingest:
         node_ledger.add(counts, ledger.minute_of(booked), now)
         workers = report.totals.get("workers") or {}
         node_ledger.workers = (workers.get("count", 1), workers.get("restarts", 0))
+        node_ledger.totals = report.totals
         current = traffic.StatsSample(report.time, report.totals, counts)
         previous = link.previous
         delta: traffic.StatsDelta | None = None
@@ -232,7 +233,8 @@ class Ingest:
                 continue
             taken.append(node_ledger)
             items.append(ledger.FlushItem(node_ledger.pk, node_ledger.epoch, node_ledger.flushed, segments,
-                                          node_ledger.seen, node_ledger.workers))
+                                          node_ledger.seen, node_ledger.workers,
+                                          ledger.shown_state(node_ledger.totals)))
         if not items:
             return None
         try:

@@ -98,8 +98,8 @@ class Counts:
         if isinstance(time, bool) or not isinstance(time, int | float):
             return None
         totals = stored.get("totals")
-        if isinstance(totals, dict):  # before baselines: the node's whole previous report
-            return cls.of_totals(float(time), totals)
+        if "columns" not in stored and isinstance(totals, dict):
+            return cls.of_totals(float(time), totals)  # before baselines: the node's whole report
         started_at, hosts, columns = stored.get("started_at"), stored.get("hosts"), stored.get("columns")
         if (isinstance(started_at, bool) or not isinstance(started_at, int | float)
                 or not isinstance(hosts, dict) or not isinstance(columns, list)):
@@ -147,6 +147,7 @@ class NodeLedger:
     in_flight: list[tuple[dt.datetime, Counts]] | None = None  # segments a flush is writing
     closed: bool = False  # its link is gone: dropped once nothing is left to write
     workers: tuple[int, int] = (1, 0)  # worker processes and their restarts, from the latest report
+    totals: dict[str, Any] | None = None  # the latest report's (validated) totals
 
     @property
     def latest(self) -> Counts | None:
@@ -200,6 +201,28 @@ class FlushItem:
     segments: list[tuple[dt.datetime, Counts]]
     seen: float
     workers: tuple[int, int] = (1, 0)
+    shown: dict[str, Any] | None = None  # shown_state() of the node's latest report
+
+
+# Per host, what the admin shows of a node's latest report (proxyadmin.hoststatus).
+SHOWN_HOST_KEYS = ("denied", "unauthorized", "rate_limited", "limited_clients")
+
+
+def shown_state(totals: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What the admin pages read from a node's row, stored with its baseline at each flush.
+
+    Current state (upstream targets, which upstream each host uses) and the per-host
+    access counters: the admin shows a node's latest report as of the last flush.
+    """
+    if totals is None:
+        return None
+    hosts = totals.get("hosts")
+    return {
+        "upstreams": totals.get("upstreams", {}),
+        "host_upstreams": totals.get("host_upstreams", {}),
+        "hosts": {name: shown for name, host in (hosts.items() if isinstance(hosts, Mapping) else ())
+                  if (shown := {k: host[k] for k in SHOWN_HOST_KEYS if host.get(k)})},
+    }
 
 
 def fold(

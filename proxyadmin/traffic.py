@@ -347,7 +347,8 @@ def update_nodes(items: Sequence[ledger.FlushItem]) -> None:
             params: list[Any] = []
             for item in chunk:
                 last = item.segments[-1][1]
-                params += [item.pk, json.dumps(last.to_json()),
+                stored = last.to_json() if item.shown is None else {**last.to_json(), "totals": item.shown}
+                params += [item.pk, json.dumps(stored),
                            adapt(dt.datetime.fromtimestamp(last.started_at, tz=dt.UTC)),
                            adapt(dt.datetime.fromtimestamp(item.seen, tz=dt.UTC)), *item.workers]
             values = ", ".join(["(" + ", ".join(["%s"] * (1 + len(NODE_FLUSH_COLUMNS))) + ")"] * len(chunk))

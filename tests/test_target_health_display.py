@@ -159,3 +159,31 @@ def test_upstream_list_shows_healthy_of_the_freshest_node(
     body = admin_client_logged_in.get("/admin/proxyadmin/upstream/").content.decode()
     assert "1 / 2" in body
     assert "as node edge-1 reports it" in body
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_flush_keeps_what_the_admin_shows_of_the_nodes_latest_report() -> None:
+    """Through a real link: the row written at a flush holds the targets and access counters the admin reads."""
+    from proxyadmin import hoststatus
+    from proxyadmin.ingest import ingest
+
+    cookie = staff_cookie()
+    states = app_state(target("10.0.0.1:80"), target("10.0.0.2:80", healthy=False, error="refused"))
+    stats = node_stats(states)
+    totals = stats.as_dict()
+    totals["hosts"]["shop"] = {"requests": 3, "denied": 2, "rate_limited": 1,
+                               "limited_clients": {"192.0.2.7": 1}}
+
+    async def scenario() -> None:
+        browser, node, _ = await dashboard_and_node(cookie)
+        await node.send_json_to(agentproto.StatsReport("edge-1", stats.started_at + 1, totals).to_message())
+        await next_tick_with(browser, "edge-1")
+        await ingest.flush()
+        await node.disconnect(timeout=TIMEOUT)
+        await browser.disconnect(timeout=TIMEOUT)
+
+    run(scenario)
+    row = ProxyNode.objects.get(name="edge-1")
+    assert hoststatus.reported_upstream(row, "app")["healthy"] == 1  # type: ignore[index]
+    access = hoststatus.reported_access("shop")
+    assert (access["denied"], access["rate_limited"], access["limited_clients"]) == (2, 1, [("192.0.2.7", 1)])
