@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from proxyadmin import ledger
 from proxyadmin.models import Host, ProxyNode, TrafficRollup
-from proxycore.agentproto import MAX_COUNTER, latency_quantile
+from proxycore.agentproto import MAX_COUNTER
 from proxycore.stats import UNMATCHED
 
 log = logging.getLogger("proxyadmin.traffic")
@@ -103,27 +103,6 @@ class HostDelta:
         return bool(self.requests or self.responses or self.bytes_in or self.bytes_out
                     or self.handshake_failures or self.upstream_errors or self.active or self.active_before
                     or self.denied or self.unauthorized or self.rate_limited)
-
-    def tick_entry(self, elapsed: float) -> dict[str, Any]:
-        def ms(q: float) -> float | None:
-            seconds = latency_quantile(self.latency_buckets, self.latency_counts, q)
-            return None if seconds is None else round(seconds * 1000, 3)
-
-        return {
-            "requests": self.requests,
-            "rps": round(self.requests / elapsed, 3),
-            "active": self.active,
-            **{kind: self.responses.get(kind, 0) for kind in ("2xx", "3xx", "4xx", "5xx")},
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "handshake_failures": self.handshake_failures,
-            "upstream_errors": self.upstream_errors,
-            "denied": self.denied,
-            "unauthorized": self.unauthorized,
-            "rate_limited": self.rate_limited,
-            "p50_ms": ms(0.5),
-            "p95_ms": ms(0.95),
-        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from django.test import Client
 from django.utils import timezone
 
 from proxyadmin import models as m
+from proxyadmin.coalesce import TickCoalescer
 from proxyadmin.traffic import StatsSample, stats_delta
 from proxycore.agentproto import ProtocolError, validate_totals
 from proxycore.stats import Stats
@@ -78,7 +79,11 @@ def test_the_hosts_page_sums_the_nodes_refusals_and_most_limited_clients(
 def test_dashboard_ticks_carry_the_refusals_per_host() -> None:
     before = StatsSample(1.0, {"started_at": 0.0, "hosts": {"a": {"denied": 1}}})
     after = StatsSample(2.0, {"started_at": 0.0, "hosts": {"a": {"denied": 4, "unauthorized": 1, "rate_limited": 2}}})
-    entry = stats_delta(before, after).hosts["a"].tick_entry(1.0)
+    coalescer = TickCoalescer()
+    coalescer.add("edge-1", after.time, after.totals, stats_delta(before, after), after.time)
+    tick = coalescer.take(after.time)
+    assert tick is not None
+    entry = tick["hosts"]["a"]
     assert (entry["denied"], entry["unauthorized"], entry["rate_limited"]) == (3, 1, 2)
 
 
