@@ -193,6 +193,12 @@ class NodeSupervisor:
     def _bind(self, listener: ListenerAddress) -> list[socket.socket]:
         """``count`` sockets in one SO_REUSEPORT group on the listener's address."""
         family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+        # First without SO_REUSEPORT: a port another node (or anything else) listens on is
+        # refused here, rather than joined and its traffic split with a stranger.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((listener.host, listener.port))
+            listener.port = probe.getsockname()[1]
         group: list[socket.socket] = []
         try:
             for _ in range(self.count):

@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -29,7 +30,7 @@ import trustme
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from tests.processes import Project, config, kill, wait_for_port
+from tests.processes import ROOT, Project, config, kill, wait_for_port
 from tests.proxyharness import (
     Exchange,
     LoopThread,
@@ -150,13 +151,20 @@ def requests_on_new_connections(node: Node, ca: trustme.CA, count: int) -> set[i
 
 
 def start_node(project: Project, ca: trustme.CA, upstream_port: int, *extra: str,
-               document: dict[str, object] | None = None) -> Node:
+               document: dict[str, object] | None = None, output: Path | None = None) -> Node:
+    """runproxy --workers 2; what it prints goes to a pipe, or to ``output`` to be read while it runs."""
     project.import_config(document or config(ca, upstream_port, ["a"]))
     https, http, metrics = free_port(), free_port(), free_port()
     log = project.tmp / "access.log"
-    proc = project.start("runproxy", "--https", f"127.0.0.1:{https}", "--http", f"127.0.0.1:{http}",
-                         "--workers", str(WORKERS), "--access-log", str(log), "--stop-deadline", "5",
-                         "--metrics", f"127.0.0.1:{metrics}", *extra)
+    args = ["runproxy", "--https", f"127.0.0.1:{https}", "--http", f"127.0.0.1:{http}",
+            "--workers", str(WORKERS), "--access-log", str(log), "--stop-deadline", "5",
+            "--metrics", f"127.0.0.1:{metrics}", *extra]
+    if output is None:
+        proc = project.start(*args)
+    else:
+        with output.open("w") as sink:
+            proc = subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=project.env,
+                                    stdout=sink, stderr=subprocess.STDOUT, text=True)
     wait_for_port(https, 40)
     node = Node(proc, https, metrics, log)
     wait_until(lambda: len(node.workers()) == WORKERS, 10)
@@ -473,16 +481,32 @@ def test_workers_stop_when_their_supervisor_is_killed(node: Node, ca: trustme.CA
         socket.create_connection(("127.0.0.1", node.https), timeout=2).close()
 
 
-def test_sighup_to_the_node_reloads_every_worker(node: Node, ca: trustme.CA) -> None:
-    pids = node.workers()
-    os.kill(node.proc.pid, signal.SIGHUP)
-    held = one_per_worker(node, ca)
-    for sock in held.values():
-        assert get(sock) == 200
-        sock.close()
-    node.proc.send_signal(signal.SIGTERM)
-    out, _ = node.proc.communicate(timeout=20)
-    for index in (1, 2):
-        assert re.search(rf"\[worker {index}\] config revision \d+ applied", out), out
-    assert node.workers() == [] and "died" not in out
-    assert sorted(held) == pids  # the same workers: reloaded, not restarted
+def test_sighup_to_the_node_reloads_every_worker(project: Project, ca: trustme.CA, upstream: Upstream) -> None:
+    output = project.tmp / "node.out"
+    node = start_node(project, ca, upstream.port, "--no-control", output=output)
+    try:
+        pids = node.workers()
+        os.kill(node.proc.pid, signal.SIGHUP)
+
+        def both_reloaded() -> bool:
+            text = output.read_text()
+            return all(re.search(rf"\[worker {i}\] config revision \d+ applied", text) for i in (1, 2))
+
+        wait_until(both_reloaded, 15)
+        held = one_per_worker(node, ca)
+        for sock in held.values():
+            assert get(sock) == 200
+            sock.close()
+        assert sorted(held) == pids  # the same workers: reloaded, not restarted
+        node.proc.send_signal(signal.SIGTERM)
+        node.proc.wait(20)
+        assert node.workers() == [] and "died" not in output.read_text()
+    finally:
+        kill(node.proc)
+
+
+def test_a_second_node_on_the_same_port_is_refused(project: Project, node: Node) -> None:
+    stderr = project.refuses("runproxy", "--workers", "2", "--no-control",
+                             "--https", f"127.0.0.1:{node.https}", "--http", "off")
+    assert "Cannot listen" in stderr
+    assert node.proc.poll() is None
