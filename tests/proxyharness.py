@@ -12,12 +12,14 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import pytest
@@ -272,9 +274,37 @@ class TrafficThread:
         self.thread.join(10)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on: for a process to take, or as a dead target."""
-    with socket.socket() as s:
+    """A port on 127.0.0.1 that nothing listens on: for a process to take, or as a dead target.
+
+    Taken below the kernel's ephemeral range: a port from that range, once closed here, can
+    become the source port of any outgoing connection before the process that was to
+    listen on it binds it ("Address already in use"). Never the same port twice per run.
+    """
+    low = max(1024, _EPHEMERAL_LOW - 12000)
+    for _ in range(200):
+        port = random.randrange(low, _EPHEMERAL_LOW)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # nothing free down there: the kernel's choice, as before
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
