@@ -75,7 +75,8 @@ def main() -> None:
             if args.py_spy:  # py-spy writes its output on SIGINT (and passes it on)
                 proxy.proc.send_signal(signal.SIGINT)
                 proxy.proc.wait(30)
-            print(proxy.stop()[-2000:] if args.cprofile or args.py_spy else "", end="")
+            output = proxy.stop()
+            print(output[-2000:] if args.cprofile or args.py_spy else "", end="")
             backend.stop()
 
 

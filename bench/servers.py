@@ -174,6 +174,14 @@ def start_backend(workdir: Path) -> Server:
 
 def start_nginx(workdir: Path, certs: CertFiles, backend_port: int, workers: str = "1",
                 resumption: bool = True, keepalive: int = 32) -> Server:
+    name, port, argv = nginx_command(workdir, certs, backend_port, workers, resumption, keepalive)
+    label = f"nginx (worker_processes {workers})"
+    return _start(workdir, name, label, port, argv, logs=[workdir / f"{name}-error.log"])
+
+
+def nginx_command(workdir: Path, certs: CertFiles, backend_port: int, workers: str = "1",
+                  resumption: bool = True, keepalive: int = 32) -> tuple[str, int, list[str]]:
+    """The TLS-terminating nginx's config, written: its name, port and command line."""
     name = ("nginx" if workers == "1" else f"nginx-{workers}") + ("" if resumption else "-full")
     sessions = ("ssl_session_cache shared:SSL:10m;\n        ssl_session_timeout 1d;" if resumption
                 else "ssl_session_cache off;")
@@ -211,10 +219,8 @@ def start_nginx(workdir: Path, certs: CertFiles, backend_port: int, workers: str
     }}
 }}
 """)
-    label = f"nginx (worker_processes {workers})"
-    return _start(workdir, name, label, port, ["nginx", "-p", str(workdir), "-c", str(conf),
-                                      "-e", str(workdir / f"{name}-error.log")],
-                  logs=[workdir / f"{name}-error.log"])
+    error_log = workdir / f"{name}-error.log"
+    return name, port, ["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(error_log)]
 
 
 def backend_accepts(backend: Server) -> int:
@@ -327,6 +333,15 @@ def caddy_version() -> str:
 
 def start_proxycore(workdir: Path, certs: CertFiles, backend_port: int, access_log: bool,
                     resumption: bool = True, workers: int = 1) -> Server:
+    name, port, argv, logs = proxycore_command(workdir, certs, backend_port, access_log, resumption, workers)
+    label = "proxycore (access log on)" if access_log else "proxycore (access log off)"
+    label += "" if workers == 1 else f", {workers} workers"
+    return _start(workdir, name, label, port, argv, logs=logs)
+
+
+def proxycore_command(workdir: Path, certs: CertFiles, backend_port: int, access_log: bool,
+                      resumption: bool = True, workers: int = 1) -> tuple[str, int, list[str], list[Path]]:
+    """bench/launch_proxycore.py's command line: the node's name, port, argv and log files."""
     port = free_port()
     name = ("proxycore" if access_log else "proxycore-nolog") + ("" if resumption else "-full")
     name += "" if workers == 1 else f"-w{workers}"
@@ -341,6 +356,4 @@ def start_proxycore(workdir: Path, certs: CertFiles, backend_port: int, access_l
         log = workdir / f"{name}-access.log"
         argv += ["--access-log", str(log)]
         logs.append(log)
-    label = "proxycore (access log on)" if access_log else "proxycore (access log off)"
-    label += "" if workers == 1 else f", {workers} workers"
-    return _start(workdir, name, label, port, argv, logs=logs)
+    return name, port, argv, logs
