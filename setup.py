@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 # (as proxycore.COMPILED)
 MODULES = (
     "http1", "http1_checks", "routing", "decide", "exchange", "client", "upstream", "stats", "accesslog",
-    "ratelimit",
+    "ratelimit", "clienthello", "acceptor",
 )
 COMPILED = tuple(f"proxycore/{name}.py" for name in MODULES)
 

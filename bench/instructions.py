@@ -26,6 +26,7 @@ Same backend (nginx, /small = 128 bytes) and certificate as bench/run.py.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -46,6 +47,7 @@ WARM_CONNECTIONS = 50
 WARM_REQUESTS = 200
 STARTUP_TIMEOUT = 120.0  # valgrind starts Python slowly
 IO_TIMEOUT = 60.0
+KEEP_DUMPS: Path | None = None  # --keep-dumps DIR
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Counts:
     per_connection: float
     handshake: float  # of which SSL_do_handshake
     per_request: float
+    per_bulk: float  # per 1 MiB response
+    bulk_crypto: float  # of which libcrypto (the record encryption, mostly)
 
 
 def total(dump: Path) -> int:
@@ -97,15 +101,22 @@ class Client:
         if not data.startswith(b"HTTP/1.1 200 "):
             raise RuntimeError(f"unexpected answer: {bytes(data[:80])!r}")
 
-    def keep_alive(self, conn: ssl.SSLSocket, requests: int) -> None:
+    def keep_alive(self, conn: ssl.SSLSocket, requests: int, path: str = "/small") -> None:
+        """``requests`` requests for ``path`` one after another; each response read whole."""
         for _ in range(requests):
-            conn.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
             data = bytearray()
-            while b"\r\n\r\n" not in data or not data.endswith(b"x\n"):
-                chunk = conn.recv(65536)
+            end = -1
+            while end == -1 or len(data) < end:
+                chunk = conn.recv(1 << 20)
                 if not chunk:
                     raise RuntimeError("the server closed a keep-alive connection")
                 data += chunk
+                if end == -1 and (head_end := data.find(b"\r\n\r\n")) != -1:
+                    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", data[:head_end + 2])
+                    if length is None:
+                        raise RuntimeError("a response without Content-Length")
+                    end = head_end + 4 + int(length.group(1))
 
 
 def callgrind(pid: int, *args: str) -> None:
@@ -113,11 +124,13 @@ def callgrind(pid: int, *args: str) -> None:
 
 
 def measure(name: str, port: int, argv: list[str], workdir: Path, certs: CertFiles,
-            connections: int, requests: int) -> Counts:
+            connections: int, requests: int, bulk: int) -> Counts:
     out = workdir / f"{name}.callgrind"
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
     with (workdir / f"{name}.out").open("wb") as log:
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        env = dict(os.environ, PYTHONHASHSEED="0")  # the same dict layouts every run
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
@@ -141,6 +154,8 @@ def measure(name: str, port: int, argv: list[str], workdir: Path, certs: CertFil
         callgrind(proc.pid, "-d")  # dump 1: the connections
         client.keep_alive(keep, requests)
         callgrind(proc.pid, "-d")  # dump 2: the keep-alive requests
+        client.keep_alive(keep, bulk, "/1m")
+        callgrind(proc.pid, "-d")  # dump 3: the 1 MiB responses
         callgrind(proc.pid, "-i", "off")
         keep.close()
     finally:
@@ -150,20 +165,37 @@ def measure(name: str, port: int, argv: list[str], workdir: Path, certs: CertFil
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    first, second = Path(f"{out}.1"), Path(f"{out}.2")
+    first, second, third = Path(f"{out}.1"), Path(f"{out}.2"), Path(f"{out}.3")
+    if KEEP_DUMPS is not None:
+        for dump in (first, second, third):
+            shutil.copy(dump, KEEP_DUMPS / f"{name}.{dump.suffix[1:]}.callgrind")
     return Counts(total(first) / connections, inclusive(first, "SSL_do_handshake") / connections,
-                  total(second) / requests)
+                  total(second) / requests, total(third) / bulk, library(third, "libcrypto.so") / bulk)
+
+
+def library(dump: Path, name: str) -> int:
+    """Instructions spent in the shared library ``name`` itself (exclusive)."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dump)],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[0].replace(",", "")) for line in out.splitlines()
+               if re.match(r"^\s*[\d,]+ ", line) and f"/{name}" in line.rpartition("[")[2])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=300, help="resumed TLS connections (300)")
     parser.add_argument("--requests", type=int, default=3000, help="keep-alive requests (3000)")
+    parser.add_argument("--bulk", type=int, default=30, help="1 MiB responses on the same connection (30)")
     parser.add_argument("--only", nargs="+", choices=["proxycore", "proxycore-log", "nginx"],
                         default=["proxycore", "proxycore-log", "nginx"])
+    parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
+                        help="copy the callgrind dumps here (for callgrind_annotate)")
     args = parser.parse_args()
-    if not (1 <= args.connections <= 100_000 and 1 <= args.requests <= 1_000_000):
-        parser.error("--connections 1..100000, --requests 1..1000000")
+    global KEEP_DUMPS
+    KEEP_DUMPS = args.keep_dumps
+    if not (1 <= args.connections <= 100_000 and 1 <= args.requests <= 1_000_000
+            and 1 <= args.bulk <= 10_000):
+        parser.error("--connections 1..100000, --requests 1..1000000, --bulk 1..10000")
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate", "nginx"):
         if shutil.which(tool) is None:
             sys.exit(f"bench/instructions.py needs {tool}: apt-get install -y valgrind nginx")
@@ -181,12 +213,13 @@ def main() -> None:
                 else:
                     name, port, argv, _ = proxycore_command(workdir, certs, backend.port,
                                                             access_log=key == "proxycore-log")
-                counts = measure(name, port, argv, workdir, certs, args.connections, args.requests)
+                counts = measure(name, port, argv, workdir, certs, args.connections, args.requests, args.bulk)
                 results[key] = counts
                 rest = counts.per_connection - counts.handshake
                 print(f"{key:14s} {counts.per_connection:12,.0f} per connection (handshake "
                       f"{counts.handshake:,.0f}, the rest {rest:,.0f})  "
-                      f"{counts.per_request:10,.0f} per keep-alive request", flush=True)
+                      f"{counts.per_request:10,.0f} per keep-alive request  {counts.per_bulk:12,.0f} per "
+                      f"1 MiB response (libcrypto {counts.bulk_crypto:,.0f})", flush=True)
         finally:
             backend.stop()
     base = results.get("nginx")
@@ -198,7 +231,8 @@ def main() -> None:
         rest, base_rest = counts.per_connection - counts.handshake, base.per_connection - base.handshake
         print(f"{key} / nginx: connection {counts.per_connection / base.per_connection:.2f}x, "
               f"handshake {counts.handshake / base.handshake:.2f}x, the rest {rest / base_rest:.1f}x, "
-              f"keep-alive request {counts.per_request / base.per_request:.2f}x")
+              f"keep-alive request {counts.per_request / base.per_request:.2f}x, "
+              f"1 MiB response {counts.per_bulk / base.per_bulk:.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 # The modules setup.py compiles with mypyc (it keeps its own list: it cannot import this).
 COMPILED = (
     "http1", "http1_checks", "routing", "decide", "exchange", "client", "upstream", "stats", "accesslog",
-    "ratelimit",
+    "ratelimit", "clienthello", "acceptor",
 )
 
 if os.environ.get("PROXYADMIN_PURE_PYTHON"):

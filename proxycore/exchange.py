@@ -313,18 +313,18 @@ class Exchange:
                 if self.response_chunked:
                     out.append(http1.LAST_CHUNK)
                 if out:
-                    self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+                    self.conn.write_out(out)
                     out = []
                 self.response_end()
                 if self.done:
                     return
             else:
                 if out:
-                    self.conn.write(b"".join(out))
+                    self.conn.write_out(out)
                     out = []
                 self.start_tunnel(event.rest)
         if out:
-            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            self.conn.write_out(out)
 
     def response_head(self, head: ResponseHead) -> bytes:
         """The head to send the client for ``head`` (b"": none, for a 100 nobody expects)."""

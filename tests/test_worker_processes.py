@@ -505,6 +505,60 @@ def test_sighup_to_the_node_reloads_every_worker(project: Project, ca: trustme.C
         kill(node.proc)
 
 
+def lowest_free_fd(pid: int) -> int:
+    open_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(open_fds) + 1) if n not in open_fds)
+
+
+def test_a_snapshot_one_worker_cannot_load_is_rolled_back_on_every_worker(
+    project: Project, ca: trustme.CA, upstream: Upstream,
+) -> None:
+    """A worker at its open-files limit cannot load the new certificates (each is read
+    through a memfd): the supervisor proved the snapshot, the worker refuses it, and
+    every worker goes back to the revision before; the next revision applies everywhere."""
+    import resource
+
+    output = project.tmp / "node.out"
+    node = start_node(project, ca, upstream.port, "--no-control", output=output)
+    try:
+        wait_until(lambda: len(re.findall(r"worker \d \(pid \d+\) serving revision", output.read_text())) == 2, 20)
+        victim = node.workers()[0]
+        soft, hard = resource.prlimit(victim, resource.RLIMIT_NOFILE)
+        resource.prlimit(victim, resource.RLIMIT_NOFILE, (lowest_free_fd(victim), hard))
+        try:
+            project.import_config(config(ca, upstream.port, ["a", "b"]))
+            wait_until(lambda: "rejected by a worker" in output.read_text(), 15)
+        finally:
+            resource.prlimit(victim, resource.RLIMIT_NOFILE, (soft, hard))
+        # Both workers serve the revision before: a, never b.
+        held = one_per_worker(node, ca)
+        for sock in held.values():
+            assert get(sock) == 200
+            sock.close()
+        for _ in range(12):
+            with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"), node.connect(ca, "b.example"):
+                pass
+        # The fault gone, the next revision reaches every worker.
+        project.import_config(config(ca, upstream.port, ["a", "c"]))
+
+        def c_everywhere() -> bool:
+            pids, seen = node.workers(), set()
+            for _ in range(12):
+                try:
+                    with node.connect(ca, "c.example") as sock:
+                        if get(sock, "c.example") != 200:
+                            return False
+                        seen.add(holder(pids, node.https, sock))
+                except OSError:
+                    return False
+            return seen == set(pids)
+
+        wait_until(c_everywhere, 15)
+        assert victim in node.workers()  # rolled back and reloaded, never restarted
+    finally:
+        kill(node.proc)
+
+
 def test_a_second_node_on_the_same_port_is_refused(project: Project, node: Node) -> None:
     stderr = project.refuses("runproxy", "--workers", "2", "--no-control",
                              "--https", f"127.0.0.1:{node.https}", "--http", "off")
