@@ -55,22 +55,32 @@ def _handshake_bytes(data: bytes) -> bytes | None:
             raise NotTLS("ClientHello interrupted by another record type")
         if data[pos + 1] != 0x03:
             raise NotTLS("unknown TLS record version")
-        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        length = (data[pos + 3] << 8) | data[pos + 4]
         if length == 0 or length > 16384 + 2048:
             raise NotTLS("bad TLS record length")
         if len(data) - pos - 5 < length:
             return None
+        if pos == 0 and length >= 4 and 4 + _u24(data, 6) <= length:
+            return data[5 : 5 + length]  # the usual case: the whole ClientHello in one record
         out += data[pos + 5 : pos + 5 + length]
         pos += 5 + length
         # Refuse at once what could only ever be refused after 64 KiB were buffered.
-        if len(out) >= 4 and 4 + int.from_bytes(out[1:4], "big") > MAX_HELLO:
+        if len(out) >= 4 and 4 + _u24(out, 1) > MAX_HELLO:
             raise NotTLS("ClientHello too large")
         if _complete(out):
             return bytes(out)
 
 
+def _u16(data: bytes | bytearray, pos: int) -> int:
+    return (data[pos] << 8) | data[pos + 1]
+
+
+def _u24(data: bytes | bytearray, pos: int) -> int:
+    return (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+
+
 def _complete(handshake: bytearray | bytes) -> bool:
-    return len(handshake) >= 4 and len(handshake) >= 4 + int.from_bytes(handshake[1:4], "big")
+    return len(handshake) >= 4 and len(handshake) >= 4 + _u24(handshake, 1)
 
 
 def parse_client_hello(data: bytes) -> ClientHello | None:
@@ -89,22 +99,25 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
         return None
     if hs[0] != CLIENT_HELLO:
         raise NotTLS("first handshake message is not a ClientHello")
-    body = memoryview(hs)[4 : 4 + int.from_bytes(hs[1:4], "big")]
     try:
-        return _read_hello(body)
+        return _read_hello(hs, 4, 4 + _u24(hs, 1))
     except IndexError:
         raise NotTLS("truncated ClientHello") from None
 
 
-def _read_hello(body: memoryview) -> ClientHello:
-    pos = 2 + 32  # legacy_version, random
-    pos += 1 + body[pos]  # session id
-    pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
-    pos += 1 + body[pos]  # compression methods
-    if pos == len(body):
+def _read_hello(hs: bytes, start: int, stop: int) -> ClientHello:
+    """The ClientHello body ``hs[start:stop]`` (``stop`` may lie past the end of ``hs``:
+    reading there raises IndexError, a truncated ClientHello)."""
+    pos = start + 2 + 32  # legacy_version, random
+    pos += 1 + hs[pos]  # session id
+    pos += 2 + _u16(hs, pos)  # cipher suites
+    pos += 1 + hs[pos]  # compression methods
+    if pos > stop:
+        raise IndexError  # the lengths point past the ClientHello: truncated
+    if pos == stop:
         return ClientHello(None, ())  # no extensions at all
-    end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
-    if end != len(body):
+    end = pos + 2 + _u16(hs, pos)
+    if end != stop or stop > len(hs):
         raise NotTLS("extensions do not fill the ClientHello")
     pos += 2
     name: str | None = None
@@ -112,41 +125,40 @@ def _read_hello(body: memoryview) -> ClientHello:
     while pos < end:
         if end - pos < 4:
             raise NotTLS("extension header is truncated")
-        kind = int.from_bytes(body[pos : pos + 2], "big")
-        size = int.from_bytes(body[pos + 2 : pos + 4], "big")
+        kind = _u16(hs, pos)
+        size = _u16(hs, pos + 2)
         if end - pos - 4 < size:
             raise NotTLS("extension overruns the ClientHello")
-        ext = body[pos + 4 : pos + 4 + size]
         if kind == EXT_SERVER_NAME:
-            name = _server_name(ext)
+            name = _server_name(hs, pos + 4, pos + 4 + size)
         elif kind == EXT_ALPN:
-            alpn = _alpn(ext)
+            alpn = _alpn(hs, pos + 4, pos + 4 + size)
         pos += 4 + size
     return ClientHello(name, alpn)
 
 
-def _vector(ext: memoryview, length_size: int) -> memoryview:
-    """The body of a length-prefixed vector that must fill ``ext`` exactly."""
-    if len(ext) < length_size or int.from_bytes(ext[:length_size], "big") != len(ext) - length_size:
+def _vector(hs: bytes, start: int, stop: int) -> int:
+    """Where the body of the vector with a 2-byte length that must fill ``hs[start:stop]``
+    begins."""
+    if stop - start < 2 or _u16(hs, start) != stop - start - 2:
         raise NotTLS("extension length does not match its contents")
-    return ext[length_size:]
+    return start + 2
 
 
-def _server_name(ext: memoryview) -> str | None:
+def _server_name(hs: bytes, start: int, stop: int) -> str | None:
     # The whole list is checked, as OpenSSL will: a name we read differently from it
     # would pick one host's context for a handshake that names another.
-    names = _vector(ext, 2)
+    pos = _vector(hs, start, stop)
     found: str | None = None
-    pos = 0
-    while pos < len(names):
-        if len(names) - pos < 3:
+    while pos < stop:
+        if stop - pos < 3:
             raise NotTLS("server name entry is truncated")
-        kind = names[pos]
-        size = int.from_bytes(names[pos + 1 : pos + 3], "big")
-        if len(names) - pos - 3 < size:
+        kind = hs[pos]
+        size = _u16(hs, pos + 1)
+        if stop - pos - 3 < size:
             raise NotTLS("server name overruns its extension")
         if kind == 0 and found is None:  # host_name
-            found = _host_name(bytes(names[pos + 3 : pos + 3 + size]))
+            found = _host_name(hs[pos + 3 : pos + 3 + size])
         pos += 3 + size
     return found
 
@@ -161,14 +173,13 @@ def _host_name(value: bytes) -> str:
     return text.lower().rstrip(".")
 
 
-def _alpn(ext: memoryview) -> tuple[bytes, ...]:
-    names = _vector(ext, 2)
+def _alpn(hs: bytes, start: int, stop: int) -> tuple[bytes, ...]:
+    pos = _vector(hs, start, stop)
     protocols = []
-    pos = 0
-    while pos < len(names):
-        size = names[pos]
-        if size == 0 or len(names) - pos - 1 < size:
+    while pos < stop:
+        size = hs[pos]
+        if size == 0 or stop - pos - 1 < size:
             raise NotTLS("ALPN protocol name is empty or overruns its extension")
-        protocols.append(bytes(names[pos + 1 : pos + 1 + size]))
+        protocols.append(hs[pos + 1 : pos + 1 + size])
         pos += 1 + size
     return tuple(protocols)
