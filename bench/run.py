@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="measure every (server, load) this many times; the table shows the best (2)")
     parser.add_argument("--nginx-keepalive", type=int, default=32,
-                        help="idle upstream connections nginx keeps (32; proxycore keeps up to 64)")
+                        help="idle upstream connections nginx keeps (32; proxycore keeps what its load used)")
     parser.add_argument("--no-haproxy", action="store_true", help="leave HAProxy out")
     parser.add_argument("--no-caddy", action="store_true", help="leave Caddy out")
     parser.add_argument("--no-nginx-auto", action="store_true", help="skip nginx with worker_processes auto")
@@ -405,7 +405,8 @@ def main() -> None:
         print("http-reuse always; caddy: GOMAXPROCS=1, no access log, no full-handshake run (its")
         print("Caddyfile cannot turn session tickets off).")
     print(f"nginx upstream keepalive {args.nginx_keepalive}: with 50 clients it opens new upstream")
-    print("connections (see 'new upstream conns' above); proxycore keeps up to 64 idle ones.")
+    print("connections (see 'new upstream conns' above); proxycore keeps as many idle ones as were")
+    print("in use at once in the last 30-60 s (64 to 1,024).")
     print("wrk: 1 thread (the other core is the proxy's); 'resumed' rows: wrk resumes TLS sessions;")
     print("'full hs' rows: the servers issue no tickets and keep no session cache.")
     print("CPU = utime+stime of the server's processes (/proc/<pid>/stat) over the run / requests.")
