@@ -150,6 +150,20 @@ def requests_on_new_connections(node: Node, ca: trustme.CA, count: int) -> set[i
     return holders
 
 
+def served_by_every_worker(node: Node, ca: trustme.CA, host: str) -> bool:
+    """12 new connections to ``host`` all get 200, and every worker served at least one."""
+    pids, seen = node.workers(), set()
+    for _ in range(12):
+        try:
+            with node.connect(ca, host) as sock:
+                if get(sock, host) != 200:
+                    return False
+                seen.add(holder(pids, node.https, sock))
+        except OSError:
+            return False
+    return seen == set(pids)
+
+
 def start_node(project: Project, ca: trustme.CA, upstream_port: int, *extra: str,
                document: dict[str, object] | None = None, output: Path | None = None) -> Node:
     """runproxy --workers 2; what it prints goes to a pipe, or to ``output`` to be read while it runs."""
@@ -283,21 +297,8 @@ def test_reload_under_load_across_workers_fails_no_request(
     for hosts in (["a", "b"], ["a", "b", "c"], ["a", "c"]):
         project.import_config(config(ca, upstream.port, hosts))
         time.sleep(0.8)
-    # Every worker serves the last revision: c on each worker, b on none.
-    def c_everywhere() -> bool:
-        pids = node.workers()
-        seen = set()
-        for _ in range(12):
-            try:
-                with node.connect(ca, "c.example") as sock:
-                    if get(sock, "c.example") != 200:
-                        return False
-                    seen.add(holder(pids, node.https, sock))
-            except OSError:
-                return False
-        return seen == set(pids)
-
-    wait_until(c_everywhere, 15)
+    # Every worker serves the last revision: c on each worker.
+    wait_until(lambda: served_by_every_worker(node, ca, "c.example"), 15)
     for load in loads:
         load.stop()
     assert sum(load.ok for load in loads) > 50
@@ -540,20 +541,7 @@ def test_a_snapshot_one_worker_cannot_load_is_rolled_back_on_every_worker(
                 pass
         # The fault gone, the next revision reaches every worker.
         project.import_config(config(ca, upstream.port, ["a", "c"]))
-
-        def c_everywhere() -> bool:
-            pids, seen = node.workers(), set()
-            for _ in range(12):
-                try:
-                    with node.connect(ca, "c.example") as sock:
-                        if get(sock, "c.example") != 200:
-                            return False
-                        seen.add(holder(pids, node.https, sock))
-                except OSError:
-                    return False
-            return seen == set(pids)
-
-        wait_until(c_everywhere, 15)
+        wait_until(lambda: served_by_every_worker(node, ca, "c.example"), 15)
         assert victim in node.workers()  # rolled back and reloaded, never restarted
     finally:
         kill(node.proc)
