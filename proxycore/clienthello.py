@@ -106,8 +106,8 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
 
 
 def _read_hello(hs: bytes, start: int, stop: int) -> ClientHello:
-    """The ClientHello body ``hs[start:stop]`` (``stop`` may lie past the end of ``hs``:
-    reading there raises IndexError, a truncated ClientHello)."""
+    """The ClientHello body ``hs[start:stop]``. A length that points past ``stop`` (or past
+    the end of ``hs``) raises IndexError: the caller's "truncated ClientHello"."""
     pos = start + 2 + 32  # legacy_version, random
     pos += 1 + hs[pos]  # session id
     pos += 2 + _u16(hs, pos)  # cipher suites
