@@ -8,13 +8,16 @@ tenants, CPU frequency); instruction counts do not. Each server runs under valgr
 callgrind with instrumentation off; after a warm-up, this process (not instrumented)
 turns it on, makes ``--connections`` resumed TLS 1.3 connections one after another
 (one ``GET /small`` each, ``Connection: close``), dumps the counts, then sends
-``--requests`` keep-alive requests one after another on one connection, and dumps
-again. Per server it prints:
+``--requests`` keep-alive requests one after another on one connection, dumps
+again, then ``--bulk`` requests for a 1 MiB body on that connection, and dumps a
+third time. Per server it prints:
 
 - instructions per connection, and how many of them are OpenSSL's handshake
   (``SSL_do_handshake``, inclusive): the handshake is the same library's work in
   every server, the rest is the server's own per-connection and per-request work;
-- instructions per keep-alive request.
+- instructions per keep-alive request;
+- instructions per 1 MiB response, and how many of them are libcrypto's own (the
+  record encryption, mostly).
 
 What the counts do not show: how fast the instructions run. Interpreted Python
 runs at a lower rate per cycle than nginx's C or OpenSSL's assembly, and valgrind's
@@ -47,7 +50,6 @@ WARM_CONNECTIONS = 50
 WARM_REQUESTS = 200
 STARTUP_TIMEOUT = 120.0  # valgrind starts Python slowly
 IO_TIMEOUT = 60.0
-KEEP_DUMPS: Path | None = None  # --keep-dumps DIR
 
 
 @dataclass
@@ -124,7 +126,7 @@ def callgrind(pid: int, *args: str) -> None:
 
 
 def measure(name: str, port: int, argv: list[str], workdir: Path, certs: CertFiles,
-            connections: int, requests: int, bulk: int) -> Counts:
+            connections: int, requests: int, bulk: int, keep_dumps: Path | None = None) -> Counts:
     out = workdir / f"{name}.callgrind"
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
     with (workdir / f"{name}.out").open("wb") as log:
@@ -166,9 +168,9 @@ def measure(name: str, port: int, argv: list[str], workdir: Path, certs: CertFil
             proc.kill()
             proc.wait()
     first, second, third = Path(f"{out}.1"), Path(f"{out}.2"), Path(f"{out}.3")
-    if KEEP_DUMPS is not None:
+    if keep_dumps is not None:
         for dump in (first, second, third):
-            shutil.copy(dump, KEEP_DUMPS / f"{name}.{dump.suffix[1:]}.callgrind")
+            shutil.copy(dump, keep_dumps / f"{name}.{dump.suffix[1:]}.callgrind")
     return Counts(total(first) / connections, inclusive(first, "SSL_do_handshake") / connections,
                   total(second) / requests, total(third) / bulk, library(third, "libcrypto.so") / bulk)
 
@@ -191,8 +193,6 @@ def main() -> None:
     parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
                         help="copy the callgrind dumps here (for callgrind_annotate)")
     args = parser.parse_args()
-    global KEEP_DUMPS
-    KEEP_DUMPS = args.keep_dumps
     if not (1 <= args.connections <= 100_000 and 1 <= args.requests <= 1_000_000
             and 1 <= args.bulk <= 10_000):
         parser.error("--connections 1..100000, --requests 1..1000000, --bulk 1..10000")
@@ -213,7 +213,8 @@ def main() -> None:
                 else:
                     name, port, argv, _ = proxycore_command(workdir, certs, backend.port,
                                                             access_log=key == "proxycore-log")
-                counts = measure(name, port, argv, workdir, certs, args.connections, args.requests, args.bulk)
+                counts = measure(name, port, argv, workdir, certs, args.connections, args.requests,
+                                 args.bulk, args.keep_dumps)
                 results[key] = counts
                 rest = counts.per_connection - counts.handshake
                 print(f"{key:14s} {counts.per_connection:12,.0f} per connection (handshake "
